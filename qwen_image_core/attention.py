@@ -1,0 +1,19 @@
+"""The one attention entry point of the package (PyTorch SDPA)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Scaled dot-product attention, scale 1/sqrt(head_dim), not causal.
+
+    q [B, H, Lq, D], k/v [B, Hkv, Lk, D] (Hkv divides H: grouped-query attention is expanded here);
+    key_mask [B, Lk] bool, True where a key may be attended, or None. Returns [B, H, Lq, D].
+    """
+    if k.shape[1] != q.shape[1]:
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    mask = None if key_mask is None else key_mask[:, None, None, :].to(torch.bool)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

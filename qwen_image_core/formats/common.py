@@ -1,0 +1,86 @@
+"""What every component format shares: prefixes, float8 scales, and strict key/shape checks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from ..checkpoint import CheckpointError
+
+FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+# per-layer float8 scale spellings: ComfyUI's scaled_fp8 ("scale_weight") and the mixed-precision /
+# diffusers spelling ("weight_scale"); W = float32(W_fp8) * scale
+SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
+# tensors that describe quantisation of activations or carry markers; not weights of the model
+IGNORED_SUFFIXES = (".scale_input", ".input_scale", ".comfy_quant")
+IGNORED_KEYS = ("scaled_fp8",)
+
+
+def common_prefix(keys: Iterable[str], candidates: Iterable[str]) -> str:
+    """The first candidate prefix that at least half of the keys carry, else ''."""
+    keys = list(keys)
+    for p in candidates:
+        if p and sum(k.startswith(p) for k in keys) * 2 >= len(keys):
+            return p
+    return ""
+
+
+def split_scales(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Separate weights from float8 scales: ({name: tensor}, {"<layer>.weight": scale})."""
+    weights, scales = {}, {}
+    for k, t in tensors.items():
+        if k in IGNORED_KEYS or k.endswith(IGNORED_SUFFIXES):
+            continue
+        suffix = next((s for s in SCALE_SUFFIXES if k.endswith(s)), None)
+        if suffix is not None:
+            scales[k[: -len(suffix)] + ".weight"] = t
+        else:
+            weights[k] = t
+    return weights, scales
+
+
+def describe_mismatch(path, what: str, expected: Mapping[str, tuple], found: Mapping[str, tuple], limit: int = 8) -> str | None:
+    """A readable list of missing, unexpected and wrongly shaped keys, or None when they match."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    wrong = [k for k in expected if k in found and tuple(found[k]) != tuple(expected[k])]
+    if not (missing or unexpected or wrong):
+        return None
+
+    def show(keys, fmt=str):
+        more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+        return ", ".join(fmt(k) for k in keys[:limit]) + more
+
+    lines = [f"{path}: does not match the {what} it was loaded as"]
+    if missing:
+        lines.append(f"  missing {len(missing)} keys: {show(missing)}")
+    if unexpected:
+        lines.append(f"  unexpected {len(unexpected)} keys: {show(unexpected)}")
+    if wrong:
+        lines.append("  wrong shapes: " + show(wrong, lambda k: f"{k} {list(found[k])} (expected {list(expected[k])})"))
+    return "\n".join(lines)
+
+
+def assign_weights(model: nn.Module, tensors: Mapping[str, torch.Tensor], scales: Mapping[str, torch.Tensor], path, what: str) -> nn.Module:
+    """Fill a meta-device model by assignment after checking key set and shapes; attach float8 scales.
+
+    Raises CheckpointError naming the file on any mismatch, never loads partially.
+    """
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    problem = describe_mismatch(path, what, expected, {k: tuple(v.shape) for k, v in tensors.items()})
+    if problem:
+        raise CheckpointError(problem)
+    uses_scales = bool(scales)
+    for k, t in tensors.items():
+        if t.dtype in FP8 and uses_scales and k not in scales:
+            raise CheckpointError(f"{path}: float8 weight {k} has no scale, but the file stores per-layer scales")
+    model.load_state_dict(dict(tensors), strict=True, assign=True)
+    modules = dict(model.named_modules())
+    for k, s in scales.items():
+        owner = modules.get(k.rsplit(".", 1)[0])
+        if owner is None or not hasattr(owner, "weight_scale"):
+            raise CheckpointError(f"{path}: scale for {k}, which is not a scalable layer of the {what}")
+        owner.weight_scale = s.reshape(()) if s.numel() == 1 else (None if s.numel() == 0 else s)
+    return model

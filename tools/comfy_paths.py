@@ -1,0 +1,32 @@
+"""Where the ComfyUI used by tests and the main job lives, and how to import its code as an oracle."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def comfyui_dir() -> Path:
+    """COMFYUI_DIR if set, else the pinned ComfyUI 0.3.75 that tools/setup.sh unpacks into .comfyui/."""
+    d = Path(os.environ.get("COMFYUI_DIR") or ROOT / ".comfyui" / "ComfyUI")
+    if not (d / "main.py").is_file():
+        raise FileNotFoundError(f"no ComfyUI at {d}: run tools/setup.sh or set COMFYUI_DIR")
+    return d
+
+
+def import_comfy_for_oracle() -> Path:
+    """Make ComfyUI's `comfy` package importable in this process, on the CPU, and return its folder.
+
+    For tests that use ComfyUI's own model code as a reference. ComfyUI reads its CLI flags at import of
+    comfy.model_management; forcing cpu first keeps it from probing CUDA.
+    """
+    d = comfyui_dir()
+    if str(d) not in sys.path:
+        sys.path.insert(0, str(d))
+    import comfy.cli_args  # noqa: PLC0415
+
+    comfy.cli_args.args.cpu = True
+    return d
