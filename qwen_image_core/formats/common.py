@@ -41,7 +41,9 @@ def split_scales(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.T
     return weights, scales
 
 
-def describe_mismatch(path, what: str, expected: Mapping[str, tuple], found: Mapping[str, tuple], limit: int = 8) -> str | None:
+def describe_mismatch(
+    path, what: str, expected: Mapping[str, tuple], found: Mapping[str, tuple], limit: int = 8
+) -> str | None:
     """A readable list of missing, unexpected and wrongly shaped keys, or None when they match."""
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected]
@@ -63,7 +65,9 @@ def describe_mismatch(path, what: str, expected: Mapping[str, tuple], found: Map
     return "\n".join(lines)
 
 
-def assign_weights(model: nn.Module, tensors: Mapping[str, torch.Tensor], scales: Mapping[str, torch.Tensor], path, what: str) -> nn.Module:
+def assign_weights(
+    model: nn.Module, tensors: Mapping[str, torch.Tensor], scales: Mapping[str, torch.Tensor], path, what: str
+) -> nn.Module:
     """Fill a meta-device model by assignment after checking key set and shapes; attach float8 scales.
 
     Raises CheckpointError naming the file on any mismatch, never loads partially.
