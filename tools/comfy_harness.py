@@ -27,7 +27,7 @@ from pathlib import Path
 from tools.comfy_paths import ROOT, comfyui_dir
 
 PACK_NAME = "qwenpix"  # folder name under custom_nodes: also the /extensions/<name>/ URL segment
-PIDFILE = ROOT / ".comfyui" / "server.pid"
+PIDFILE = ROOT / ".comfyui" / "test-server.pid"  # one per purpose: a new start kills what the last one left
 MODEL_FOLDERS = ("diffusion_models", "text_encoders", "vae", "loras")
 
 
@@ -70,7 +70,12 @@ class ComfyServer:
     """A ComfyUI process on 127.0.0.1 with this pack symlinked into an isolated base directory."""
 
     def __init__(
-        self, base_dir: Path, python: str | None = None, comfy_dir: Path | None = None, port: int | None = None
+        self,
+        base_dir: Path,
+        python: str | None = None,
+        comfy_dir: Path | None = None,
+        port: int | None = None,
+        pidfile: Path = PIDFILE,
     ):
         self.base_dir = Path(base_dir)
         self.python = python or os.environ.get("QWENPIX_PYTHON") or sys.executable
@@ -79,6 +84,7 @@ class ComfyServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
         self.log_path = self.base_dir / "server.log"
+        self.pidfile = Path(pidfile)
 
     @property
     def models_dir(self) -> Path:
@@ -103,7 +109,7 @@ class ComfyServer:
             settings.write_text(json.dumps({"Comfy.TutorialCompleted": True}))
 
     def start(self, timeout: float = 180.0, extra_args: tuple[str, ...] = ()) -> ComfyServer:
-        kill_stale_server()
+        kill_stale_server(self.pidfile)
         self.prepare()
         cmd = [
             self.python,
@@ -129,8 +135,8 @@ class ComfyServer:
             start_new_session=True,
             preexec_fn=_die_with_parent,
         )
-        PIDFILE.parent.mkdir(parents=True, exist_ok=True)
-        PIDFILE.write_text(str(self.proc.pid))
+        self.pidfile.parent.mkdir(parents=True, exist_ok=True)
+        self.pidfile.write_text(str(self.proc.pid))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -156,7 +162,7 @@ class ComfyServer:
                     pass
                 self.proc.wait()
         self.proc = None
-        PIDFILE.unlink(missing_ok=True)
+        self.pidfile.unlink(missing_ok=True)
         if getattr(self, "_log", None):
             self._log.close()
 

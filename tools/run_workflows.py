@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs = load_prompts(args.workflows)
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="qwenpix-run-") as tmp:
-        server = ComfyServer(Path(tmp))
+        server = ComfyServer(Path(tmp), pidfile=ROOT / ".comfyui" / "run-server.pid")
         server.prepare()
         smoke = stage_models([p for _, p in jobs], args.models, server.models_dir)
         if smoke:

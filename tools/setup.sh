@@ -11,8 +11,9 @@ cd "$ROOT"
 PY=${PYTHON311:-python3.11}
 VENV="$ROOT/.venv"
 CACHE="$ROOT/.comfyui"
-STAMP_VERSION="3"   # bump to force a rebuild when this recipe changes
-STAMP="$VENV/.qwenpix-setup-$STAMP_VERSION"
+# the stamp names a hash of this recipe and the requirement files: any change re-runs the (incremental) install
+STAMP_HASH=$(cat "$ROOT/tools/setup.sh" requirements.txt tests/requirements.txt | sha256sum | cut -c1-16)
+STAMP="$VENV/.qwenpix-setup-$STAMP_HASH"
 
 if [ -f "$STAMP" ] && { [ -n "${COMFYUI_DIR:-}" ] || [ -f "$CACHE/ComfyUI/main.py" ]; }; then
   exit 0
