@@ -58,8 +58,9 @@ class QwenPixEmptyLatent:
     def make(self, aspect: str, width: int, height: int, batch_size: int):
         if aspect != CUSTOM:
             width, height = ASPECT_PRESETS[aspect.split(" ")[0]]
-        shape = latent_shape(width, height, batch_size)
-        return ({"samples": torch.zeros(shape, device=comfy.model_management.intermediate_device())},)
+        b, c, h, w = latent_shape(width, height, batch_size)
+        # ComfyUI keeps Qwen-Image (Wan 2.1 VAE) latents as one-frame videos: [B, 16, 1, H/8, W/8]
+        return ({"samples": torch.zeros((b, c, 1, h, w), device=comfy.model_management.intermediate_device())},)
 
 
 NODES = {"QwenPixEmptyLatent": QwenPixEmptyLatent}

@@ -27,8 +27,6 @@ def client(comfy):
 @pytest.fixture(scope="session")
 def tiny_comfy_vae(comfy):
     """A tiny Qwen-Image VAE (Wan naming, ComfyUI's layout) in the server's models/vae folder; returns its name."""
-    from tools.checkpoints.vae import write_wan_vae
+    from tools.checkpoints.vae import write_vae
 
-    name = "qwen_image_vae_tiny.safetensors"
-    write_wan_vae(comfy.models_dir / "vae" / name, base_dim=16)
-    return name
+    return write_vae(comfy.models_dir / "vae", "comfy", base_dim=16).name

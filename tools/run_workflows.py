@@ -51,7 +51,10 @@ def smoke_writers() -> dict[str, Callable[[Path], None]]:
     """models sub-folder -> a function writing a tiny random file in that folder's real format."""
     from tools.checkpoints import vae
 
-    return {"vae": lambda p: vae.write_wan_vae(p, base_dim=16)}
+    def write_vae(path: Path) -> None:
+        vae.write_vae(path.parent / ".smoke", "comfy", base_dim=16).rename(path)
+
+    return {"vae": write_vae}
 
 
 def needed_models(prompt: dict) -> list[tuple[str, str]]:
