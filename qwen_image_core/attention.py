@@ -6,14 +6,21 @@ import torch
 import torch.nn.functional as F
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Scaled dot-product attention, scale 1/sqrt(head_dim), not causal.
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None, causal: bool = False
+) -> torch.Tensor:
+    """Scaled dot-product attention, scale 1/sqrt(head_dim).
 
     q [B, H, Lq, D], k/v [B, Hkv, Lk, D] (Hkv divides H: grouped-query attention is expanded here);
-    key_mask [B, Lk] bool, True where a key may be attended, or None. Returns [B, H, Lq, D].
+    key_mask [B, Lk] bool, True where a key may be attended, or None; causal: each query sees only keys
+    at or before its position (not combined with key_mask). Returns [B, H, Lq, D].
     """
     if k.shape[1] != q.shape[1]:
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    if causal:
+        if key_mask is not None:
+            raise ValueError("causal attention takes no key mask (right padding needs none)")
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     mask = None if key_mask is None else key_mask[:, None, None, :].to(torch.bool)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

@@ -33,7 +33,9 @@ TINY_TEXT = dict(
     rms_norm_eps=1e-6,
     rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
 )
-TINY_VISION = dict(depth=8, hidden_size=160, intermediate_size=64, num_heads=2, out_hidden_size=256, fullatt_block_indexes=[7])
+TINY_VISION = dict(
+    depth=8, hidden_size=160, intermediate_size=64, num_heads=2, out_hidden_size=256, fullatt_block_indexes=[7]
+)
 FULL_PREFIX = "text_encoders.qwen25_7b.transformer."
 
 
@@ -63,13 +65,24 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model
 
 
-def reference_model(seed: int = 0, text: dict | None = None, vision: dict | None = None):
-    """transformers' Qwen2.5-VL (fp32, eval) with seeded random weights."""
+def reference_model(
+    seed: int = 0, text: dict | None = None, vision: dict | None = None, cls=None, exact_in=torch.bfloat16
+):
+    """transformers' Qwen2.5-VL (fp32, eval) with seeded random weights; `cls` may be a subclass of it.
+
+    With `exact_in` (default bf16) every weight is a value that dtype represents exactly, so the model
+    and a file stored in that dtype hold the same numbers.
+    """
     from transformers import Qwen2_5_VLForConditionalGeneration  # noqa: PLC0415
 
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(reference_config(text, vision)).eval()
-    return randomize_(model, seed)
+    model = (cls or Qwen2_5_VLForConditionalGeneration)(reference_config(text, vision)).eval()
+    randomize_(model, seed)
+    if exact_in is not None:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(p.to(exact_in).float())
+    return model
 
 
 def legacy_state_dict(model) -> dict[str, torch.Tensor]:
@@ -122,7 +135,9 @@ def write_comfy_single(
     return path
 
 
-def write_comfy_fp8_scaled(path, sd: dict[str, torch.Tensor], spelling: str = "scale_weight") -> dict[str, torch.Tensor]:
+def write_comfy_fp8_scaled(
+    path, sd: dict[str, torch.Tensor], spelling: str = "scale_weight"
+) -> dict[str, torch.Tensor]:
     """ComfyUI's scaled-fp8 text-encoder file; returns the dequantised weights (float32) it represents."""
     out, dequantised = {"scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}, {}
     for k, v in sd.items():
@@ -139,7 +154,7 @@ def write_comfy_fp8_scaled(path, sd: dict[str, torch.Tensor], spelling: str = "s
     return dequantised
 
 
-def write_hf_folder(folder, model, naming: str = "legacy", shards: int = 3, dtype=torch.float32) -> Path:
+def write_hf_folder(folder, model, naming: str = "legacy", shards: int = 3, dtype=torch.bfloat16) -> Path:
     """A diffusers/HF `text_encoder/` folder: config.json + shards + model.safetensors.index.json."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
