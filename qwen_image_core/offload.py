@@ -1,0 +1,564 @@
+"""Weight streaming behind compute: an executor that runs a `Plan` (offload_plan.py) on a model, from outside.
+
+The executor attaches to a model with PyTorch module hooks and never changes the model's code. Resident
+blocks and everything outside the blocks are placed on the device once. Each streamed block is packed
+once, at attach, into host slabs (pinned on CUDA); before the block runs, its parameters' `.data` point
+at views of a device staging buffer its bytes were copied into, and after it back at the host copy.
+Bytes move verbatim, so float8 stays float8 and `ops.Linear` upcasts it on the device per layer.
+
+Ordering (the CUDA `Transfer`; the CPU one does the same copies synchronously):
+- copies run on a dedicated copy stream; each waits for the "released" event of the ring slot it writes,
+  recorded on the compute stream after the slot's previous block (copy-after-compute-release);
+- a block waits on the compute stream for its copy's event before its kernels (compute-after-copy);
+- streamed block q uses slot q mod K; copies are issued while fewer than K slots are pending, so while
+  one block computes, the next K - 1 streamed blocks are copied (prefetch depth K - 1 >= 1);
+- staging buffers are allocated once; `record_stream(copy_stream)` makes their eventual free wait for
+  the copies too. Pinned sources are kept alive by PyTorch's host allocator until their copies finish.
+A pass (one model forward = one sampling step, cond and uncond batched) moves each streamed block once.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .offload_plan import ALIGN, Plan, Planner, slab_size, split_blocks, whole_model_planner
+
+# ---------------------------------------------------------------------------------------------------------
+# The device seam
+# ---------------------------------------------------------------------------------------------------------
+
+
+class Transfer:
+    """Host buffers, device buffers and ordered copies between them; counts the device bytes it holds.
+
+    This base class is the CPU implementation: the "device" is host memory, copies are plain
+    `copy_`, events are None. It remembers its allocations so tests can check where tensors live.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.allocated = 0  # device bytes held now
+        self.peak = 0  # the most ever held at once
+        self._regions: dict[int, tuple[int, int]] = {}  # id(tensor) -> (data_ptr, nbytes) of live allocations
+
+    def _account(self, t: torch.Tensor) -> torch.Tensor:
+        nbytes = t.numel() * t.element_size()
+        self._regions[id(t)] = (t.data_ptr(), nbytes)
+        self.allocated += nbytes
+        self.peak = max(self.peak, self.allocated)
+        return t
+
+    def free(self, t: torch.Tensor) -> None:
+        """Forget a tensor returned by `device_buffer`/`to_device` (the caller drops its references)."""
+        self.allocated -= self._regions.pop(id(t))[1]
+
+    def on_device(self, t: torch.Tensor) -> bool:
+        """Whether t's memory lies in a live device allocation of this Transfer."""
+        p = t.data_ptr()
+        return any(start <= p < start + n for start, n in self._regions.values())
+
+    def host_buffer(self, nbytes: int) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+    def device_buffer(self, nbytes: int) -> torch.Tensor:
+        return self._account(torch.empty(nbytes, dtype=torch.uint8, device=self.device))
+
+    def to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """A resident copy of t on the device (placed once, at attach)."""
+        return self._account(t.to(self.device, copy=True))
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, after):
+        """dst <- src once `after` (a `release` marker) has passed; returns a marker for `wait`."""
+        dst.copy_(src)
+
+    def wait(self, marker) -> None:
+        """Make the compute that follows wait for a `copy`."""
+
+    def release(self):
+        """A marker after all compute issued so far."""
+
+    def synchronize(self) -> None:
+        """Wait for every copy and compute issued so far."""
+
+    def empty_cache(self) -> None:
+        """Return cached free device memory (before re-planning)."""
+
+    def release_host(self) -> None:
+        """Return cached free pinned host memory to the system."""
+
+    def free_memory(self) -> int | None:
+        """Free device bytes as the driver reports them; None on CPU (the caller gives a budget)."""
+        return None
+
+
+class CudaTransfer(Transfer):
+    """Pinned host memory, a dedicated copy stream, CUDA events between it and the compute stream."""
+
+    def __init__(self, device: torch.device | str = "cuda", max_pinned: int | None = None):
+        super().__init__(device)
+        if self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.stream = torch.cuda.Stream(self.device)
+        self.max_pinned, self.pinned = max_pinned, 0  # host RAM cap for page-locked memory (None: no cap)
+
+    def host_buffer(self, nbytes: int) -> torch.Tensor:
+        """Pinned while under `max_pinned`; beyond it pageable (its copies then block the CPU, still correct)."""
+        pin = self.max_pinned is None or self.pinned + nbytes <= self.max_pinned
+        self.pinned += nbytes if pin else 0
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+
+    def device_buffer(self, nbytes: int) -> torch.Tensor:
+        t = torch.empty(nbytes, dtype=torch.uint8, device=self.device)  # allocated on the compute stream
+        t.record_stream(self.stream)  # also written by the copy stream: its free waits for those copies
+        return self._account(t)
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, after: torch.cuda.Event | None) -> torch.cuda.Event:
+        with torch.cuda.stream(self.stream):
+            if after is not None:
+                self.stream.wait_event(after)  # the slot's previous block has finished reading it
+            dst.copy_(src, non_blocking=True)  # pinned -> device, asynchronous on the copy stream
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        return done
+
+    def wait(self, marker: torch.cuda.Event | None) -> None:
+        if marker is not None:
+            torch.cuda.current_stream(self.device).wait_event(marker)
+
+    def release(self) -> torch.cuda.Event:
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(self.device))
+        return ev
+
+    def synchronize(self) -> None:
+        self.stream.synchronize()
+        torch.cuda.current_stream(self.device).synchronize()
+
+    def empty_cache(self) -> None:
+        self.synchronize()
+        torch.cuda.empty_cache()
+
+    def release_host(self) -> None:
+        accelerator = getattr(torch, "accelerator", None)  # PyTorch >= 2.8 (older ones keep it cached)
+        if torch.cuda.is_initialized() and hasattr(accelerator, "empty_host_cache"):
+            accelerator.empty_host_cache()
+
+    def free_memory(self) -> int:
+        """Driver-free bytes plus what PyTorch's caching allocator holds unused."""
+        free = torch.cuda.mem_get_info(self.device)[0]
+        return free + torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+
+
+def default_transfer(device: torch.device | str) -> Transfer:
+    device = torch.device(device)
+    return CudaTransfer(device) if device.type == "cuda" else Transfer(device)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The executor
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Stats:
+    """What the executor moved: per-pass streaming copies, and the one-time resident placement."""
+
+    passes: int = 0  # completed model forwards
+    bytes_moved: int = 0  # host -> device bytes of streaming copies
+    load_bytes: int = 0  # bytes placed on the device at attach
+    host_bytes: int = 0  # host (pinned) memory holding the streamed blocks
+    copies: Counter = field(default_factory=Counter)  # block index -> streaming copies
+
+
+def _tensors(module: nn.Module) -> list[torch.Tensor]:
+    """Parameters and buffers of a module tree, each once (the objects whose `.data` we swap)."""
+    seen, out = set(), []
+    for m in module.modules():
+        for t in (*m._parameters.values(), *m._buffers.values()):
+            if t is not None and id(t) not in seen:
+                seen.add(id(t))
+                out.append(t)
+    return out
+
+
+class _Packed:
+    """A streamed block: its tensors packed at ALIGN offsets into host memory, with views for host and slots."""
+
+    def __init__(self, block: nn.Module):
+        self.tensors = _tensors(block)
+        self.offsets, off = [], 0
+        for t in self.tensors:
+            self.offsets.append(off)
+            off += -(-t.numel() * t.element_size() // ALIGN) * ALIGN
+        self.nbytes = off
+
+    def fill(self, host: torch.Tensor) -> None:
+        """Copy the block's current tensors into `host` (uint8, nbytes long), once."""
+        self.host = host
+        for t, o in zip(self.tensors, self.offsets, strict=True):
+            host[o : o + t.numel() * t.element_size()].copy_(t.detach().reshape(-1).view(torch.uint8))
+        self.host_views = self.views(host)
+
+    def views(self, buf: torch.Tensor) -> list[torch.Tensor]:
+        return [
+            buf[o : o + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+            for t, o in zip(self.tensors, self.offsets, strict=True)
+        ]
+
+    def bind(self, views: list[torch.Tensor]) -> None:
+        for t, v in zip(self.tensors, views, strict=True):
+            t.data = v
+
+
+def pack_host(packed: Sequence[_Packed], transfer: Transfer) -> list[torch.Tensor]:
+    """Allocate host slabs (pinned on CUDA) once and fill each block into its range; returns the slabs."""
+    if not packed:
+        return []
+    size = slab_size([p.nbytes for p in packed])
+    slabs, used = [transfer.host_buffer(size)], 0
+    for p in packed:
+        if used + p.nbytes > size:
+            slabs.append(transfer.host_buffer(size))
+            used = 0
+        p.fill(slabs[-1][used : used + p.nbytes])
+        used += p.nbytes
+    return slabs
+
+
+class HostCopies:
+    """Packed host copies of a model's streamed blocks, made once and kept across attach / detach (so a
+    component offloaded between jobs is not re-pinned each time); `release()` frees them."""
+
+    def __init__(self):
+        self.packed: dict[int, _Packed] = {}
+        self.slabs: list[torch.Tensor] = []
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.numel() for s in self.slabs)
+
+    def get(self, blocks: Sequence[nn.Module], indices: Sequence[int], transfer: Transfer) -> dict[int, _Packed]:
+        """The packed copies of blocks[i] for i in indices, packing (into new slabs) those not yet held."""
+        new = {i: _Packed(blocks[i]) for i in indices if i not in self.packed}
+        self.slabs += pack_host(list(new.values()), transfer)
+        self.packed.update(new)
+        return {i: self.packed[i] for i in indices}
+
+    def release(self, transfer: Transfer) -> None:
+        self.packed, self.slabs = {}, []
+        transfer.release_host()
+
+
+class BlockStreamer:
+    """Runs `plan` on `model`: resident weights placed once, streamed blocks copied through a ring.
+
+    `blocks` are the model's blocks in execution order (e.g. `model.transformer_blocks`); `root`
+    (default: the model) gets a pre-hook that starts the first copies before its forward. Use as a
+    context manager, or `attach()` / `detach()`; detaching restores the original host tensors. `host`:
+    packed host copies to reuse and keep (default: made at attach, dropped at detach).
+    """
+
+    def __init__(self, model: nn.Module, blocks: Sequence[nn.Module], plan: Plan, transfer: Transfer,
+                 root: nn.Module | None = None, host: HostCopies | None = None):  # fmt: skip
+        if plan.num_blocks != len(blocks):
+            raise ValueError(f"the plan is for {plan.num_blocks} blocks, the model has {len(blocks)}")
+        if plan.streamed and plan.buffers < 1:
+            raise ValueError("a plan that streams blocks needs at least one staging buffer")
+        self.model, self.blocks, self.plan, self.transfer = model, list(blocks), plan, transfer
+        self.root = model if root is None else root
+        self.host, self._own_host = host or HostCopies(), host is None
+        self.stats = Stats()
+        self._q = {b: q for q, b in enumerate(plan.streamed)}  # block index -> position among streamed
+        self._attached = False
+
+    # -- placement
+    def attach(self) -> BlockStreamer:
+        if self._attached:
+            return self
+        t, streamed = self.transfer, {id(x) for i in self.plan.streamed for x in _tensors(self.blocks[i])}
+        self._originals = [(x, x.data) for x in _tensors(self.model)]
+        self._resident = []
+        for x, data in self._originals:
+            if id(x) not in streamed:
+                dev = t.to_device(data)
+                x.data = dev
+                self._resident.append(dev)
+                self.stats.load_bytes += data.numel() * data.element_size()
+        self._packed = self.host.get(self.blocks, self.plan.streamed, t)
+        self.stats.host_bytes = self.host.nbytes
+        k = self.plan.buffers if self._packed else 0
+        size = max((p.nbytes for p in self._packed.values()), default=0)
+        self._stage = [t.device_buffer(size) for _ in range(k)]
+        self._views = {i: [p.views(s) for s in self._stage] for i, p in self._packed.items()}
+        for p in self._packed.values():
+            p.bind(p.host_views)
+        self._copy_done: list = [None] * k
+        # the buffers may reuse memory that compute issued before now still reads: first copies wait for it
+        self._released_at: list = [t.release()] * k
+        self._bound: set[int] = set()
+        self._pos, self._issued, self._released = None, 0, 0
+        self._hooks = [self.root.register_forward_pre_hook(self._pre_root),
+                       self.root.register_forward_hook(self._post_root)]  # fmt: skip
+        for i, b in enumerate(self.blocks):  # bind before any other pre-hook; release even if forward raises
+            self._hooks.append(b.register_forward_pre_hook(self._pre_block(i), prepend=True))
+            self._hooks.append(b.register_forward_hook(self._post_block(i), always_call=True))
+        self._attached = True
+        return self
+
+    def detach(self) -> None:
+        """Remove the hooks and put every tensor back on its original host memory (nothing is copied)."""
+        if not self._attached:
+            return
+        for h in self._hooks:
+            h.remove()
+        self.transfer.synchronize()
+        for x, data in self._originals:
+            x.data = data
+        for buf in self._stage + self._resident:
+            self.transfer.free(buf)
+        self._stage, self._resident, self._packed, self._views, self._originals = [], [], {}, {}, []
+        if self._own_host:
+            self.host.release(self.transfer)
+        self._attached = False
+
+    def __enter__(self) -> BlockStreamer:
+        return self.attach()
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    # -- the ring
+    def _start(self, pos: int) -> None:
+        """Begin a pass at block position `pos` (normally 0): unbind leftovers, then prefetch."""
+        if self._bound or self._released != self._issued:  # an interrupted pass: unbind, fence every slot
+            for i in self._bound:
+                self._packed[i].bind(self._packed[i].host_views)
+            self._bound.clear()
+            self._released_at = [self.transfer.release()] * len(self._stage)  # after all compute so far
+        # (after a complete pass each slot's last release marker stands, so the next copies may start early)
+        first = sum(1 for b in self.plan.streamed if b < pos)
+        self._pos, self._issued, self._released = pos, first, first
+        self._pump()
+
+    def _pump(self) -> None:
+        """Issue copies while a ring slot is free: streamed block q may load once block q - K released."""
+        k, streamed = len(self._stage), self.plan.streamed
+        while self._issued < len(streamed) and self._issued < self._released + k:
+            q, i = self._issued, streamed[self._issued]
+            src = self._packed[i].host
+            dst = self._stage[q % k][: src.numel()]
+            self._copy_done[q % k] = self.transfer.copy(dst, src, self._released_at[q % k])
+            self.stats.bytes_moved += src.numel()
+            self.stats.copies[i] += 1
+            self._issued += 1
+
+    def _pre_root(self, module, args) -> None:
+        self._start(0)
+
+    def _post_root(self, module, args, output) -> None:
+        self.stats.passes += 1
+
+    def _pre_block(self, i: int):
+        def hook(module, args):
+            if self._pos != i:  # called out of the expected order (or without the root): resynchronise
+                self._start(i)
+            q = self._q.get(i)
+            if q is not None:
+                slot = q % len(self._stage)
+                self.transfer.wait(self._copy_done[slot])
+                self._packed[i].bind(self._views[i][slot])
+                self._bound.add(i)
+            self._pos = i + 1
+
+        return hook
+
+    def _post_block(self, i: int):
+        def hook(module, args, output):
+            q = self._q.get(i)
+            if q is not None:
+                self._released_at[q % len(self._stage)] = self.transfer.release()
+                self._packed[i].bind(self._packed[i].host_views)
+                self._bound.discard(i)
+                self._released = q + 1
+                self._pump()
+
+        return hook
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Re-planning on out-of-memory
+# ---------------------------------------------------------------------------------------------------------
+
+OOM_ERRORS: tuple[type[BaseException], ...] = (torch.OutOfMemoryError,)
+
+
+class Offloaded:
+    """A model attached with a plan from `planner`, which `run` re-plans once with half the resident
+    blocks if a step runs out of memory. Host copies of streamed blocks persist across detach / attach
+    until `detach(release_host=True)` (which leaving the context manager does)."""
+
+    def __init__(self, model: nn.Module, blocks: Sequence[nn.Module], planner: Planner, transfer: Transfer,
+                 root: nn.Module | None = None, errors: tuple[type[BaseException], ...] = OOM_ERRORS):  # fmt: skip
+        self.model, self.blocks, self.planner, self.transfer, self.root = model, blocks, planner, transfer, root
+        self.errors = errors
+        self.streamer: BlockStreamer | None = None
+        self.host = HostCopies()
+        self.message = ""  # the last re-planning message (for the UI)
+
+    @property
+    def plan(self) -> Plan:
+        return self.streamer.plan
+
+    def attach(self, max_resident: int | None = None) -> Offloaded:
+        plan = self.planner(self.transfer.free_memory(), max_resident)
+        self.streamer = BlockStreamer(self.model, self.blocks, plan, self.transfer, self.root, self.host).attach()
+        return self
+
+    @property
+    def attached(self) -> bool:
+        return self.streamer is not None and self.streamer._attached
+
+    def detach(self, release_host: bool = False) -> None:
+        if self.streamer is not None:
+            self.streamer.detach()
+        if release_host:
+            self.host.release(self.transfer)
+
+    def __enter__(self) -> Offloaded:
+        return self if self.attached else self.attach()
+
+    def __exit__(self, *exc) -> None:
+        self.detach(release_host=True)
+
+    def run(self, fn: Callable, *args, **kwargs):
+        """fn(*args, **kwargs); on an out-of-memory error: fewer resident blocks, one retry, a warning."""
+        try:
+            return fn(*args, **kwargs)
+        except self.errors as e:
+            before = self.plan
+            self.detach()
+            self.transfer.empty_cache()
+            self.attach(max_resident=len(before.resident) // 2)
+            self.message = (
+                f"out of memory during a step ({type(e).__name__}); re-planned from {len(before.resident)} to "
+                f"{len(self.plan.resident)} resident blocks and retrying once: {self.plan.explain()}"
+            )
+            warnings.warn(self.message, stacklevel=2)
+            return fn(*args, **kwargs)
+
+    def guarded(self, fn: Callable) -> Callable:
+        """fn wrapped in `run`, e.g. the DiT call of each sampling step (a failed step is retried alone)."""
+        return lambda *args, **kwargs: self.run(fn, *args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Component placement across a job
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Component:
+    """A model the job runs. `planner(free, max_resident)` plans its blocks (None: the whole model is one
+    resident unit, like the VAE); `on_device=False` runs it where its weights are (e.g. the text encoder
+    on the CPU by choice)."""
+
+    name: str
+    model: nn.Module
+    blocks: Sequence[nn.Module] = ()
+    planner: Planner | None = None
+    on_device: bool = True
+    root: nn.Module | None = None
+
+
+class Placement:
+    """Text encoder -> DiT -> VAE: each component on the device while it runs (`before` / `after`, or the
+    `running` context manager). After running, a component stays placed only if every on-device
+    component fits at once, all resident, within `budget` (then nothing is moved between jobs);
+    otherwise it is detached and others are detached before a component that needs their room.
+
+    budget: device bytes this job may use in total (the caller derives it from the free memory and the
+    host's flags); the planners are called with what is left of it beside the components still placed.
+    """
+
+    def __init__(self, transfer: Transfer, budget: int, components: Sequence[Component] = ()):
+        self.transfer, self.budget = transfer, budget
+        self.components = {c.name: c for c in components}
+        self.placed: dict[str, Offloaded] = {}  # in placement order (oldest first)
+        self._offloaded: dict[str, Offloaded] = {}  # every component run so far, with its host copies
+        self.log: list[str] = []
+
+    @property
+    def device(self) -> torch.device:
+        """Where placed components compute (a pipeline should run here, wherever the DiT's weights are)."""
+        return self.transfer.device
+
+    def add(self, component: Component) -> None:
+        self.components[component.name] = component
+
+    def _full_bytes(self, c: Component) -> int:
+        planner = c.planner or whole_model_planner(c.model)
+        plan = planner(1 << 62, None)  # unbounded: the all-resident plan
+        return sum(plan.block_bytes) + plan.fixed_bytes + plan.activation_bytes + plan.reserve
+
+    def keeps_all(self) -> bool:
+        """True when every on-device component fits at once, all resident."""
+        return sum(self._full_bytes(c) for c in self.components.values() if c.on_device) <= self.budget
+
+    def held(self, but: str | None = None) -> int:
+        return sum(o.plan.device_bytes for n, o in self.placed.items() if n != but)
+
+    def before(self, name: str) -> Offloaded | None:
+        """Place a component for running (evicting others when it needs their room); returns its placement."""
+        c = self.components[name]
+        if not c.on_device:
+            return None
+        if name in self.placed:
+            return self.placed[name]
+        planner = c.planner or whole_model_planner(c.model)
+        for other in [n for n in self.placed if n != name]:
+            if self._full_bytes(c) <= self.budget - self.held():
+                break
+            self.placed.pop(other).detach()  # oldest first
+            self.log.append(f"offloaded {other} for {name}")
+        left = self.budget - self.held()
+
+        def bounded(free: int | None, max_resident: int | None) -> Plan:
+            return planner(left if free is None else min(left, free), max_resident)
+
+        off = self._offloaded.setdefault(name, Offloaded(c.model, c.blocks, bounded, self.transfer, c.root))
+        off.planner = bounded
+        self.placed[name] = off.attach()
+        self.log.append(self.placed[name].plan.explain())
+        return self.placed[name]
+
+    def after(self, name: str) -> None:
+        """Done running: keep the component placed if the budget holds everything, else detach it."""
+        if name in self.placed and not self.keeps_all():
+            self.placed.pop(name).detach()
+
+    @contextmanager
+    def running(self, name: str) -> Iterator[Offloaded | None]:
+        placed = self.before(name)
+        try:
+            yield placed
+        finally:
+            self.after(name)
+
+    def release_all(self) -> None:
+        """Detach everything and drop the pinned host copies (the host needs the memory for other models)."""
+        for off in self._offloaded.values():
+            off.detach(release_host=True)
+        self.placed.clear()
+        self.transfer.empty_cache()
+
+    def vae_budget(self, vae: nn.Module, reserve: int = 0) -> int:
+        """Bytes for the VAE's working memory (its `budget=`), beside everything still placed and its weights."""
+        held = self.held() if "vae" not in self.placed else self.held(but="vae")
+        return max(0, self.budget - held - split_blocks(vae, [])[1] - reserve)
