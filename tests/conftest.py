@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+
 import pytest
 
 from tools.comfy_harness import ComfyClient, ComfyServer
+from tools.run_workflows import stage_models
+
+TEST_PACK = Path(__file__).resolve().parent / "comfy_test_pack"  # test-only helper nodes
 
 
 @pytest.fixture(scope="session")
 def comfy(tmp_path_factory):
     """A running ComfyUI (CPU) in an isolated base directory; tests put model files in `comfy.models_dir`."""
-    server = ComfyServer(tmp_path_factory.mktemp("comfy"))
+    server = ComfyServer(tmp_path_factory.mktemp("comfy"), extra_packs=(TEST_PACK,))
     server.start()
     yield server
     server.stop()
@@ -30,3 +37,15 @@ def tiny_comfy_vae(comfy):
     from tools.checkpoints.vae import write_vae
 
     return write_vae(comfy.models_dir / "vae", "comfy", base_dim=16).name
+
+
+@pytest.fixture(scope="session")
+def example_models(comfy):
+    """The example workflows' model files (tiny smoke weights under the real names) and reference images, staged
+    once into the server's models and input folders; returns the server."""
+    workflows = Path(__file__).resolve().parent.parent / "workflows"
+    prompts = [json.loads(p.read_text()) for p in sorted((workflows / "api").glob("*.json"))]
+    stage_models(prompts, comfy.base_dir / "no-real-models", comfy.models_dir)
+    for image in (workflows / "inputs").glob("*.png"):
+        shutil.copyfile(image, comfy.input_dir / image.name)
+    return comfy

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -11,18 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tools.comfy_harness import kill_stale_server
+from tools.comfy_harness import _alive, kill_stale_servers
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie is dead for our purposes
-    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
 
 
 def _wait_dead(pid: int, timeout: float = 15.0) -> bool:
@@ -34,27 +26,54 @@ def _wait_dead(pid: int, timeout: float = 15.0) -> bool:
     return False
 
 
-def test_stale_pidfile_is_killed_on_next_start(tmp_path):
-    # a process that looks like a server a killed run left behind (same command-line shape)
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def _fake_server(tmp_path) -> subprocess.Popen:
+    """A process with a ComfyUI server's command-line shape, as a killed run would leave behind."""
     fake = subprocess.Popen(
         [sys.executable, "-c", "import time; time.sleep(120)", "main.py", "--base-directory", str(tmp_path)],
         start_new_session=True,
     )
     while b"main.py" not in Path(f"/proc/{fake.pid}/cmdline").read_bytes():  # until it has exec'd
         time.sleep(0.01)
-    pidfile = tmp_path / "server.pid"
-    pidfile.write_text(str(fake.pid))
-    kill_stale_server(pidfile)
+    return fake
+
+
+def _record(run_dir: Path, server: int, owner: int) -> Path:
+    run_dir.mkdir(exist_ok=True)
+    path = run_dir / f"{server}.json"
+    path.write_text(json.dumps({"server": server, "owner": owner}))
+    return path
+
+
+def test_server_of_a_killed_run_is_stopped_on_next_start(tmp_path):
+    fake = _fake_server(tmp_path)
+    record = _record(tmp_path / "servers", fake.pid, _dead_pid())
+    kill_stale_servers(tmp_path / "servers")
     fake.wait(timeout=10)
-    assert not pidfile.exists()
+    assert not record.exists()
 
 
-def test_unrelated_pid_in_pidfile_is_left_alone(tmp_path):
+def test_server_of_a_live_run_is_left_alone(tmp_path):
+    fake = _fake_server(tmp_path)
+    try:
+        record = _record(tmp_path / "servers", fake.pid, os.getpid())  # its owner (us) is alive
+        kill_stale_servers(tmp_path / "servers")
+        assert fake.poll() is None and record.exists()
+    finally:
+        os.killpg(fake.pid, signal.SIGKILL)
+        fake.wait()
+
+
+def test_unrelated_process_with_a_reused_pid_is_left_alone(tmp_path):
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
-        pidfile = tmp_path / "server.pid"
-        pidfile.write_text(str(other.pid))
-        kill_stale_server(pidfile)
+        _record(tmp_path / "servers", other.pid, _dead_pid())
+        kill_stale_servers(tmp_path / "servers")
         assert other.poll() is None
     finally:
         other.kill()
@@ -68,7 +87,7 @@ def test_server_dies_with_killed_runner(tmp_path):
         "import sys, time\n"
         "from pathlib import Path\n"
         "from tools.comfy_harness import ComfyServer\n"
-        "s = ComfyServer(Path(sys.argv[1]), pidfile=Path(sys.argv[1]) / 'server.pid').start()\n"
+        "s = ComfyServer(Path(sys.argv[1]), run_dir=Path(sys.argv[1]) / 'servers').start()\n"
         "print(s.proc.pid, flush=True)\n"
         "time.sleep(600)\n"
     )

@@ -14,6 +14,7 @@ import copy
 import re
 
 import numpy as np
+import oracles
 import pytest
 import torch
 from diffusers import (
@@ -22,33 +23,15 @@ from diffusers import (
     QwenImageEditPlusPipeline,
     QwenImagePipeline,
 )
+from oracles import TOKENIZER, VLOracle
 from PIL import Image
-from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer, Qwen2VLProcessor
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers import Qwen2Tokenizer
 
-from qwen_image_core.prompts import IMAGE_PAD, resize_for_edit
+from qwen_image_core.prompts import resize_for_edit
 from qwen_image_core.text_encoder import load_text_encoder
 from tools.checkpoints import qwen_vl as W
-from tools.comfy_paths import comfyui_dir
 
-TOKENIZER = comfyui_dir() / "comfy" / "text_encoders" / "qwen25_tokenizer"
 ATOL = 1e-5
-
-
-class Oracle(Qwen2_5_VLForConditionalGeneration):
-    """Passes `mm_token_type_ids` (which diffusers 0.42.1 omits) so transformers 5.x builds 3D positions."""
-
-    def forward(self, input_ids=None, mm_token_type_ids=None, **kwargs):
-        if mm_token_type_ids is None and input_ids is not None:
-            mm_token_type_ids = (input_ids == IMAGE_PAD).int()
-        return super().forward(input_ids=input_ids, mm_token_type_ids=mm_token_type_ids, **kwargs)
-
-
-class Processor(Qwen2VLProcessor):
-    def check_argument_for_proper_class(self, argument_name, argument):
-        if argument_name == "video_processor" and argument is None:
-            return None
-        return super().check_argument_for_proper_class(argument_name, argument)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -62,7 +45,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def oracle():
-    return W.reference_model(seed=0, cls=Oracle)
+    return W.reference_model(seed=0, cls=VLOracle)
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +58,7 @@ def pipes(oracle, tok):
     parts = dict(
         scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, transformer=None, text_encoder=oracle, tokenizer=tok
     )
-    processor = Processor(image_processor=Qwen2VLImageProcessorPil(min_pixels=3136, max_pixels=12845056), tokenizer=tok)
+    processor = oracles.processor(tok)
     return {
         "t2i": QwenImagePipeline(**parts),
         "edit": QwenImageEditPipeline(**parts, processor=processor),

@@ -2,8 +2,8 @@
 
 Used by the end-to-end tests and by the main job (tools/run_workflows.py). The server runs in an
 isolated base directory (models, input, output, user, custom_nodes) so nothing touches the ComfyUI tree,
-in its own process group, and dies with the process that started it. Its PID is recorded in a file so a
-run that was killed leaves nothing behind for the next one.
+in its own process group, and dies with the process that started it. It is also recorded (server and owner
+PIDs) in .comfyui/servers/, so the next start stops any server whose owner was killed, and only those.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 from tools.comfy_paths import ROOT, comfyui_dir
 
 PACK_NAME = "qwenpix"  # folder name under custom_nodes: also the /extensions/<name>/ URL segment
-PIDFILE = ROOT / ".comfyui" / "test-server.pid"  # one per purpose: a new start kills what the last one left
+RUN_DIR = ROOT / ".comfyui" / "servers"  # one record per running server: {"server": pid, "owner": pid}
 MODEL_FOLDERS = ("diffusion_models", "text_encoders", "vae", "loras")
 
 
@@ -52,18 +52,36 @@ def _is_our_server(pid: int) -> bool:
     return any(c.endswith(b"main.py") for c in cmd) and b"--base-directory" in cmd
 
 
-def kill_stale_server(pidfile: Path = PIDFILE) -> None:
-    """Stop a server a previous (killed) run left behind, if the PID still belongs to one."""
+def _alive(pid: int) -> bool:
     try:
-        pid = int(pidfile.read_text().strip())
-    except (OSError, ValueError):
-        return
-    if _is_our_server(pid):
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie has finished
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def kill_stale_servers(run_dir: Path = RUN_DIR) -> None:
+    """Stop servers whose starting process is gone (a killed test run), leaving other live runs' servers alone."""
+    for record in sorted(run_dir.glob("*.json")) if run_dir.is_dir() else []:
         try:
-            os.killpg(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    pidfile.unlink(missing_ok=True)
+            info = json.loads(record.read_text())
+            server, owner = int(info["server"]), int(info["owner"])
+        except (OSError, ValueError, KeyError, TypeError):
+            record.unlink(missing_ok=True)
+            continue
+        if _alive(owner):
+            continue
+        if _is_our_server(server):
+            try:
+                os.killpg(server, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        record.unlink(missing_ok=True)
 
 
 class ComfyServer:
@@ -75,7 +93,8 @@ class ComfyServer:
         python: str | None = None,
         comfy_dir: Path | None = None,
         port: int | None = None,
-        pidfile: Path = PIDFILE,
+        run_dir: Path = RUN_DIR,
+        extra_packs: tuple[Path, ...] = (),
     ):
         self.base_dir = Path(base_dir)
         self.python = python or os.environ.get("QWENPIX_PYTHON") or sys.executable
@@ -84,7 +103,8 @@ class ComfyServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
         self.log_path = self.base_dir / "server.log"
-        self.pidfile = Path(pidfile)
+        self.run_dir = Path(run_dir)
+        self.extra_packs = tuple(Path(p) for p in extra_packs)  # more custom node folders (tests' helper nodes)
 
     @property
     def models_dir(self) -> Path:
@@ -101,15 +121,16 @@ class ComfyServer:
     def prepare(self) -> None:
         for sub in ("custom_nodes", "input", "output", "temp", "user/default", *(f"models/{m}" for m in MODEL_FOLDERS)):
             (self.base_dir / sub).mkdir(parents=True, exist_ok=True)
-        link = self.base_dir / "custom_nodes" / PACK_NAME
-        if not link.exists():
-            link.symlink_to(ROOT, target_is_directory=True)
+        for name, target in ((PACK_NAME, ROOT), *((p.name, p) for p in self.extra_packs)):
+            link = self.base_dir / "custom_nodes" / name
+            if not link.exists():
+                link.symlink_to(target.resolve(), target_is_directory=True)
         settings = self.base_dir / "user" / "default" / "comfy.settings.json"
         if not settings.exists():  # skip the first-run templates dialog in the frontend
             settings.write_text(json.dumps({"Comfy.TutorialCompleted": True}))
 
     def start(self, timeout: float = 180.0, extra_args: tuple[str, ...] = ()) -> ComfyServer:
-        kill_stale_server(self.pidfile)
+        kill_stale_servers(self.run_dir)
         self.prepare()
         cmd = [
             self.python,
@@ -135,8 +156,9 @@ class ComfyServer:
             start_new_session=True,
             preexec_fn=_die_with_parent,
         )
-        self.pidfile.parent.mkdir(parents=True, exist_ok=True)
-        self.pidfile.write_text(str(self.proc.pid))
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._record = self.run_dir / f"{self.proc.pid}.json"
+        self._record.write_text(json.dumps({"server": self.proc.pid, "owner": os.getpid()}))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -162,7 +184,8 @@ class ComfyServer:
                     pass
                 self.proc.wait()
         self.proc = None
-        self.pidfile.unlink(missing_ok=True)
+        if getattr(self, "_record", None):
+            self._record.unlink(missing_ok=True)
         if getattr(self, "_log", None):
             self._log.close()
 

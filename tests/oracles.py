@@ -1,0 +1,67 @@
+"""Reference implementations built for the parity tests (diffusers, transformers), shared by test files.
+
+Edit pipelines of diffusers 0.42.1 do not pass `mm_token_type_ids`, without which transformers 5.x gives
+image tokens 1D positions; `VLOracle` passes it (image tokens = 1), so the oracle uses the 3D M-RoPE
+positions transformers 4.x and ComfyUI compute. `Processor` is transformers' Qwen2VLProcessor minus its
+video-processor type check (torchvision is not installed).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer, Qwen2VLProcessor
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from qwen_image_core.prompts import IMAGE_PAD
+from tools.comfy_paths import comfyui_dir
+
+TOKENIZER = comfyui_dir() / "comfy" / "text_encoders" / "qwen25_tokenizer"  # the real Qwen2.5 tokenizer
+# scheduler/scheduler_config.json of the Qwen/Qwen-Image repos
+QWEN_SCHEDULER = dict(
+    num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
+    base_image_seq_len=256, max_image_seq_len=8192, time_shift_type="exponential", shift_terminal=0.02,
+)  # fmt: skip
+
+
+class VLOracle(Qwen2_5_VLForConditionalGeneration):
+    """Passes `mm_token_type_ids` (which diffusers 0.42.1 omits) so transformers 5.x builds 3D positions."""
+
+    def forward(self, input_ids=None, mm_token_type_ids=None, **kwargs):
+        if mm_token_type_ids is None and input_ids is not None:
+            mm_token_type_ids = (input_ids == IMAGE_PAD).int()
+        return super().forward(input_ids=input_ids, mm_token_type_ids=mm_token_type_ids, **kwargs)
+
+
+class Processor(Qwen2VLProcessor):
+    def check_argument_for_proper_class(self, argument_name, argument):
+        if argument_name == "video_processor" and argument is None:
+            return None
+        return super().check_argument_for_proper_class(argument_name, argument)
+
+
+def tokenizer():
+    return Qwen2Tokenizer.from_pretrained(str(TOKENIZER))
+
+
+def processor(tok):
+    return Processor(image_processor=Qwen2VLImageProcessorPil(min_pixels=3136, max_pixels=12845056), tokenizer=tok)
+
+
+def scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(**QWEN_SCHEDULER)
+
+
+def diffusers_dit(cfg, state_dict, zero_cond_t=False):
+    """diffusers' QwenImageTransformer2DModel with the given (diffusers-named) weights, float32, eval."""
+    from diffusers import QwenImageTransformer2DModel
+
+    torch.manual_seed(0)
+    m = QwenImageTransformer2DModel(
+        patch_size=cfg.patch_size, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
+        num_layers=cfg.num_layers, attention_head_dim=cfg.head_dim, num_attention_heads=cfg.num_heads,
+        joint_attention_dim=cfg.text_dim, axes_dims_rope=cfg.rope_axes, zero_cond_t=zero_cond_t,
+    )  # fmt: skip
+    m.load_state_dict(state_dict, strict=True)
+    return m.eval()
