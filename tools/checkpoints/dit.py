@@ -12,6 +12,7 @@ so even full-width files of several blocks are written without holding them in m
 
 from __future__ import annotations
 
+import functools
 import json
 import zlib
 from collections.abc import Callable, Iterable
@@ -34,18 +35,24 @@ FULL_WIDTH_ONE_BLOCK = dict(num_layers=1)
 
 
 def config(**kw) -> MMDiTConfig:
-    """A test configuration: TINY overridden by `kw` (pass num_layers=1 etc.; `{}` of FULL_* for full width)."""
+    """A full-width configuration (the 20B model's widths) with `kw` overrides, e.g. num_layers=1."""
     return MMDiTConfig(**kw)
 
 
 def tiny_config(**kw) -> MMDiTConfig:
+    """TINY with `kw` overrides."""
     return MMDiTConfig(**{**TINY, **kw})
 
 
 def shapes(cfg: MMDiTConfig) -> dict[str, tuple[int, ...]]:
     """Parameter names (diffusers naming, no prefix) and shapes of a DiT with this configuration."""
+    return dict(_shapes(cfg))
+
+
+@functools.lru_cache(maxsize=16)
+def _shapes(cfg: MMDiTConfig) -> tuple[tuple[str, tuple[int, ...]], ...]:
     with torch.device("meta"):
-        return {k: tuple(v.shape) for k, v in MMDiT(cfg).state_dict().items()}
+        return tuple((k, tuple(v.shape)) for k, v in MMDiT(cfg).state_dict().items())
 
 
 def random_tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
