@@ -18,9 +18,16 @@ from tools.comfy_paths import comfyui_dir
 TOKENIZER = comfyui_dir() / "comfy" / "text_encoders" / "qwen25_tokenizer"  # the real Qwen2.5 tokenizer
 # scheduler/scheduler_config.json of the Qwen/Qwen-Image repos
 QWEN_SCHEDULER = dict(
-    num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
-    base_image_seq_len=256, max_image_seq_len=8192, time_shift_type="exponential", shift_terminal=0.02,
-)  # fmt: skip
+    num_train_timesteps=1000,
+    shift=1.0,
+    use_dynamic_shifting=True,
+    base_shift=0.5,
+    max_shift=0.9,
+    base_image_seq_len=256,
+    max_image_seq_len=8192,
+    time_shift_type="exponential",
+    shift_terminal=0.02,
+)
 
 
 class VLOracle(Qwen2_5_VLForConditionalGeneration):
@@ -59,9 +66,15 @@ def diffusers_dit(cfg, state_dict, zero_cond_t=False):
 
     torch.manual_seed(0)
     m = QwenImageTransformer2DModel(
-        patch_size=cfg.patch_size, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
-        num_layers=cfg.num_layers, attention_head_dim=cfg.head_dim, num_attention_heads=cfg.num_heads,
-        joint_attention_dim=cfg.text_dim, axes_dims_rope=cfg.rope_axes, zero_cond_t=zero_cond_t,
-    )  # fmt: skip
+        patch_size=cfg.patch_size,
+        in_channels=cfg.in_channels,
+        out_channels=cfg.out_channels,
+        num_layers=cfg.num_layers,
+        attention_head_dim=cfg.head_dim,
+        num_attention_heads=cfg.num_heads,
+        joint_attention_dim=cfg.text_dim,
+        axes_dims_rope=cfg.rope_axes,
+        zero_cond_t=zero_cond_t,
+    )
     m.load_state_dict(state_dict, strict=True)
     return m.eval()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from oracles import diffusers_dit
 from qwen_image_core.checkpoint import CheckpointError
 from qwen_image_core.lora import effective_weight, load_lora, loras_applied
 from qwen_image_core.mmdit import load_dit
@@ -22,10 +23,9 @@ def tiny(tmp_path_factory):
 def diffusers_fused(cfg, lora_path, strength):
     """diffusers' own loader (format conversion + PEFT) on the same base weights, fused at `strength`."""
     from diffusers import QwenImagePipeline
-    from test_mmdit import diffusers_model
 
     pipe = QwenImagePipeline(
-        scheduler=None, vae=None, text_encoder=None, tokenizer=None, transformer=diffusers_model(cfg, W.state_dict(cfg))
+        scheduler=None, vae=None, text_encoder=None, tokenizer=None, transformer=diffusers_dit(cfg, W.state_dict(cfg))
     )
     pipe.load_lora_weights(str(lora_path), adapter_name="x")
     pipe.fuse_lora(lora_scale=strength, components=["transformer"])

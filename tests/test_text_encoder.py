@@ -14,7 +14,6 @@ import copy
 import re
 
 import numpy as np
-import oracles
 import pytest
 import torch
 from diffusers import (
@@ -23,10 +22,11 @@ from diffusers import (
     QwenImageEditPlusPipeline,
     QwenImagePipeline,
 )
-from oracles import TOKENIZER, VLOracle
 from PIL import Image
 from transformers import Qwen2Tokenizer
 
+import oracles
+from oracles import TOKENIZER, VLOracle
 from qwen_image_core.prompts import resize_for_edit
 from qwen_image_core.text_encoder import load_text_encoder
 from tools.checkpoints import qwen_vl as W
