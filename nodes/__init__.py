@@ -1,8 +1,8 @@
 """ComfyUI node classes (V1 node API): thin wrappers that parse inputs and call qwen_image_core."""
 
-from . import latent
+from . import conditioning, image, latent, loaders, sampler
 
-_MODULES = (latent,)
+_MODULES = (loaders, conditioning, latent, sampler, image)
 
 NODE_CLASS_MAPPINGS = {name: cls for m in _MODULES for name, cls in m.NODES.items()}
 NODE_DISPLAY_NAME_MAPPINGS = {name: cls.DISPLAY_NAME for name, cls in NODE_CLASS_MAPPINGS.items()}

@@ -14,13 +14,17 @@ pytestmark = pytest.mark.e2e
 
 def test_nodes_registered_with_tooltips(client):
     info = client.object_info()
-    ours = {name: spec for name, spec in info.items() if name.startswith("QwenPix")}
+    ours = {name: spec for name, spec in info.items() if spec["python_module"] == f"custom_nodes.{PACK_NAME}"}
+    assert all(name.startswith("QwenPix") for name in ours)
     assert "QwenPixEmptyLatent" in ours
     for name, spec in ours.items():
         assert spec["category"].startswith("QwenPix"), name
         for group in ("required", "optional"):
             for inp, (_, *opts) in spec["input"].get(group, {}).items():
                 assert opts and opts[0].get("tooltip"), f"{name}.{inp} has no tooltip"
+    for name in ours:  # a help page per node, served where the frontend looks for it
+        with urllib.request.urlopen(f"{client.url}/extensions/{PACK_NAME}/docs/{name}.md") as r:
+            assert r.status == 200 and r.read().startswith(b"# ")
     # no clash with ComfyUI's own node ids
     assert not any(n.startswith("QwenPix") for n in info if info[n]["python_module"] in ("nodes", "comfy_extras"))
 

@@ -17,7 +17,6 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from tools.comfy_harness import ComfyClient, ComfyServer
@@ -47,16 +46,6 @@ BUILTIN_SMOKE = {
 }
 
 
-def smoke_writers() -> dict[str, Callable[[Path], None]]:
-    """models sub-folder -> a function writing a tiny random file in that folder's real format."""
-    from tools.checkpoints import vae
-
-    def write_vae(path: Path) -> None:
-        vae.write_vae(path.parent / ".smoke", "comfy", base_dim=16).rename(path)
-
-    return {"vae": write_vae}
-
-
 def needed_models(prompt: dict) -> list[tuple[str, str]]:
     """(sub-folder, file name) of every model file the API prompt's loader nodes name."""
     out = []
@@ -69,7 +58,9 @@ def needed_models(prompt: dict) -> list[tuple[str, str]]:
 
 def stage_models(prompts: list[dict], models: Path, server_models: Path) -> list[str]:
     """Link the real files into the server's models folder, or write smoke files; return the smoke ones."""
-    smoke, writers = [], None
+    from tools.checkpoints.smoke import WRITERS, write_smoke
+
+    smoke = []
     for folder, name in sorted({m for p in prompts for m in needed_models(p)}):
         dest = server_models / folder / name
         if dest.exists():
@@ -79,10 +70,9 @@ def stage_models(prompts: list[dict], models: Path, server_models: Path) -> list
         if real.exists():
             dest.symlink_to(real.resolve())
             continue
-        writers = writers or smoke_writers()
-        if folder not in writers:
+        if folder not in WRITERS:
             raise SystemExit(f"{real} is missing and no smoke-test writer exists for '{folder}'")
-        writers[folder](dest)
+        write_smoke(folder, dest)
         smoke.append(f"{folder}/{name}")
     return smoke
 
@@ -103,20 +93,29 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--out", type=Path, default=ROOT / "out", help="where the images are written")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds allowed per workflow")
+    ap.add_argument("--smoke-steps", type=int, default=2, help="sampling steps when running on smoke-test weights")
     args = ap.parse_args(argv)
 
     jobs = load_prompts(args.workflows)
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="qwenpix-run-") as tmp:
-        server = ComfyServer(Path(tmp), pidfile=ROOT / ".comfyui" / "run-server.pid")
+        server = ComfyServer(Path(tmp))
         server.prepare()
         smoke = stage_models([p for _, p in jobs], args.models, server.models_dir)
-        if smoke:
+        for image in (ROOT / "workflows" / "inputs").glob("*.png"):  # the example workflows' reference images
+            shutil.copyfile(image, server.input_dir / image.name)
+        if smoke:  # noise in, noise out: a couple of steps prove the graph as well as the shipped count
+            for _, prompt in jobs:
+                for node in prompt.values():
+                    if node["class_type"] == "QwenPixSampler":
+                        node["inputs"]["steps"] = min(node["inputs"]["steps"], args.smoke_steps)
             print(
                 f"NOTE: no real weights for {', '.join(smoke)} in {args.models}: generated tiny random smoke-test "
-                "weights in the real formats. The pipeline runs end to end, but those images are noise."
+                f"weights in the real formats. The pipeline runs end to end ({args.smoke_steps} sampling steps), but "
+                "those images are noise."
             )
         print(f"starting ComfyUI ({server.comfy_dir}) ...", flush=True)
+        sys.stdout.reconfigure(line_buffering=True)
         failures = 0
         with server:
             client = ComfyClient(server.url).connect()

@@ -1,0 +1,116 @@
+"""Conditioning nodes: prompts (and edit references) -> ComfyUI CONDITIONING in the native Qwen layout.
+
+The output is `[[embeds [1, T, 3584], {"reference_latents": [raw latents [1, 16, 1, h, w], ...]}]]`, what
+ComfyUI's own CLIPTextEncode / TextEncodeQwenImageEditPlus produce, so it drives a native KSampler too.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..qwen_image_core.pipeline import prepare_references
+from ..qwen_image_core.sizes import latent_shape
+from . import host
+from .loaders import TEXT_ENCODER, VAE
+
+CATEGORY = "QwenPix/conditioning"
+VARIANTS = {"edit_plus (2509 / 2511)": "edit_plus", "edit (original Qwen-Image-Edit)": "edit"}
+RESIZES = {"official (~1 MP)": "official", "keep size (no shift/zoom)": "keep"}
+MAX_IMAGES = 3
+
+
+def _conditioning(embeds: torch.Tensor, extra: dict | None = None) -> list:
+    return [[embeds.float().to(host.intermediate_device()), dict(extra or {})]]
+
+
+class QwenPixTextEncode:
+    DISPLAY_NAME = "Qwen-Image Text Encode"
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("CONDITIONING",)
+    OUTPUT_TOOLTIPS = ("Prompt embeddings (native Qwen-Image layout: works with KSampler too).",)
+    FUNCTION = "encode"
+    DESCRIPTION = "Encodes a text-to-image prompt (positive or negative) with Qwen2.5-VL and the official template."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "text_encoder": (TEXT_ENCODER, {"tooltip": "From 'Load Qwen-Image Text Encoder'."}),
+                "prompt": (
+                    "STRING",
+                    {
+                        "multiline": True,
+                        "dynamicPrompts": True,
+                        "tooltip": "What to draw. For the negative prompt a single space is the official default.",
+                    },
+                ),
+            }
+        }
+
+    def encode(self, text_encoder, prompt: str):
+        embeds, _ = text_encoder.encode([prompt], None, "t2i", device=_te_device(text_encoder))
+        return (_conditioning(embeds),)
+
+
+class QwenPixEditEncode:
+    DISPLAY_NAME = "Qwen-Image Edit Encode"
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("CONDITIONING", "LATENT")
+    RETURN_NAMES = ("conditioning", "latent")
+    OUTPUT_TOOLTIPS = (
+        "Instruction + reference images (native layout with reference_latents).",
+        "An empty latent at the edit's output size (official, or the first image's size with 'keep size').",
+    )
+    FUNCTION = "encode"
+    DESCRIPTION = "Encodes an edit instruction with 1-3 reference images for Qwen-Image-Edit / 2509 / 2511."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "text_encoder": (
+                    TEXT_ENCODER,
+                    {"tooltip": "From 'Load Qwen-Image Text Encoder' (needs the vision tower)."},
+                ),
+                "vae": (VAE, {"tooltip": "Encodes the references into latents the model attends to."}),
+                "prompt": ("STRING", {"multiline": True, "dynamicPrompts": True, "tooltip": "The edit instruction."}),
+                "image1": ("IMAGE", {"tooltip": "The image to edit; with 'keep size' it also sets the output size."}),
+                "variant": (
+                    list(VARIANTS),
+                    {
+                        "tooltip": "edit_plus: Qwen-Image-Edit-2509/2511 (several images, "
+                        "'Picture N:' prompts). edit: the original Qwen-Image-Edit (one image)."
+                    },
+                ),
+                "resize": (
+                    list(RESIZES),
+                    {
+                        "tooltip": "official: references resized to ~1 MP like the reference "
+                        "pipeline. keep size: references keep their pixels, which avoids the "
+                        "shifted/zoomed outputs of the forced resize."
+                    },
+                ),
+            },
+            "optional": {
+                "image2": ("IMAGE", {"tooltip": "Second reference ('Picture 2'), edit_plus only."}),
+                "image3": ("IMAGE", {"tooltip": "Third reference ('Picture 3'), edit_plus only."}),
+            },
+        }
+
+    def encode(self, text_encoder, vae, prompt: str, image1, variant: str, resize: str, image2=None, image3=None):
+        images = [im[0] for im in (image1, image2, image3) if im is not None]  # first image of each batch
+        refs = prepare_references(images, VARIANTS[variant], RESIZES[resize])
+        template = "edit" if VARIANTS[variant] == "edit" else "edit_plus"
+        embeds, _ = text_encoder.encode([prompt], refs.vl_images, template, device=_te_device(text_encoder))
+        device = next(vae.parameters()).device
+        latents = [host.latent_to_comfy(vae.encode(px.to(device))) for px in refs.vae_pixels]
+        b, c, h, w = latent_shape(refs.width // 16 * 16, refs.height // 16 * 16, 1)
+        empty = torch.zeros((b, c, 1, h, w), device=host.intermediate_device())
+        return (_conditioning(embeds, {"reference_latents": latents}), {"samples": empty})
+
+
+def _te_device(text_encoder) -> torch.device:
+    return next(text_encoder.model.parameters()).device
+
+
+NODES = {"QwenPixTextEncode": QwenPixTextEncode, "QwenPixEditEncode": QwenPixEditEncode}

@@ -1,0 +1,155 @@
+"""The seam between ComfyUI and qwen_image_core: model folders, devices, progress, interrupts, data layouts.
+
+Every ComfyUI import of the pack's runtime goes through here, so the node classes stay declarations.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import comfy.cli_args
+import comfy.model_management
+import comfy.utils
+import folder_paths
+import torch
+
+from ..qwen_image_core.lora import Lora
+from ..qwen_image_core.vae import denormalize_latents, latent_preview, normalize_latents
+
+PACK = "QwenPix"
+DIFFUSERS_FOLDER = "diffusers"  # ComfyUI's models/diffusers: whole diffusers repos of Qwen/Qwen-Image*
+DIFFUSERS_PREFIX = "diffusers/"  # how such a repo is listed among single files
+
+
+# -- model handles (the only types the pack adds; everything else is ComfyUI's own)
+@dataclass(frozen=True)
+class DiTHandle:
+    """A loaded DiT plus what the graph asked for around it. LoRA loaders return new handles; the shared
+    model itself is never changed (LoRAs are applied only while our sampler runs)."""
+
+    model: torch.nn.Module
+    name: str
+    compute_dtype: str = "auto"
+    loras: tuple[tuple[Lora, float], ...] = field(default_factory=tuple)
+
+    def with_lora(self, lora: Lora, strength: float) -> DiTHandle:
+        return replace(self, loras=(*self.loras, (lora, strength)))
+
+
+# -- model files
+def model_names(folder: str, repo_part: str) -> list[str]:
+    """Files in a ComfyUI model folder, plus diffusers repos (models/diffusers/<name>/<repo_part>/)."""
+    names = list(folder_paths.get_filename_list(folder))
+    for root in (
+        folder_paths.get_folder_paths(DIFFUSERS_FOLDER)
+        if DIFFUSERS_FOLDER in folder_paths.folder_names_and_paths
+        else []
+    ):
+        if os.path.isdir(root):
+            names += sorted(
+                DIFFUSERS_PREFIX + d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d, repo_part))
+            )
+    return names
+
+
+def model_path(folder: str, name: str, repo_part: str) -> Path:
+    """The file or folder behind a listed name. Only names inside ComfyUI's model folders resolve."""
+    if name.startswith(DIFFUSERS_PREFIX):
+        repo = name[len(DIFFUSERS_PREFIX) :]
+        for root in folder_paths.get_folder_paths(DIFFUSERS_FOLDER):
+            candidate = Path(root, repo, repo_part)
+            if "/" not in repo and "\\" not in repo and repo not in ("", ".", "..") and candidate.is_dir():
+                return candidate
+        raise FileNotFoundError(f"no diffusers repo '{repo}' with a {repo_part}/ folder in models/{DIFFUSERS_FOLDER}")
+    return Path(folder_paths.get_full_path_or_raise(folder, name))
+
+
+def comfy_tokenizer_dir() -> Path:
+    """The Qwen2.5 tokenizer that ships with ComfyUI (comfy/text_encoders/qwen25_tokenizer)."""
+    return Path(folder_paths.__file__).parent / "comfy" / "text_encoders" / "qwen25_tokenizer"
+
+
+# -- devices and dtypes
+def compute_device() -> torch.device:
+    return comfy.model_management.get_torch_device()
+
+
+def place(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Put a model's weights on the compute device (a no-op when they are there)."""
+    if next(model.parameters()).device != device:
+        model.to(device)
+    return model
+
+
+def intermediate_device() -> torch.device:
+    """Where ComfyUI keeps tensors passed between nodes."""
+    return comfy.model_management.intermediate_device()
+
+
+def compute_dtype(choice: str, device: torch.device) -> torch.dtype:
+    if choice != "auto":
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[choice]
+    if device.type == "cpu":
+        return torch.float32
+    return torch.bfloat16 if comfy.model_management.should_use_bf16(device) else torch.float16
+
+
+# -- ComfyUI's latent and image layouts
+def latent_to_core(samples: torch.Tensor) -> torch.Tensor:
+    """ComfyUI LATENT samples (raw, [B, 16, 1, h, w] or [B, 16, h, w]) -> normalised [B, 16, h, w] float32."""
+    if samples.ndim == 5:
+        if samples.shape[2] != 1:
+            raise ValueError(f"expected a one-frame image latent, got {samples.shape[2]} frames")
+        samples = samples[:, :, 0]
+    if samples.ndim != 4 or samples.shape[1] != 16:
+        raise ValueError(f"expected a 16-channel Qwen-Image latent, got shape {list(samples.shape)}")
+    return normalize_latents(samples.float())
+
+
+def latent_to_comfy(latents: torch.Tensor) -> torch.Tensor:
+    """Normalised [B, 16, h, w] -> ComfyUI's raw one-frame layout [B, 16, 1, h, w] on the intermediate device."""
+    raw = denormalize_latents(latents.float())
+    return raw.unsqueeze(2).to(intermediate_device())
+
+
+def image_to_core(image: torch.Tensor) -> torch.Tensor:
+    """ComfyUI IMAGE [B, H, W, C] in [0, 1] -> [B, 3, H, W] in [-1, 1] (alpha dropped)."""
+    return image[..., :3].movedim(-1, 1).float() * 2 - 1
+
+
+def image_to_comfy(images: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] in [-1, 1] -> ComfyUI IMAGE [B, H, W, 3] in [0, 1]."""
+    out = (images.float() / 2 + 0.5).clamp(0, 1).movedim(1, -1)
+    return out.to(intermediate_device())
+
+
+# -- progress, previews, interruption
+class StepReporter:
+    """A sampler callback: progress bar per step, live previews when ComfyUI has them on, interruption."""
+
+    def __init__(self, steps: int):
+        self.pbar = comfy.utils.ProgressBar(steps)
+        method = getattr(comfy.cli_args.args, "preview_method", None)
+        self.previews = method is not None and getattr(method, "value", method) != "none"
+        self.preview_size = getattr(comfy.cli_args.args, "preview_size", 512)
+
+    def __call__(self, i: int, steps: int, x: torch.Tensor, denoised: torch.Tensor) -> None:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        preview = None
+        if self.previews:
+            preview = ("JPEG", preview_image(denoised), self.preview_size)
+        self.pbar.update_absolute(i + 1, steps, preview)
+
+
+def preview_image(latents: torch.Tensor):
+    from PIL import Image
+
+    rgb = latent_preview(latents[:1].float())[0]  # [3, h, w] in [-1, 1]
+    arr = ((rgb.movedim(0, -1) + 1) * 127.5).clamp(0, 255).to(torch.uint8).cpu().numpy()
+    return Image.fromarray(arr)
+
+
+def check_interrupt() -> None:
+    comfy.model_management.throw_exception_if_processing_interrupted()

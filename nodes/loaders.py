@@ -1,0 +1,141 @@
+"""Loader nodes: diffusion model (DiT), text encoder, VAE, LoRA. Files come from ComfyUI's model folders."""
+
+from __future__ import annotations
+
+from ..qwen_image_core.formats.vae import load_vae
+from ..qwen_image_core.lora import load_lora
+from ..qwen_image_core.mmdit import load_dit
+from ..qwen_image_core.text_encoder import load_text_encoder
+from . import host
+
+CATEGORY = "QwenPix/loaders"
+DIT, TEXT_ENCODER, VAE = "QWENPIX_DIT", "QWENPIX_TEXT_ENCODER", "QWENPIX_VAE"
+DTYPES = ["auto", "bf16", "fp16", "fp32"]
+
+
+class QwenPixDiTLoader:
+    DISPLAY_NAME = "Load Qwen-Image Diffusion Model"
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (DIT,)
+    OUTPUT_TOOLTIPS = ("The Qwen-Image diffusion transformer (weights stay in their stored dtype, fp8 included).",)
+    FUNCTION = "load"
+    DESCRIPTION = (
+        "Loads a Qwen-Image / -2512 / -Edit / -Edit-2509 / -Edit-2511 diffusion model (bf16, fp8, scaled fp8)."
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "dit_name": (
+                    host.model_names("diffusion_models", "transformer"),
+                    {
+                        "tooltip": "A file from models/diffusion_models (e.g. qwen_image_fp8_e4m3fn.safetensors) or a "
+                        "diffusers repo from models/diffusers."
+                    },
+                ),
+                "compute_dtype": (
+                    DTYPES,
+                    {
+                        "default": "auto",
+                        "tooltip": "Precision of the math. auto: bf16 on GPUs that have it, else fp16; fp32 on CPU.",
+                    },
+                ),
+            }
+        }
+
+    def load(self, dit_name: str, compute_dtype: str):
+        model = load_dit(host.model_path("diffusion_models", dit_name, "transformer"))
+        return (host.DiTHandle(model, dit_name, compute_dtype),)
+
+
+class QwenPixTextEncoderLoader:
+    DISPLAY_NAME = "Load Qwen-Image Text Encoder"
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (TEXT_ENCODER,)
+    OUTPUT_TOOLTIPS = ("The Qwen2.5-VL-7B condition encoder with its tokenizer.",)
+    FUNCTION = "load"
+    DESCRIPTION = "Loads Qwen2.5-VL-7B (bf16 or fp8_scaled) for Qwen-Image prompts and edit images."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "text_encoder_name": (
+                    host.model_names("text_encoders", "text_encoder"),
+                    {
+                        "tooltip": "A file from models/text_encoders (e.g. qwen_2.5_vl_7b_fp8_scaled.safetensors) or a "
+                        "diffusers repo from models/diffusers."
+                    },
+                ),
+            }
+        }
+
+    def load(self, text_encoder_name: str):
+        path = host.model_path("text_encoders", text_encoder_name, "text_encoder")
+        search = [path.parent / "tokenizer", host.comfy_tokenizer_dir()]
+        tokenizer = next((p for p in search if p.is_dir()), None)
+        return (load_text_encoder(path, tokenizer=tokenizer),)
+
+
+class QwenPixVAELoader:
+    DISPLAY_NAME = "Load Qwen-Image VAE"
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (VAE,)
+    OUTPUT_TOOLTIPS = ("The Qwen-Image VAE as a fast 2D image network.",)
+    FUNCTION = "load"
+    DESCRIPTION = "Loads qwen_image_vae.safetensors (or a diffusers vae/ folder) as a single-frame image VAE."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "vae_name": (
+                    host.model_names("vae", "vae"),
+                    {"tooltip": "A file from models/vae (qwen_image_vae.safetensors) or a diffusers repo."},
+                ),
+            }
+        }
+
+    def load(self, vae_name: str):
+        return (load_vae(host.model_path("vae", vae_name, "vae")),)
+
+
+class QwenPixLoraLoader:
+    DISPLAY_NAME = "Qwen-Image LoRA"
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (DIT,)
+    OUTPUT_TOOLTIPS = ("The diffusion model with this LoRA added (chain several loaders to stack LoRAs).",)
+    FUNCTION = "apply"
+    DESCRIPTION = "Adds a LoRA (diffusers/PEFT, kohya or lightx2v Lightning format) to the diffusion model."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "dit": (DIT, {"tooltip": "The diffusion model (from the loader or another LoRA node)."}),
+                "lora_name": (host.model_names("loras", "__none__"), {"tooltip": "A LoRA file from models/loras."}),
+                "strength": (
+                    "FLOAT",
+                    {
+                        "default": 1.0,
+                        "min": -10.0,
+                        "max": 10.0,
+                        "step": 0.01,
+                        "tooltip": "How strongly the LoRA applies; 0 disables it.",
+                    },
+                ),
+            }
+        }
+
+    def apply(self, dit: host.DiTHandle, lora_name: str, strength: float):
+        lora = load_lora(host.model_path("loras", lora_name, "__none__"), dit.model)
+        return (dit.with_lora(lora, strength),)
+
+
+NODES = {
+    "QwenPixDiTLoader": QwenPixDiTLoader,
+    "QwenPixTextEncoderLoader": QwenPixTextEncoderLoader,
+    "QwenPixVAELoader": QwenPixVAELoader,
+    "QwenPixLoraLoader": QwenPixLoraLoader,
+}

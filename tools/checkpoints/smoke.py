@@ -1,0 +1,79 @@
+"""Tiny random stand-ins for the real model files, in the real format that each file name implies.
+
+The main job and the end-to-end tests put these where a workflow expects e.g. `qwen_image_fp8_e4m3fn.safetensors`:
+the graph then runs end to end through the same loaders as the real files (the images are noise). The DiT's
+text width equals the tiny text encoder's hidden size, and LoRAs match the tiny DiT, so the files combine.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from tools.checkpoints import dit, lora, qwen_vl, vae
+
+TEXT_HIDDEN = qwen_vl.TINY_TEXT["hidden_size"]
+
+
+def dit_config():
+    return dit.tiny_config(text_dim=TEXT_HIDDEN)
+
+
+def write_diffusion_model(path: Path) -> None:
+    name, cfg = path.name.lower(), dit_config()
+    zero_cond_t = "2511" in name
+    if "fp8mixed" in name or "mixed" in name:
+        dit.write_mixed(path, cfg)
+    elif "fp8_scaled" in name or "scaled" in name:
+        dit.write_scaled_fp8(path, cfg)
+    elif "fp8" in name:
+        fp8 = torch.float8_e5m2 if "e5m2" in name else torch.float8_e4m3fn
+        dit.write_fp8(path, cfg, fp8=fp8)
+    else:
+        dit.write_comfy(path, cfg, dtype=torch.bfloat16, zero_cond_t=zero_cond_t)
+    if zero_cond_t and ("fp8" in name or "mixed" in name):  # the 2511 marker also rides on quantised files
+        _add_marker(path)
+
+
+def _add_marker(path: Path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = f.metadata()
+    tensors["__index_timestep_zero__"] = torch.empty(0, dtype=torch.bfloat16)
+    save_file(tensors, str(path), metadata=meta)
+
+
+def write_text_encoder(path: Path) -> None:
+    sd = qwen_vl.legacy_state_dict(qwen_vl.reference_model(seed=0))
+    sd = {k: v for k, v in sd.items() if not k.startswith("lm_head.")}  # never used for conditioning
+    if "fp8" in path.name.lower():
+        qwen_vl.write_comfy_fp8_scaled(path, sd)
+    else:
+        qwen_vl.write_comfy_single(path, sd)
+
+
+def write_vae(path: Path) -> None:
+    vae.write_vae(path.parent / ".smoke-vae", "comfy", base_dim=16).rename(path)
+
+
+def write_lora(path: Path) -> None:
+    lora.write_lora(path, dit_config(), "lightx2v", rank=4, alpha=4.0, dtype=torch.bfloat16)
+
+
+# ComfyUI models sub-folder -> writer of a smoke file for a given path
+WRITERS = {
+    "diffusion_models": write_diffusion_model,
+    "text_encoders": write_text_encoder,
+    "vae": write_vae,
+    "loras": write_lora,
+}
+
+
+def write_smoke(folder: str, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    WRITERS[folder](path)
+    return path
