@@ -7,6 +7,7 @@ import torch
 
 from qwen_image_core import offload as O
 from qwen_image_core import offload_plan as P
+from qwen_image_core import placement as PL
 from qwen_image_core.mmdit import load_dit
 from tools.checkpoints import dit as W
 
@@ -294,7 +295,7 @@ def test_oom_replans_with_fewer_resident_and_retries_once(files):
             raise FakeOOM("CUDA out of memory (injected)")
 
     hook = model.transformer_blocks[2].register_forward_pre_hook(oom_in_block)
-    with O.Offloaded(model, model.transformer_blocks, planner, O.Transfer(), errors=(FakeOOM,)) as off:
+    with PL.Offloaded(model, model.transformer_blocks, planner, O.Transfer(), errors=(FakeOOM,)) as off:
         assert len(off.plan.resident) == 3
         step = off.guarded(model)
         with pytest.warns(UserWarning, match="re-planned from 3 to 1 resident blocks and retrying once"):
@@ -330,14 +331,14 @@ def test_placement_across_a_job(files, tmp_path):
     def te_planner(free, max_resident):
         return P.plan_blocks(t_sizes, t_fixed, free, 0, 0, 1.0, 1e9, "te", max_resident=max_resident)
 
-    components = [O.Component("text_encoder", te, te.model.layers, te_planner),
-                  O.Component("dit", dit, dit.transformer_blocks, dit_planner), O.Component("vae", vae)]  # fmt: skip
+    components = [PL.Component("text_encoder", te, te.model.layers, te_planner),
+                  PL.Component("dit", dit, dit.transformer_blocks, dit_planner), PL.Component("vae", vae)]  # fmt: skip
     x = inputs()
     reference = dit(*x)
     budget = d_fixed + 4 * max(d_sizes)  # the DiT streams (2 resident + 2 buffers); TE and VAE fit alone
     assert budget < P.tensor_bytes(dit) and budget > max(P.tensor_bytes(te), v_bytes)
     transfer = O.Transfer()
-    place = O.Placement(transfer, budget, components)
+    place = PL.Placement(transfer, budget, components)
     assert not place.keeps_all()
     with place.running("text_encoder") as placed:
         assert placed.plan.streamed == () and list(place.placed) == ["text_encoder"]
@@ -355,7 +356,7 @@ def test_placement_across_a_job(files, tmp_path):
         vae.decode(torch.zeros(1, 16, 4, 4), budget=place.vae_budget(vae))
     assert transfer.peak <= budget and transfer.allocated == 0
 
-    big = O.Placement(O.Transfer(), 10 * P.tensor_bytes(dit), components)
+    big = PL.Placement(O.Transfer(), 10 * P.tensor_bytes(dit), components)
     assert big.keeps_all()
     for name in ("text_encoder", "dit", "vae"):
         with big.running(name):
@@ -367,7 +368,7 @@ def test_placement_across_a_job(files, tmp_path):
     place.release_all()
     assert all(not o.host.slabs for o in place._offloaded.values())
 
-    cpu_te = O.Placement(O.Transfer(), budget, [O.Component("text_encoder", te, on_device=False)])
+    cpu_te = PL.Placement(O.Transfer(), budget, [PL.Component("text_encoder", te, on_device=False)])
     assert cpu_te.before("text_encoder") is None and cpu_te.transfer.allocated == 0  # runs on the CPU by choice
 
 
