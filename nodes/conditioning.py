@@ -10,7 +10,7 @@ import torch
 
 from ..qwen_image_core.pipeline import prepare_references
 from ..qwen_image_core.sizes import latent_shape
-from . import host
+from . import host, placement
 from .loaders import TEXT_ENCODER, VAE
 
 CATEGORY = "QwenPix/conditioning"
@@ -48,7 +48,7 @@ class QwenPixTextEncode:
         }
 
     def encode(self, text_encoder, prompt: str):
-        embeds, _ = text_encoder.encode([prompt], None, "t2i", device=_te_device(text_encoder))
+        embeds = text_encoder.encode([prompt], None, "t2i")
         return (_conditioning(embeds),)
 
 
@@ -101,16 +101,12 @@ class QwenPixEditEncode:
         images = [im[0] for im in (image1, image2, image3) if im is not None]  # first image of each batch
         refs = prepare_references(images, VARIANTS[variant], RESIZES[resize])
         template = "edit" if VARIANTS[variant] == "edit" else "edit_plus"
-        embeds, _ = text_encoder.encode([prompt], refs.vl_images, template, device=_te_device(text_encoder))
-        device = next(vae.parameters()).device
-        latents = [host.latent_to_comfy(vae.encode(px.to(device))) for px in refs.vae_pixels]
+        embeds = text_encoder.encode([prompt], refs.vl_images, template)
+        with placement.vae_on_device(vae) as device:
+            latents = [host.latent_to_comfy(vae.encode(px.to(device))) for px in refs.vae_pixels]
         b, c, h, w = latent_shape(refs.width // 16 * 16, refs.height // 16 * 16, 1)
         empty = torch.zeros((b, c, 1, h, w), device=host.intermediate_device())
         return (_conditioning(embeds, {"reference_latents": latents}), {"samples": empty})
-
-
-def _te_device(text_encoder) -> torch.device:
-    return next(text_encoder.model.parameters()).device
 
 
 NODES = {"QwenPixTextEncode": QwenPixTextEncode, "QwenPixEditEncode": QwenPixEditEncode}

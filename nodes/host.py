@@ -16,7 +16,10 @@ import folder_paths
 import torch
 
 from ..qwen_image_core.lora import Lora
+from ..qwen_image_core.text_encoder import TextEncoder
 from ..qwen_image_core.vae import denormalize_latents, latent_preview, normalize_latents
+from . import placement
+from .placement import Runtime
 
 PACK = "QwenPix"
 DIFFUSERS_FOLDER = "diffusers"  # ComfyUI's models/diffusers: whole diffusers repos of Qwen/Qwen-Image*
@@ -33,9 +36,29 @@ class DiTHandle:
     name: str
     compute_dtype: str = "auto"
     loras: tuple[tuple[Lora, float], ...] = field(default_factory=tuple)
+    runtime: Runtime = field(default_factory=Runtime)  # GPU placement state, shared with LoRA'd handles
 
     def with_lora(self, lora: Lora, strength: float) -> DiTHandle:
         return replace(self, loras=(*self.loras, (lora, strength)))
+
+
+@dataclass(frozen=True)
+class TextEncoderHandle:
+    """A loaded text encoder (with its embedding cache) and its GPU placement state."""
+
+    encoder: TextEncoder
+    runtime: Runtime = field(default_factory=Runtime)
+
+    def encode(self, prompts: list[str], images, template: str) -> torch.Tensor:
+        """Embeddings [B, T, 3584] of prompts, computed on ComfyUI's device (streamed if VRAM is short)."""
+        model = self.encoder.model
+        tokens = 64 + 1024 * len(images or ())  # a generous estimate for planning the activations
+        with placement.on_device(
+            model, model.model.layers, self.runtime, placement.text_encoder_planner(model, tokens)
+        ):
+            device = model.model.norm.weight.device
+            embeds, _ = self.encoder.encode(prompts, images, template, device=device)
+        return embeds
 
 
 # -- model files
@@ -74,13 +97,6 @@ def comfy_tokenizer_dir() -> Path:
 # -- devices and dtypes
 def compute_device() -> torch.device:
     return comfy.model_management.get_torch_device()
-
-
-def place(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """Put a model's weights on the compute device (a no-op when they are there)."""
-    if next(model.parameters()).device != device:
-        model.to(device)
-    return model
 
 
 def intermediate_device() -> torch.device:

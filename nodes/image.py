@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..qwen_image_core.vae import Tiling
-from . import host
+from . import host, placement
 from .loaders import VAE
 
 CATEGORY = "QwenPix/latent"
@@ -62,10 +62,9 @@ class QwenPixDecode:
         }
 
     def decode(self, vae, samples, tiling, tile_size, overlap):
-        device = next(vae.parameters()).device
-        images = vae.decode(
-            host.latent_to_core(samples["samples"]).to(device), tile=_tiling(tiling, tile_size, overlap)
-        )
+        with placement.vae_on_device(vae) as device:
+            latents = host.latent_to_core(samples["samples"]).to(device)
+            images = vae.decode(latents, tile=_tiling(tiling, tile_size, overlap))
         return (host.image_to_comfy(images),)
 
 
@@ -88,8 +87,8 @@ class QwenPixEncode:
         }
 
     def encode(self, vae, image, tiling, tile_size, overlap):
-        device = next(vae.parameters()).device
-        latents = vae.encode(host.image_to_core(image).to(device), tile=_tiling(tiling, tile_size, overlap))
+        with placement.vae_on_device(vae) as device:
+            latents = vae.encode(host.image_to_core(image).to(device), tile=_tiling(tiling, tile_size, overlap))
         return ({"samples": host.latent_to_comfy(latents)},)
 
 

@@ -6,7 +6,7 @@ from ..qwen_image_core.formats.vae import load_vae
 from ..qwen_image_core.lora import load_lora
 from ..qwen_image_core.mmdit import load_dit
 from ..qwen_image_core.text_encoder import load_text_encoder
-from . import host
+from . import host, placement
 
 CATEGORY = "QwenPix/loaders"
 DIT, TEXT_ENCODER, VAE = "QWENPIX_DIT", "QWENPIX_TEXT_ENCODER", "QWENPIX_VAE"
@@ -46,7 +46,8 @@ class QwenPixDiTLoader:
 
     def load(self, dit_name: str, compute_dtype: str):
         model = load_dit(host.model_path("diffusion_models", dit_name, "transformer"))
-        return (host.DiTHandle(model, dit_name, compute_dtype),)
+        plan = placement.describe_default_plan(model)  # shown on the node by the web extension
+        return {"ui": {"qwenpix_plan": [plan]}, "result": (host.DiTHandle(model, dit_name, compute_dtype),)}
 
 
 class QwenPixTextEncoderLoader:
@@ -75,7 +76,7 @@ class QwenPixTextEncoderLoader:
         path = host.model_path("text_encoders", text_encoder_name, "text_encoder")
         search = [path.parent / "tokenizer", host.comfy_tokenizer_dir()]
         tokenizer = next((p for p in search if p.is_dir()), None)
-        return (load_text_encoder(path, tokenizer=tokenizer),)
+        return (host.TextEncoderHandle(load_text_encoder(path, tokenizer=tokenizer)),)
 
 
 class QwenPixVAELoader:

@@ -6,8 +6,9 @@ import logging
 
 import torch
 
+from ..qwen_image_core.offload_plan import DiTWorkload
 from ..qwen_image_core.pipeline import Conditioning, make_sigmas, sample
-from . import host
+from . import host, placement
 from .loaders import DIT
 
 CATEGORY = "QwenPix/sampling"
@@ -132,19 +133,35 @@ class QwenPixSampler:
         noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))  # as ComfyUI: CPU noise
         cond = conditioning_to_core(positive, dtype, device)
         uncond = conditioning_to_core(negative, dtype, device) if cfg > 1.0 else None
-        model = host.place(dit.model, device)
-        out = sample(
-            model,
-            noise,
-            cond,
-            uncond,
-            sigmas=sigmas,
-            cfg_scale=cfg,
-            cfg_rescale=RESCALES[cfg_rescale],
-            latents=latent,
-            callback=host.StepReporter(len(sigmas) - 1),
-            loras=dit.loras,
+        refs = tuple((r.shape[-1] * 8, r.shape[-2] * 8) for r in cond.ref_latents or ())
+        workload = DiTWorkload(
+            width,
+            height,
+            latent.shape[0],
+            uncond is not None,
+            int(cond.embeds.shape[1]),
+            refs,
+            compute_bytes=torch.finfo(dtype).bits // 8,
+            fp16=dtype == torch.float16,
         )
+        planner = placement.dit_planner(dit.model, workload)
+
+        def run():
+            return sample(
+                dit.model,
+                noise,
+                cond,
+                uncond,
+                sigmas=sigmas,
+                cfg_scale=cfg,
+                cfg_rescale=RESCALES[cfg_rescale],
+                latents=latent,
+                callback=host.StepReporter(len(sigmas) - 1),
+                loras=dit.loras,
+            )
+
+        with placement.on_device(dit.model, dit.model.transformer_blocks, dit.runtime, planner) as placed:
+            out = run() if placed is None else placed.run(run)  # on out-of-memory: re-plan, retry once
         return ({**latent_image, "samples": host.latent_to_comfy(out)},)
 
 
