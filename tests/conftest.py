@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from tools.comfy_harness import ComfyClient, ComfyServer
 from tools.run_workflows import stage_models
@@ -49,3 +50,13 @@ def example_models(comfy):
     for image in (workflows / "inputs").glob("*.png"):
         shutil.copyfile(image, comfy.input_dir / image.name)
     return comfy
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny-model tests: on 2 cores the OpenMP hand-offs of small ops cost
+    more than the second thread gains (5-10x slower when the other core is busy)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -12,6 +12,7 @@ import torch
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer, Qwen2VLProcessor
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from qwen_image_core.mmdit import patchify, unpatchify
 from qwen_image_core.prompts import IMAGE_PAD
 from tools.comfy_paths import comfyui_dir
 
@@ -78,3 +79,38 @@ def diffusers_dit(cfg, state_dict, zero_cond_t=False):
     )
     m.load_state_dict(state_dict, strict=True)
     return m.eval()
+
+
+# -- DiT oracle helpers
+TOL = 1e-5  # max |ours - reference| relative to max |reference|
+
+
+def assert_close(ours: torch.Tensor, ref: torch.Tensor, tol: float = TOL):
+    err = (ours - ref).abs().max().item()
+    scale = ref.abs().max().item()
+    assert err <= tol * scale, f"max abs diff {err:.3g} > {tol} x output scale {scale:.3g}"
+
+
+def diffusers_velocity(m, img, sigma, txt, mask=None, refs=()):
+    """Run diffusers' model on packed tokens the way its pipelines do; unpack the target's velocity."""
+    tokens, shapes = [], []
+    for x in (img, *refs):
+        t, (h, w) = patchify(x.expand(img.shape[0], *x.shape[1:]), 2)
+        tokens.append(t)
+        shapes.append((1, h, w))
+    with torch.no_grad():
+        out = m(
+            hidden_states=torch.cat(tokens, 1),
+            encoder_hidden_states=txt,
+            encoder_hidden_states_mask=mask,
+            timestep=sigma,
+            img_shapes=[shapes] * img.shape[0],
+            return_dict=False,
+        )[0]
+    n = shapes[0][1] * shapes[0][2]
+    return unpatchify(out[:, :n], shapes[0][1:], 2, img.shape[-2:])
+
+
+def inputs(b=1, h=8, w=12, L=7, seed=0, text_dim=40):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, 16, h, w, generator=g), torch.rand(b, generator=g), torch.randn(b, L, text_dim, generator=g)

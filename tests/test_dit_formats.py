@@ -10,8 +10,8 @@ import os
 import psutil
 import pytest
 import torch
-from test_mmdit import assert_close, diffusers_model, diffusers_velocity, inputs
 
+from oracles import assert_close, diffusers_dit, diffusers_velocity, inputs
 from qwen_image_core.checkpoint import CheckpointError
 from qwen_image_core.mmdit import MMDiTConfig, load_dit
 from tools.checkpoints import dit as W
@@ -35,7 +35,7 @@ LAYOUTS = {
 def test_single_file_layouts_match_reference_on_dequantized_weights(tmp_path, layout):
     path = LAYOUTS[layout](tmp_path)
     model = load_dit(path)
-    ref = diffusers_model(CFG, W.dequantized(path))
+    ref = diffusers_dit(CFG, W.dequantized(path))
     img, sigma, txt = inputs(h=8, w=10, seed=7)
     with torch.no_grad():
         assert_close(model(img, sigma, txt), diffusers_velocity(ref, img, sigma, txt))
@@ -60,7 +60,7 @@ def test_diffusers_sharded_folder(tmp_path, repo):
     sd = {k: v.to(torch.bfloat16).float() for k, v in W.state_dict(CFG).items()}
     img, sigma, txt = inputs(seed=8)
     with torch.no_grad():
-        assert_close(model(img, sigma, txt), diffusers_velocity(diffusers_model(CFG, sd), img, sigma, txt))
+        assert_close(model(img, sigma, txt), diffusers_velocity(diffusers_dit(CFG, sd), img, sigma, txt))
 
 
 def test_compute_dtype_comes_from_the_input(tmp_path):

@@ -119,7 +119,13 @@ def test_latents_interoperate_with_native_vae_nodes(comfy, client, files):
         "do": decode_ours(["s3", 0]),
         "x4": dump(["do", 0], "i2i_ours_encode"),
     }
-    run(client, base)
+    res = run(client, base)
+    plans = [
+        e["data"]["output"]["qwenpix_plan"]
+        for e in res.events
+        if e["type"] == "executed" and e["data"]["node"] == "dit"
+    ]
+    assert plans and plans[0][0].startswith("CPU"), plans  # the loader reports where the weights live
     a, b = dumped(comfy, "t2i_ours_decode"), dumped(comfy, "t2i_native_decode")
     assert a.shape == b.shape == (1, 48, 64, 3)
     assert np.abs(a - b).max() <= 1e-3

@@ -9,56 +9,10 @@ import math
 import pytest
 import torch
 
+from oracles import assert_close, diffusers_dit, diffusers_velocity, inputs
 from qwen_image_core import rope
-from qwen_image_core.mmdit import load_dit, patchify, unpatchify
+from qwen_image_core.mmdit import load_dit
 from tools.checkpoints import dit as W
-
-TOL = 1e-5  # max |ours - reference| relative to max |reference|
-
-
-def assert_close(ours: torch.Tensor, ref: torch.Tensor, tol: float = TOL):
-    err = (ours - ref).abs().max().item()
-    scale = ref.abs().max().item()
-    assert err <= tol * scale, f"max abs diff {err:.3g} > {tol} x output scale {scale:.3g}"
-
-
-def diffusers_model(cfg, sd, zero_cond_t=False):
-    from diffusers import QwenImageTransformer2DModel  # noqa: PLC0415
-
-    torch.manual_seed(0)
-    m = QwenImageTransformer2DModel(
-        patch_size=cfg.patch_size,
-        in_channels=cfg.in_channels,
-        out_channels=cfg.out_channels,
-        num_layers=cfg.num_layers,
-        attention_head_dim=cfg.head_dim,
-        num_attention_heads=cfg.num_heads,
-        joint_attention_dim=cfg.text_dim,
-        axes_dims_rope=cfg.rope_axes,
-        zero_cond_t=zero_cond_t,
-    )
-    m.load_state_dict(sd, strict=True)
-    return m.eval()
-
-
-def diffusers_velocity(m, img, sigma, txt, mask=None, refs=()):
-    """Run diffusers' model on packed tokens the way its pipelines do; unpack the target's velocity."""
-    tokens, shapes = [], []
-    for x in (img, *refs):
-        t, (h, w) = patchify(x.expand(img.shape[0], *x.shape[1:]), 2)
-        tokens.append(t)
-        shapes.append((1, h, w))
-    with torch.no_grad():
-        out = m(
-            hidden_states=torch.cat(tokens, 1),
-            encoder_hidden_states=txt,
-            encoder_hidden_states_mask=mask,
-            timestep=sigma,
-            img_shapes=[shapes] * img.shape[0],
-            return_dict=False,
-        )[0]
-    n = shapes[0][1] * shapes[0][2]
-    return unpatchify(out[:, :n], shapes[0][1:], 2, img.shape[-2:])
 
 
 @pytest.fixture(scope="module")
@@ -66,12 +20,7 @@ def tiny(tmp_path_factory):
     """A tiny ComfyUI-layout float32 file, our model loaded from it and diffusers' model with the same weights."""
     cfg = W.tiny_config()
     path = W.write_comfy(tmp_path_factory.mktemp("dit") / "tiny.safetensors", cfg, dtype=torch.float32)
-    return cfg, load_dit(path), diffusers_model(cfg, W.state_dict(cfg))
-
-
-def inputs(b=1, h=8, w=12, L=7, seed=0, text_dim=40):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(b, 16, h, w, generator=g), torch.rand(b, generator=g), torch.randn(b, L, text_dim, generator=g)
+    return cfg, load_dit(path), diffusers_dit(cfg, W.state_dict(cfg))
 
 
 @pytest.mark.parametrize("h,w", [(8, 12), (10, 14), (14, 6)], ids=["even", "odd-5x7", "odd-7x3"])
@@ -111,7 +60,7 @@ def test_edit_references_match_diffusers(tiny, ref_sizes):
 def test_zero_cond_t_from_config_json_and_marker(tmp_path):
     cfg = W.tiny_config()
     sd = W.state_dict(cfg)
-    ref = diffusers_model(cfg, sd, zero_cond_t=True)
+    ref = diffusers_dit(cfg, sd, zero_cond_t=True)
     folder = W.write_diffusers(tmp_path / "repo", cfg, dtype=torch.float32, zero_cond_t=True, repo=True)
     marked = W.write_comfy(
         tmp_path / "edit_2511.safetensors", cfg, dtype=torch.float32, prefix=W.PREFIX, zero_cond_t=True

@@ -12,15 +12,7 @@ from qwen_image_core.mmdit import load_dit
 from tools.checkpoints import dit as W
 
 LAYERS = 6
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls on a shared 2-core machine are ~50x faster on one thread (no OpenMP contention)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: faster on one thread
 
 
 @pytest.fixture(scope="module")

@@ -19,16 +19,9 @@ from qwen_image_core import prompts as P
 from tools.checkpoints import qwen_vl as W
 from tools.comfy_paths import comfyui_dir
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: faster on one thread
+
 TOKENIZER = comfyui_dir() / "comfy" / "text_encoders" / "qwen25_tokenizer"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these tiny models are faster without thread hand-offs on the shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -24,16 +24,9 @@ from qwen_image_core.text_encoder import load_text_encoder
 from qwen_image_core.vision import window_order
 from tools.checkpoints import qwen_vl as W
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: faster on one thread
+
 ATOL = 1e-5
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these tiny models are faster without thread hand-offs on the shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -9,21 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from oracles import QWEN_SCHEDULER, diffusers_dit
 from qwen_image_core import sampling as S
 from qwen_image_core.mmdit import load_dit, patchify, unpatchify
 from tools.checkpoints import dit as W
-
-QWEN_SCHEDULER = dict(
-    num_train_timesteps=1000,
-    shift=1.0,
-    use_dynamic_shifting=True,
-    base_shift=0.5,
-    max_shift=0.9,
-    base_image_seq_len=256,
-    max_image_seq_len=8192,
-    time_shift_type="exponential",
-    shift_terminal=0.02,
-)  # Qwen-Image's scheduler/scheduler_config.json
 
 
 def diffusers_sigmas(steps, seq_len, **overrides):
@@ -121,11 +110,10 @@ def test_cfgnorm_equals_comfy_node():
 def test_four_step_cfg_loop_equals_diffusers(tmp_path):
     """Ours: one batched cond+uncond forward per step through CFGDenoiser + sample_euler. Reference: the
     QwenImagePipeline loop (two forwards, norm-preserving rescale, scheduler.step) with diffusers' model."""
-    from test_mmdit import diffusers_model  # noqa: PLC0415
 
     cfg = W.tiny_config()
     model = load_dit(W.write_comfy(tmp_path / "tiny.safetensors", cfg, dtype=torch.float32))
-    ref_model = diffusers_model(cfg, W.state_dict(cfg))
+    ref_model = diffusers_dit(cfg, W.state_dict(cfg))
     g = torch.Generator().manual_seed(4)
     noise = torch.randn(1, 16, 12, 8, generator=g)
     cond, uncond = torch.randn(1, 9, 40, generator=g), torch.randn(1, 4, 40, generator=g)

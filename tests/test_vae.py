@@ -23,17 +23,9 @@ from qwen_image_core.vae import (
 from qwen_image_core.vae_tiling import Tiling, choose_tiling, estimate_bytes, tile_starts
 from tools.checkpoints.vae import random_vae_weights, write_vae
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: faster on one thread
+
 TOL = 1e-4  # max abs difference allowed against the references (float32)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These small models are latency-bound; on the shared 2-core machine every op's OpenMP barrier can
-    wait a scheduler slice for a descheduled second thread, so one thread runs them 5-10x faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def diffusers_vae(weights: dict, cfg: VAEConfig):
