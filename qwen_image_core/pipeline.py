@@ -327,6 +327,11 @@ def _velocity(dit: MMDiT, dtype: torch.dtype, zero_cond_t: bool | None):
     return velocity
 
 
+def load_pipeline(folder: str | os.PathLike, tokenizer=None) -> QwenImagePipeline:
+    """A pipeline from a diffusers repo folder of Qwen/Qwen-Image* (transformer/, vae/, text_encoder/, tokenizer/)."""
+    return QwenImagePipeline.from_folder(folder, tokenizer)
+
+
 def _batch(prompt: str | Sequence[str], batch_size: int) -> list[str]:
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     return prompts * batch_size if len(prompts) == 1 else prompts

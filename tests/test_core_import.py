@@ -25,6 +25,8 @@ def test_core_imports_without_comfyui(tmp_path):
                  if not m.name.endswith("__main__")]
         for name in names:
             importlib.import_module(name)
+        for name in qwen_image_core.__all__:  # the public API resolves
+            assert callable(getattr(qwen_image_core, name)), name
         print(len(names))
         """
     )
