@@ -6,10 +6,12 @@ ComfyUI's own CLIPTextEncode / TextEncodeQwenImageEditPlus produce, so it drives
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from ..qwen_image_core.pipeline import prepare_references
-from ..qwen_image_core.sizes import latent_shape
+from ..qwen_image_core.sizes import check_reference, latent_shape
 from . import host, placement
 from .loaders import TEXT_ENCODER, VAE
 
@@ -98,8 +100,19 @@ class QwenPixEditEncode:
         }
 
     def encode(self, text_encoder, vae, prompt: str, image1, variant: str, resize: str, image2=None, image3=None):
-        images = [im[0] for im in (image1, image2, image3) if im is not None]  # first image of each batch
-        refs = prepare_references(images, VARIANTS[variant], RESIZES[resize])
+        named = [(f"image{i}", im) for i, im in enumerate((image1, image2, image3), 1) if im is not None]
+        for name, im in named:
+            if im.ndim != 4 or im.shape[-1] not in (1, 2, 3, 4):
+                raise host.InputError(
+                    f"{name}: expected an IMAGE [batch, height, width, channels], got {list(im.shape)}"
+                )
+            if im.shape[0] > 1:
+                logging.warning("QwenPix edit encode: %s is a batch of %d; using its first image", name, im.shape[0])
+            check_reference(name, im.shape[2], im.shape[1], RESIZES[resize] == "keep")
+        images = [im[0] for _, im in named]  # first image of each batch
+        fix = "use the 'edit_plus (2509 / 2511)' variant for several reference images, or remove image2/image3"
+        with host.input_problem("variant", variant, fix):
+            refs = prepare_references(images, VARIANTS[variant], RESIZES[resize])
         template = "edit" if VARIANTS[variant] == "edit" else "edit_plus"
         embeds = text_encoder.encode([prompt], refs.vl_images, template)
         with placement.vae_on_device(vae) as device:

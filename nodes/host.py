@@ -5,7 +5,13 @@ Every ComfyUI import of the pack's runtime goes through here, so the node classe
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -15,6 +21,7 @@ import comfy.utils
 import folder_paths
 import torch
 
+from ..qwen_image_core.checkpoint import CheckpointError
 from ..qwen_image_core.lora import Lora
 from ..qwen_image_core.text_encoder import TextEncoder
 from ..qwen_image_core.vae import denormalize_latents, latent_preview, normalize_latents
@@ -89,6 +96,83 @@ def model_path(folder: str, name: str, repo_part: str) -> Path:
     return Path(folder_paths.get_full_path_or_raise(folder, name))
 
 
+class InputError(ValueError):
+    """A node input that cannot be used: the message names the input, its value, what is wrong and the fix."""
+
+
+@contextmanager
+def input_problem(name: str, value, fix: str) -> Iterator[None]:
+    """Turn a core error about a file or value into one that names the node input and says what to do.
+
+    ComfyUI shows it in the node's execution_error (which already carries the node id and type).
+    """
+    try:
+        yield
+    except InputError:
+        raise
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        raise InputError(f"{name} '{value}': {e}\nFix: {fix}") from e
+
+
+def file_identity(path: Path) -> tuple[str, int, int]:
+    """(resolved path, newest mtime in ns, total bytes) of a file or a folder's files: a loaded model's cache key."""
+    path = path.resolve()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    stats = [f.stat() for f in files]
+    return str(path), max((s.st_mtime_ns for s in stats), default=0), sum(s.st_size for s in stats)
+
+
+class ModelCache:
+    """Loaded models by (kind, resolved path, mtime, size): a file named by two prompts is loaded once.
+
+    Every model still alive (held by ComfyUI's node cache or a running prompt) is found through a weak
+    reference; besides, the most recently used model of each kind is held strongly, so a following prompt
+    reuses it even when ComfyUI's cache dropped it (other loader inputs, --cache-none). A changed file (new
+    mtime or size) is loaded again. Each model's placement state (`Runtime`) is shared by everything using it.
+    One instance lives in this module, the host seam; ComfyUI runs prompts one at a time, a lock covers the rest.
+    """
+
+    def __init__(self, keep_per_kind: int = 1):
+        self.keep_per_kind = keep_per_kind
+        self._strong: OrderedDict[tuple, object] = OrderedDict()
+        self._alive: weakref.WeakValueDictionary[tuple, object] = weakref.WeakValueDictionary()
+        self._runtimes: weakref.WeakKeyDictionary[object, Runtime] = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+
+    def get(self, kind: str, path: Path, load: Callable[[], object]):
+        key = (kind, *file_identity(path))
+        with self._lock:
+            value = self._alive.get(key)
+            if value is not None:
+                self._keep(key, value)
+                logging.info("QwenPix: reusing the loaded %s %s", kind, path)
+                return value
+        logging.info("QwenPix: loading %s %s", kind, path)
+        value = load()
+        with self._lock:
+            self._alive[key] = value
+            self._keep(key, value)
+        return value
+
+    def _keep(self, key: tuple, value) -> None:
+        self._strong.pop(key, None)
+        self._strong[key] = value
+        for old in [k for k in self._strong if k[0] == key[0]][: -self.keep_per_kind]:
+            del self._strong[old]
+
+    def runtime(self, model) -> Runtime:
+        """The placement state of a cached model (one per model, shared by its handles)."""
+        with self._lock:
+            return self._runtimes.setdefault(model, Runtime())
+
+    def clear(self) -> None:
+        with self._lock:
+            self._strong.clear()
+
+
+MODELS = ModelCache()
+
+
 def comfy_tokenizer_dir() -> Path:
     """The Qwen2.5 tokenizer that ships with ComfyUI (comfy/text_encoders/qwen25_tokenizer)."""
     return Path(folder_paths.__file__).parent / "comfy" / "text_encoders" / "qwen25_tokenizer"
@@ -102,6 +186,14 @@ def compute_device() -> torch.device:
 def intermediate_device() -> torch.device:
     """Where ComfyUI keeps tensors passed between nodes."""
     return comfy.model_management.intermediate_device()
+
+
+def memory_room(device: torch.device) -> int:
+    """Bytes a job may count on: RAM available now on the CPU; on a GPU its total (ComfyUI frees its models
+    first, and the DiT's weights can stream), so only jobs that can never fit are refused."""
+    if device.type == "cpu":
+        return comfy.model_management.get_free_memory(device)
+    return comfy.model_management.get_total_memory(device)
 
 
 def compute_dtype(choice: str, device: torch.device) -> torch.dtype:

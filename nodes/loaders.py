@@ -45,9 +45,13 @@ class QwenPixDiTLoader:
         }
 
     def load(self, dit_name: str, compute_dtype: str):
-        model = load_dit(host.model_path("diffusion_models", dit_name, "transformer"))
+        fix = "choose a complete Qwen-Image diffusion model (DiT) .safetensors file from models/diffusion_models"
+        with host.input_problem("dit_name", dit_name, fix):
+            path = host.model_path("diffusion_models", dit_name, "transformer")
+            model = host.MODELS.get("DiT", path, lambda: load_dit(path))
         plan = placement.describe_default_plan(model)  # shown on the node by the web extension
-        return {"ui": {"qwenpix_plan": [plan]}, "result": (host.DiTHandle(model, dit_name, compute_dtype),)}
+        handle = host.DiTHandle(model, dit_name, compute_dtype, runtime=host.MODELS.runtime(model))
+        return {"ui": {"qwenpix_plan": [plan]}, "result": (handle,)}
 
 
 class QwenPixTextEncoderLoader:
@@ -73,10 +77,16 @@ class QwenPixTextEncoderLoader:
         }
 
     def load(self, text_encoder_name: str):
-        path = host.model_path("text_encoders", text_encoder_name, "text_encoder")
-        search = [path.parent / "tokenizer", host.comfy_tokenizer_dir()]
-        tokenizer = next((p for p in search if p.is_dir()), None)
-        return (host.TextEncoderHandle(load_text_encoder(path, tokenizer=tokenizer)),)
+        fix = (
+            "choose a complete Qwen2.5-VL-7B .safetensors file (e.g. qwen_2.5_vl_7b_fp8_scaled) from "
+            "models/text_encoders"
+        )
+        with host.input_problem("text_encoder_name", text_encoder_name, fix):
+            path = host.model_path("text_encoders", text_encoder_name, "text_encoder")
+            search = [path.parent / "tokenizer", host.comfy_tokenizer_dir()]
+            tokenizer = next((p for p in search if p.is_dir()), None)
+            encoder = host.MODELS.get("text encoder", path, lambda: load_text_encoder(path, tokenizer))
+        return (host.TextEncoderHandle(encoder, host.MODELS.runtime(encoder)),)
 
 
 class QwenPixVAELoader:
@@ -99,7 +109,10 @@ class QwenPixVAELoader:
         }
 
     def load(self, vae_name: str):
-        return (load_vae(host.model_path("vae", vae_name, "vae")),)
+        fix = "choose the Qwen-Image VAE (qwen_image_vae.safetensors, complete) from models/vae"
+        with host.input_problem("vae_name", vae_name, fix):
+            path = host.model_path("vae", vae_name, "vae")
+            return (host.MODELS.get("VAE", path, lambda: load_vae(path)),)
 
 
 class QwenPixLoraLoader:
@@ -130,7 +143,12 @@ class QwenPixLoraLoader:
         }
 
     def apply(self, dit: host.DiTHandle, lora_name: str, strength: float):
-        lora = load_lora(host.model_path("loras", lora_name, "__none__"), dit.model)
+        fix = (
+            "choose a .safetensors LoRA trained for Qwen-Image (they fit Qwen-Image and its Edit versions) from "
+            "models/loras"
+        )
+        with host.input_problem("lora_name", lora_name, fix):
+            lora = load_lora(host.model_path("loras", lora_name, "__none__"), dit.model)
         return (dit.with_lora(lora, strength),)
 
 

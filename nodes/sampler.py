@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from ..qwen_image_core.offload_plan import DiTWorkload
+from ..qwen_image_core.offload_plan import DiTWorkload, sampling_bytes
 from ..qwen_image_core.pipeline import Conditioning, make_sigmas, sample
 from . import host, placement
 from .loaders import DIT
@@ -17,13 +17,20 @@ RESCALES = {"norm (diffusers)": "norm", "CFGNorm (ComfyUI)": "cfgnorm", "none": 
 SAMPLERS = ["euler"]
 
 
-def conditioning_to_core(conditioning: list, dtype: torch.dtype, device: torch.device) -> Conditioning:
+def conditioning_to_core(
+    conditioning: list, dtype: torch.dtype, device: torch.device, name: str = "positive", text_dim: int | None = None
+) -> Conditioning:
     """ComfyUI CONDITIONING (ours or native Qwen nodes') -> embeddings, mask and normalised reference latents."""
     if not conditioning:
-        raise ValueError("empty conditioning")
+        raise host.InputError(f"{name}: the conditioning is empty; connect a Qwen-Image Text Encode output")
     if len(conditioning) > 1:
         logging.warning("QwenPix sampler: using the first of %d conditioning entries", len(conditioning))
     embeds, extra = conditioning[0]
+    if text_dim is not None and (embeds.ndim != 3 or embeds.shape[-1] != text_dim):
+        raise host.InputError(
+            f"{name}: the conditioning is {list(embeds.shape)}, this diffusion model takes [1, tokens, {text_dim}]: "
+            "encode the prompt with the text encoder that belongs to this model (Qwen2.5-VL-7B for Qwen-Image)"
+        )
     mask = extra.get("attention_mask")
     mask = None if mask is None or bool(mask.all()) else mask.to(device=device, dtype=torch.bool)
     refs = [host.latent_to_core(r).to(device) for r in extra.get("reference_latents") or []]
@@ -124,27 +131,34 @@ class QwenPixSampler:
     ):
         device = host.compute_device()
         dtype = host.compute_dtype(dit.compute_dtype, device)
-        latent = host.latent_to_core(latent_image["samples"])
-        height, width = latent.shape[-2] * 8, latent.shape[-1] * 8
-        kind = schedule.split(" ")[0]
-        sigmas = make_sigmas(shift if kind == "shift" else kind, steps, height, width, denoise)
-        if len(sigmas) < 2:
-            return (latent_image,)
-        noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))  # as ComfyUI: CPU noise
-        cond = conditioning_to_core(positive, dtype, device)
-        uncond = conditioning_to_core(negative, dtype, device) if cfg > 1.0 else None
+        cfg_dit = dit.model.config
+        cond = conditioning_to_core(positive, dtype, device, "positive", cfg_dit.text_dim)
+        uncond = conditioning_to_core(negative, dtype, device, "negative", cfg_dit.text_dim) if cfg > 1.0 else None
+        shape = latent_image["samples"].shape
+        height, width = shape[-2] * 8, shape[-1] * 8
         refs = tuple((r.shape[-1] * 8, r.shape[-2] * 8) for r in cond.ref_latents or ())
         workload = DiTWorkload(
             width,
             height,
-            latent.shape[0],
+            shape[0],
             uncond is not None,
             int(cond.embeds.shape[1]),
             refs,
             compute_bytes=torch.finfo(dtype).bits // 8,
             fp16=dtype == torch.float16,
         )
+        check_memory(workload, cfg_dit, device)
+        with host.input_problem(
+            "latent_image", f"{list(shape)}", "use a latent from Empty Latent (Qwen-Image) or VAE Encode"
+        ):
+            latent = host.latent_to_core(latent_image["samples"])
+        kind = schedule.split(" ")[0]
+        sigmas = make_sigmas(shift if kind == "shift" else kind, steps, height, width, denoise)
+        if len(sigmas) < 2:
+            return (latent_image,)
+        noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))  # as ComfyUI: CPU noise
         planner = placement.dit_planner(dit.model, workload)
+        guard = FiniteGuard(host.StepReporter(len(sigmas) - 1), dit.compute_dtype, dtype)
 
         def run():
             return sample(
@@ -156,13 +170,49 @@ class QwenPixSampler:
                 cfg_scale=cfg,
                 cfg_rescale=RESCALES[cfg_rescale],
                 latents=latent,
-                callback=host.StepReporter(len(sigmas) - 1),
+                callback=guard,
                 loras=dit.loras,
             )
 
         with placement.on_device(dit.model, dit.model.transformer_blocks, dit.runtime, planner) as placed:
             out = run() if placed is None else placed.run(run)  # on out-of-memory: re-plan, retry once
+        guard.check(out, len(sigmas) - 2, len(sigmas) - 1)
         return ({**latent_image, "samples": host.latent_to_comfy(out)},)
+
+
+def check_memory(workload: DiTWorkload, cfg, device: torch.device) -> None:
+    """Refuse, before allocating anything, a job whose activations cannot fit the device at all."""
+    need = sampling_bytes(workload, cfg.hidden, cfg.mlp_dim)
+    room = host.memory_room(device)
+    if need > room:
+        raise host.InputError(
+            f"latent_image: batch {workload.batch} at {workload.width}x{workload.height} pixels "
+            f"({workload.describe()}) needs about {need / 2**30:.1f} GiB for sampling, but {device.type} has "
+            f"{room / 2**30:.1f} GiB\nFix: lower batch_size or the image size on the latent node"
+        )
+
+
+class FiniteGuard:
+    """A step callback that stops sampling with the reason as soon as the latents stop being finite numbers."""
+
+    def __init__(self, inner, choice: str, dtype: torch.dtype):
+        self.inner, self.choice, self.dtype = inner, choice, dtype
+
+    def __call__(self, i: int, steps: int, x: torch.Tensor, denoised: torch.Tensor) -> None:
+        self.check(x, i, steps)
+        self.inner(i, steps, x, denoised)
+
+    def check(self, x: torch.Tensor, i: int, steps: int) -> None:
+        if not bool(torch.isfinite(x).all()):
+            hint = (
+                "float16 cannot hold this model's activations: set compute_dtype to bf16 (or fp32) on the loader"
+                if self.dtype == torch.float16
+                else "the model file may be damaged, or a LoRA strength is extreme: check them, or try fp32"
+            )
+            raise host.InputError(
+                f"compute_dtype '{self.choice}': sampling produced NaN/inf at step {i + 1} of {steps} "
+                f"(computing in {str(self.dtype).removeprefix('torch.')}); stopped\nFix: {hint}"
+            )
 
 
 NODES = {"QwenPixSampler": QwenPixSampler}

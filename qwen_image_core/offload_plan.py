@@ -159,6 +159,13 @@ def dit_activation_bytes(wl: DiTWorkload, hidden: int = 3072, mlp: int = 12288) 
     return 2 * nd * s + max(attention, mlp_phase) + 6 * hidden * mlp
 
 
+def sampling_bytes(wl: DiTWorkload, hidden: int = 3072, mlp: int = 12288) -> int:
+    """Working memory of a sampling run besides the weights: one block's activations plus the float32
+    latents the sampler keeps (x, noise, the step's temporaries: about 6 copies)."""
+    latents = wl.batch * 16 * (wl.height // 8) * (wl.width // 8) * 4 * 6
+    return dit_activation_bytes(wl, hidden, mlp) + latents
+
+
 def text_encoder_layer_flops(tokens: int, batch: int = 1, hidden: int = 3584, inter: int = 18944,
                              heads: int = 28, kv_heads: int = 4, head_dim: int = 128) -> float:  # fmt: skip
     """FLOPs of one Qwen2.5-VL decoder layer: q/o (2 x D x Hq hd), k/v (2 x D x Hkv hd), SwiGLU (3 D I),

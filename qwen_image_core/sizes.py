@@ -28,6 +28,19 @@ def check_size(width: int, height: int, multiple: int = DIT_MULTIPLE, limit: int
             raise ValueError(f"{name} {v} is not a multiple of {multiple}: use {lo} or {lo + multiple}")
 
 
+def check_reference(name: str, width: int, height: int, keep_size: bool, max_aspect: float = 200.0) -> None:
+    """Raise ValueError with the fix when an edit reference of width x height pixels cannot be used."""
+    if min(width, height) < 1:
+        raise ValueError(f"{name} is empty ({width}x{height} pixels): connect a real image")
+    if max(width, height) / min(width, height) > max_aspect:
+        raise ValueError(f"{name} is {width}x{height} pixels, an aspect ratio above {max_aspect:.0f}: crop it first")
+    if keep_size and min(width, height) < DIT_MULTIPLE:
+        raise ValueError(
+            f"{name} is {width}x{height} pixels; with 'keep size' the output takes its size and needs sides of at "
+            f"least {DIT_MULTIPLE}: use the 'official' resize or a larger image"
+        )
+
+
 def latent_shape(width: int, height: int, batch: int = 1) -> tuple[int, int, int, int]:
     """[B, 16, H/8, W/8] for an image of width x height pixels (both multiples of 16)."""
     check_size(width, height)

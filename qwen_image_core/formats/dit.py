@@ -35,6 +35,9 @@ CLASS_NAME = "QwenImageTransformer2DModel"  # `_class_name` of a diffusers trans
 
 # Other model families, recognised by one characteristic key suffix, checked in this order.
 OTHER_FAMILIES = (
+    ("lora_down.weight", "a LoRA (kohya / lightx2v layout): load it with the Qwen-Image LoRA node"),
+    ("lora_A.weight", "a LoRA (diffusers / PEFT layout): load it with the Qwen-Image LoRA node"),
+    ("lora_A.default.weight", "a LoRA (PEFT layout): load it with the Qwen-Image LoRA node"),
     ("double_blocks.0.img_attn.qkv.weight", "a Flux diffusion model (BFL/ComfyUI layout)"),
     ("single_transformer_blocks.0.attn.to_q.weight", "a Flux diffusion model (diffusers layout)"),
     ("joint_blocks.0.x_block.attn.qkv.weight", "an SD3 / SD3.5 MMDiT"),
@@ -128,6 +131,16 @@ def identify(path, keys: list[str]) -> None:
     raise CheckpointError(
         f"{path}: this is not a Qwen-Image diffusion model (DiT) file: it lacks {', '.join(missing)} "
         f"({len(keys)} tensors, e.g. {', '.join(keys[:3])})"
+    )
+
+
+def guess_family(keys: list[str]) -> str | None:
+    """What a file of (possibly prefixed) keys looks like, for messages of other loaders; None if unknown."""
+    bare = {k.removeprefix(common_prefix(keys, PREFIXES)) for k in keys}
+    if all(k in bare for k in SIGNATURE):
+        return "a Qwen-Image diffusion model (DiT)"
+    return next(
+        (what for suffix, what in OTHER_FAMILIES if any(k == suffix or k.endswith("." + suffix) for k in bare)), None
     )
 
 

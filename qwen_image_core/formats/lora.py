@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..checkpoint import Checkpoint, CheckpointError
+from .dit import guess_family
 
 # prefixes in front of the module name, longest first
 PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.", "lora_unet_")
@@ -95,7 +96,8 @@ def parse_lora(ckpt: Checkpoint, module_names: Iterable[str]) -> list[LoraFactor
     if not pairs and not unknown and not unmatched:
         raise CheckpointError(f"{ckpt.path}: holds no tensors")
     if unknown or unmatched or not pairs:
-        lines = [f"{ckpt.path}: is not a LoRA for this Qwen-Image DiT"]
+        looks = guess_family(list(ckpt.keys())) if not pairs else None
+        lines = [f"{ckpt.path}: is not a LoRA for this Qwen-Image DiT" + (f"; it looks like {looks}" if looks else "")]
         if unmatched:
             lines.append(f"  {len(unmatched)} LoRA keys name no layer of the model, e.g. {', '.join(unmatched[:4])}")
         if unknown:

@@ -33,9 +33,10 @@ VISION_PREFIX = "visual."
 # what other files look like: (a key fragment that identifies them, a human name); checked in order
 OTHER_FAMILIES = (
     ("self_attn.q_norm.weight", "a Qwen3 language model (Qwen3 text encoder), not Qwen2.5-VL"),
-    ("transformer_blocks.0.img_mod.1.weight", "a Qwen-Image diffusion model (DiT), not its text encoder"),
-    ("txt_in.weight", "a Qwen-Image diffusion model (DiT), not its text encoder"),
     ("double_blocks.0.img_attn", "a Flux diffusion model, not a Qwen2.5-VL text encoder"),
+    ("blocks.0.self_attn.q.weight", "a Wan video diffusion model, not a Qwen2.5-VL text encoder"),
+    ("transformer_blocks.0.img_mod.1.weight", "a Qwen-Image diffusion model (DiT), not its text encoder"),
+    ("txt_norm.weight", "a Qwen-Image diffusion model (DiT), not its text encoder"),
     ("input_blocks.0.0.weight", "a Stable Diffusion UNet, not a Qwen2.5-VL text encoder"),
     ("decoder.conv_in", "a VAE, not a Qwen2.5-VL text encoder"),
     ("decoder.middle.0", "a (Wan/Qwen-Image) VAE, not a Qwen2.5-VL text encoder"),

@@ -39,9 +39,13 @@ TOP_LEVEL = {"quant_conv": "conv1", "post_quant_conv": "conv2",
              "decoder.norm_out": "decoder.head.0", "decoder.conv_out": "decoder.head.2"}  # fmt: skip
 # keys that tell other model families apart, for a clear "this is not ..." error
 FOREIGN = (
+    (".lora_down.weight", "a LoRA"),
+    (".lora_A.weight", "a LoRA"),
+    ("input_blocks.0.0.weight", "a Stable Diffusion UNet (SD1.x / SDXL)"),
+    ("blocks.0.self_attn.q.weight", "a Wan video diffusion model"),
+    ("double_blocks.0.img_attn.qkv.weight", "a Flux diffusion model"),
     ("transformer_blocks.0.img_mod.1.weight", "a Qwen-Image diffusion model (DiT)"),
     ("img_in.weight", "a diffusion model (DiT)"),
-    ("double_blocks.0.img_attn.qkv.weight", "a Flux diffusion model"),
     ("model.layers.0.self_attn.q_proj.weight", "a text encoder"),
     ("model.language_model.layers.0.self_attn.q_proj.weight", "a text encoder"),
     ("encoder.down.0.block.0.conv1.weight", "a 2D image VAE of the SD / SDXL / Flux kind"),

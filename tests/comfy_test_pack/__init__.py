@@ -53,3 +53,133 @@ class QwenPixTestDumpImage:
 
 
 NODE_CLASS_MAPPINGS["QwenPixTestDumpImage"] = QwenPixTestDumpImage
+
+
+class _AnyType(str):
+    """A socket type that ComfyUI's validation matches with every other type (it compares with `!=`)."""
+
+    def __ne__(self, other):
+        return False
+
+    __hash__ = str.__hash__
+
+
+ANY = _AnyType("*")
+
+
+def _describe(value) -> dict:
+    """What a test needs to know about a value inside the server: its type, identity and, for our DiT handles,
+    the LoRA patches left on the model's layers and a checksum of its weights."""
+    out = {"type": type(value).__name__}
+    model = getattr(value, "model", None)
+    if model is not None and hasattr(model, "transformer_blocks"):  # a QwenPix DiT handle
+        out["model_id"] = id(model)
+        out["lora_layers"] = sum(1 for m in model.modules() if getattr(m, "lora", ()) != ())
+        out["hooks"] = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+        out["weights_sum"] = float(sum(t.double().sum() for t in model.state_dict().values()))
+        out["handle_loras"] = len(value.loras)
+    elif hasattr(value, "encoder"):  # a text encoder handle
+        out["model_id"] = id(value.encoder)
+    elif isinstance(value, list) and value and isinstance(value[0], list):  # CONDITIONING
+        out["shape"] = list(value[0][0].shape)
+        out["finite"] = bool(torch.isfinite(value[0][0]).all())
+    elif isinstance(value, dict) and "samples" in value:  # LATENT
+        out["shape"] = list(value["samples"].shape)
+    else:
+        out["model_id"] = id(value)
+    return out
+
+
+class QwenPixTestSink:
+    """An output node taking anything; reports `_describe(value)` in its ui output."""
+
+    CATEGORY = "testing"
+    RETURN_TYPES = ()
+    FUNCTION = "sink"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"value": (ANY,)}, "optional": {"salt": ("INT", {"default": 0, "min": 0, "max": 2**31})}}
+
+    def sink(self, value, salt=0):
+        return {"ui": {"sink": [_describe(value)]}}
+
+
+class QwenPixTestFault:
+    """Passes a value through; optionally interrupts now, or makes the value's model fail at its k-th forward call
+    (interrupt, out-of-memory, or a plain error), from a one-shot forward pre-hook that removes itself.
+    `salt` only changes the cache key, so ComfyUI re-runs everything downstream."""
+
+    CATEGORY = "testing"
+    RETURN_TYPES = (ANY,)
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "value": (ANY,),
+                "fault": (["none", "interrupt_now", "interrupt_at_call", "oom_at_call", "error_at_call"],),
+                "call": ("INT", {"default": 1, "min": 1, "max": 10000}),
+                "salt": ("INT", {"default": 0, "min": 0, "max": 2**31}),
+            }
+        }
+
+    def apply(self, value, fault, call, salt):
+        import comfy.model_management as mm
+
+        if fault == "interrupt_now":
+            mm.interrupt_current_processing(True)
+        elif fault.endswith("_at_call"):
+            model = value.model
+            count = [0]
+
+            def hook(module, args):
+                count[0] += 1
+                if count[0] < call:
+                    return None
+                handle.remove()
+                if fault == "interrupt_at_call":
+                    mm.interrupt_current_processing(True)  # raised by the sampler's step callback
+                elif fault == "oom_at_call":
+                    raise torch.OutOfMemoryError("test: simulated out of memory")
+                else:
+                    raise RuntimeError("test: simulated failure")
+                return None
+
+            handle = model.register_forward_pre_hook(hook)
+        return (value,)
+
+
+class QwenPixTestImage:
+    """IMAGE tensors of unusual kinds: grayscale (1 channel), gray+alpha, RGBA, float16, float64, a batch."""
+
+    CATEGORY = "testing"
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "make"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "kind": (["rgb", "gray", "gray_alpha", "rgba", "float16", "float64", "batch3"],),
+                "width": ("INT", {"default": 64, "min": 1, "max": 4096}),
+                "height": ("INT", {"default": 48, "min": 1, "max": 4096}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 2**31}),
+            }
+        }
+
+    def make(self, kind, width, height, seed):
+        g = torch.Generator().manual_seed(seed)
+        channels = {"gray": 1, "gray_alpha": 2, "rgba": 4}.get(kind, 3)
+        batch = 3 if kind == "batch3" else 1
+        image = torch.rand(batch, height, width, channels, generator=g)
+        if kind in ("float16", "float64"):
+            image = image.to(getattr(torch, kind))
+        return (image,)
+
+
+NODE_CLASS_MAPPINGS.update(
+    QwenPixTestSink=QwenPixTestSink, QwenPixTestFault=QwenPixTestFault, QwenPixTestImage=QwenPixTestImage
+)
