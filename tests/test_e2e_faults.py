@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import TEST_PACK
 from tools.checkpoints.smoke import write_smoke
 from tools.comfy_harness import ComfyClient, ComfyServer
 
 pytestmark = pytest.mark.e2e
 DIT, TE, LORA = "qp_fault_dit.safetensors", "qp_fault_te.safetensors", "qp_fault_lora.safetensors"
 VAE_A, OTHER_VAE = "qp_fault_vae_a.safetensors", "qp_fault_other_vae.safetensors"
-TEST_PACK = Path(__file__).resolve().parent / "comfy_test_pack"
 
 
 @pytest.fixture(scope="module")
