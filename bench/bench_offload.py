@@ -29,20 +29,11 @@ sys.path.insert(0, str(ROOT))
 
 from qwen_image_core import offload as O  # noqa: E402
 from qwen_image_core import offload_plan as P  # noqa: E402
-from qwen_image_core.mmdit import MMDiT, MMDiTConfig, load_dit  # noqa: E402
+from qwen_image_core.mmdit import load_dit  # noqa: E402
 from qwen_image_core.ops import Linear  # noqa: E402
+from tools.checkpoints import dit as W  # noqa: E402
 
 FREE_LOSS = 600 << 20  # CUDA context + desktop: free VRAM = total - 0.6 GiB
-
-
-def meta_dit(storage: str) -> MMDiT:
-    with torch.device("meta"):
-        m = MMDiT(MMDiTConfig()).to(torch.bfloat16)
-    if storage == "fp8":
-        for mod in m.modules():
-            if isinstance(mod, Linear):
-                mod.weight.data = mod.weight.data.to(torch.float8_e4m3fn)
-    return m
 
 
 def simulation(mfu: float, reserve: int) -> None:
@@ -58,7 +49,7 @@ def simulation(mfu: float, reserve: int) -> None:
     head = f"{'card':<16}{'weights':<8}{'workload':<16}{'all resident':>13}{'our plan':>10}{'zero overlap':>14}"
     print(head + "  plan")
     print("-" * (len(head) + 60))
-    models = {s: meta_dit(s) for s in ("fp8", "bf16")}
+    models = {s: W.meta_model(s) for s in ("fp8", "bf16")}
     for card in P.CARDS.values():
         card = replace(card, mfu=mfu)
         free = card.vram - FREE_LOSS
@@ -103,7 +94,6 @@ def text_encoder_table(mfu: float, reserve: int) -> None:
 
 def cpu_overhead(repeats: int = 5) -> None:
     """Tiny model on CPU: forward time all resident vs streaming all 6 blocks (hooks + copies)."""
-    from tools.checkpoints import dit as W  # noqa: PLC0415
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from qwen_image_core import offload_plan as P
-from qwen_image_core.mmdit import MMDiT, MMDiTConfig
-from qwen_image_core.ops import Linear
+from tools.checkpoints import dit as W
 
 GiB = 1 << 30
 FREE_LOSS = 600 << 20  # CUDA context + desktop: free = total - 0.6 GiB in these tests
@@ -23,19 +22,9 @@ BLOCK = {"fp8": 339_923_968, "bf16": 679_662_592}
 FIXED = {"fp8": 40_545_408 + 128, "bf16": 81_046_656 + 128}
 
 
-def meta_dit(storage: str) -> MMDiT:
-    with torch.device("meta"):
-        m = MMDiT(MMDiTConfig()).to(torch.bfloat16)
-    if storage == "fp8":
-        for mod in m.modules():
-            if isinstance(mod, Linear):
-                mod.weight.data = mod.weight.data.to(torch.float8_e4m3fn)
-    return m
-
-
 @pytest.fixture(scope="module")
 def dits():
-    return {s: meta_dit(s) for s in ("fp8", "bf16")}
+    return {s: W.meta_model(s) for s in ("fp8", "bf16")}
 
 
 def test_block_and_fixed_bytes(dits):

@@ -239,3 +239,17 @@ def dequantized(path) -> dict[str, torch.Tensor]:
         scale = sd.get(layer + ".scale_weight", sd.get(layer + ".weight_scale"))
         out[k] = v.float() * scale.float() if scale is not None and scale.numel() else v.float()
     return out
+
+
+def meta_model(storage: str = "bf16", cfg: MMDiTConfig | None = None) -> MMDiT:
+    """A weightless DiT on the meta device with the real 20B shapes, Linear weights in float8 for storage "fp8"
+    and bf16 otherwise: for planners and benchmarks that only need sizes and dtypes."""
+    from qwen_image_core.ops import Linear
+
+    with torch.device("meta"):
+        m = MMDiT(cfg or MMDiTConfig()).to(torch.bfloat16)
+    if storage == "fp8":
+        for mod in m.modules():
+            if isinstance(mod, Linear):
+                mod.weight.data = mod.weight.data.to(torch.float8_e4m3fn)
+    return m
