@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from graphs import sampler_node
 from tools.checkpoints import dit as D
 from tools.checkpoints import lora as L
 from tools.checkpoints.smoke import write_smoke
@@ -124,23 +125,7 @@ def latent(width=32, height=32, batch=1):
 
 
 def sampler(dit=("dit", 0), lat=("lat", 0), pos=("pos", 0), neg=("neg", 0), seed=0, steps=1, cfg=2.0):
-    return {
-        "class_type": "QwenPixSampler",
-        "inputs": {
-            "dit": list(dit),
-            "positive": list(pos),
-            "negative": list(neg),
-            "latent_image": list(lat),
-            "seed": seed,
-            "steps": steps,
-            "cfg": cfg,
-            "sampler_name": "euler",
-            "schedule": "shift (ComfyUI workflows)",
-            "shift": 3.1,
-            "cfg_rescale": "none",
-            "denoise": 1.0,
-        },
-    }
+    return sampler_node(dit, lat, pos, neg, seed=seed, steps=steps, cfg=cfg)
 
 
 def sink(value, salt=0):

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import TEST_PACK
+from graphs import sampler_node
 from tools.checkpoints.smoke import write_smoke
 from tools.comfy_harness import ComfyClient, ComfyServer
 
@@ -133,23 +134,7 @@ def graph(fault_on: str, fault: str, call: int = 1, salt: int = 0, name: str = "
         "inputs": {"value": src[fault_on], "fault": fault, "call": call, "salt": salt},
     }
     wired = {k: (["f", 0] if k == fault_on else v) for k, v in src.items()}
-    nodes["s"] = {
-        "class_type": "QwenPixSampler",
-        "inputs": {
-            "dit": wired["dit"],
-            "positive": wired["pos"],
-            "negative": ["neg", 0],
-            "latent_image": ["lat", 0],
-            "seed": 5,
-            "steps": 3,
-            "cfg": 2.5,
-            "sampler_name": "euler",
-            "schedule": "shift (ComfyUI workflows)",
-            "shift": 3.1,
-            "cfg_rescale": "none",
-            "denoise": 1.0,
-        },
-    }
+    nodes["s"] = sampler_node(wired["dit"], ("lat", 0), wired["pos"], seed=5, steps=3, cfg=2.5)
     nodes["dec"] = {
         "class_type": "QwenPixDecode",
         "inputs": {"vae": ["vae", 0], "samples": wired["s"], "tiling": "off", "tile_size": 512, "overlap": 64},

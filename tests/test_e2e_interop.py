@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from graphs import sampler_node
 from tools.checkpoints import dit as D
 from tools.checkpoints import qwen_vl as Q
 from tools.checkpoints.smoke import write_smoke
@@ -52,23 +53,7 @@ def cond(seed, dim=Q.TINY_TEXT["hidden_size"], tokens=7):
 
 
 def ours_sampler(model, latent, steps=3, cfg=4.0, denoise=1.0, shift=3.1, rescale="none"):
-    return {
-        "class_type": "QwenPixSampler",
-        "inputs": {
-            "dit": model,
-            "positive": ["pos", 0],
-            "negative": ["neg", 0],
-            "latent_image": latent,
-            "seed": 7,
-            "steps": steps,
-            "cfg": cfg,
-            "sampler_name": "euler",
-            "schedule": "shift (ComfyUI workflows)",
-            "shift": shift,
-            "cfg_rescale": rescale,
-            "denoise": denoise,
-        },
-    }
+    return sampler_node(model, latent, seed=7, steps=steps, cfg=cfg, shift=shift, rescale=rescale, denoise=denoise)
 
 
 def decode_ours(samples):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import TEST_PACK
+from graphs import sampler_node
 from tools.checkpoints.smoke import write_smoke
 from tools.comfy_harness import ComfyClient, ComfyServer
 
@@ -30,23 +31,7 @@ def test_sampler_sends_a_jpeg_preview_per_step(tmp_path):
                 "class_type": "QwenPixEmptyLatent",
                 "inputs": {"aspect": "custom", "width": 64, "height": 64, "batch_size": 1},
             },
-            "s": {
-                "class_type": "QwenPixSampler",
-                "inputs": {
-                    "dit": ["dit", 0],
-                    "positive": ["pos", 0],
-                    "negative": ["neg", 0],
-                    "latent_image": ["lat", 0],
-                    "seed": 0,
-                    "steps": steps,
-                    "cfg": 4.0,
-                    "sampler_name": "euler",
-                    "schedule": "shift (ComfyUI workflows)",
-                    "shift": 3.1,
-                    "cfg_rescale": "norm (diffusers)",
-                    "denoise": 1.0,
-                },
-            },
+            "s": sampler_node(("dit", 0), ("lat", 0), steps=steps, cfg=4.0, rescale="norm (diffusers)"),
             "out": {"class_type": "QwenPixTestSink", "inputs": {"value": ["s", 0]}},
         }
         res = client.run(prompt, timeout=300)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import psutil
 import pytest
 
+from graphs import sampler_node
 from tools.checkpoints.smoke import write_smoke
 from tools.comfy_harness import PromptRejected
 
@@ -77,23 +78,7 @@ def prompt_for(i: int, vae: str) -> tuple[str, dict]:
             "inputs": {"value": model, "fault": "interrupt_at_call", "call": 2, "salt": i},
         }
         model = ["f", 0]
-    nodes["s"] = {
-        "class_type": "QwenPixSampler",
-        "inputs": {
-            "dit": model,
-            "positive": positive,
-            "negative": ["neg", 0],
-            "latent_image": latent,
-            "seed": i,
-            "steps": 2,
-            "cfg": 2.0,
-            "sampler_name": "euler",
-            "schedule": "shift (ComfyUI workflows)",
-            "shift": 3.1,
-            "cfg_rescale": "none",
-            "denoise": 1.0,
-        },
-    }
+    nodes["s"] = sampler_node(model, latent, positive, seed=i, steps=2, cfg=2.0)
     nodes["dec"] = {
         "class_type": "QwenPixDecode",
         "inputs": {"vae": ["vae", 0], "samples": ["s", 0], "tiling": "off", "tile_size": 512, "overlap": 64},
