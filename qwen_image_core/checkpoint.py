@@ -1,14 +1,28 @@
-"""Reading weights: memory-mapped safetensors files and sharded diffusers folders.
+"""Reading weights: validated safetensors files and sharded diffusers folders.
 
-Nothing here knows a model; `formats/` does. Tensors come back as zero-copy views of a private
-(copy-on-write) memory map, so a model built on the meta device and filled by assignment never holds a
-second copy of the weights. Only safetensors is read: pickle-based files are refused.
+Nothing here knows a model; `formats/` does. Every header is checked before any tensor is read: each
+structural defect (a header that is not an object of tensors, an entry without a well-typed dtype / shape /
+data_offsets, offsets out of order or out of range, byte counts that disagree with dtype x shape,
+overlapping tensors, metadata that is not an object of strings) is a `CheckpointError` naming the file,
+the tensor and the defect. Only safetensors is read: pickle-based files are refused.
+
+Two ways to hold the bytes (`open_checkpoint(path, mmap=...)`):
+* copied (default): each tensor is read into its own process-memory buffer when it is accessed. A loaded
+  model then no longer depends on the file: truncating, rewriting or deleting it later cannot change or
+  crash the process. A file that changes while it is being read is detected (its identity is re-checked
+  at every read, short reads are errors) and refused.
+* `mmap=True`: zero-copy views of a private (copy-on-write) memory map; the kernel pages weights in on
+  first touch and may drop clean pages under memory pressure, which suits headless use with little RAM.
+  The price: if the file is truncated while a model is in use, touching a page past the new end raises
+  SIGBUS and kills the process, and an in-place overwrite of pages not yet read swaps weights silently.
+  Use it only for files nothing writes to while they are loaded.
 """
 
 from __future__ import annotations
 
 import json
-import mmap
+import math
+import mmap as mmap_module
 import os
 import struct
 from collections.abc import Iterator, Mapping
@@ -36,6 +50,10 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 # index files of sharded folders, in the order they are tried
 INDEX_NAMES = ("diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json")
 SINGLE_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
+MAX_HEADER = 100_000_000  # bytes; the safetensors library's limit
+METADATA = "__metadata__"
+FIELDS = ("dtype", "shape", "data_offsets")
+CORRUPT = "corrupt safetensors header"
 
 
 class CheckpointError(ValueError):
@@ -51,45 +69,171 @@ class _Entry:
     end: int
 
 
-class SafetensorsFile:
-    """The header of one .safetensors file plus a lazily created memory map of its bytes."""
+def _kind(value) -> str:
+    """How a JSON value reads in a message: 'a list', 'the number 3', ..."""
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, str):
+        return f"the string {value[:40]!r}"
+    if value is None:
+        return "null"
+    return f"the {'boolean' if isinstance(value, bool) else 'number'} {value!r}"
 
-    def __init__(self, path: str | os.PathLike):
+
+def _is_count(value) -> bool:
+    """A non-negative JSON integer (booleans and floats are not)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"{k!r} appears twice")
+        out[k] = v
+    return out
+
+
+def parse_header(raw: bytes, path, data_size: int) -> tuple[dict[str, str], dict[str, tuple]]:
+    """Validate a safetensors JSON header against `data_size` bytes of tensor data.
+
+    Returns (metadata, {name: (dtype, shape, begin, end)}) with offsets relative to the data section.
+    """
+
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"{path}: {CORRUPT}: {what}; the file is damaged or not a safetensors file")
+
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError and duplicate keys are ValueErrors
+        raise bad(f"not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise bad(f"the header is {_kind(header)}, not an object of tensors")
+    metadata = header.pop(METADATA, None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict):
+        raise bad(f"{METADATA} is {_kind(metadata)}, expected an object of string -> string")
+    for k, v in metadata.items():
+        if not isinstance(v, str):
+            raise bad(f"{METADATA} entry {k!r} is {_kind(v)}, expected a string")
+    entries = {name: _entry(name, info, bad) for name, info in header.items()}
+    truncated = [(end, name) for name, (_, _, _, end) in entries.items() if end > data_size]
+    if truncated:
+        end, name = max(truncated)
+        raise CheckpointError(
+            f"{path}: file is truncated ({data_size} bytes of tensor data, the header describes {end}, up to the "
+            f"end of tensor {name!r}); download it again"
+        )
+    spans = sorted((b, e, name) for name, (_, _, b, e) in entries.items() if e > b)
+    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:], strict=False):
+        if b1 < e0:
+            raise bad(f"tensors {n0!r} (bytes {b0}-{e0}) and {n1!r} (bytes {b1}-{e1}) overlap")
+    return metadata, entries
+
+
+def _entry(name: str, info, bad) -> tuple:
+    """(dtype, shape, begin, end) of one header entry, every field checked."""
+    where = f"tensor {name!r}"
+    if not isinstance(info, dict):
+        raise bad(f"{where} is {_kind(info)}, expected an object with {', '.join(FIELDS)}")
+    missing = [f for f in FIELDS if f not in info]
+    if missing:
+        raise bad(f"{where} has no {' / '.join(missing)}")
+    tag, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(tag, str):
+        raise bad(f"{where}: dtype is {_kind(tag)}, expected a string such as 'BF16'")
+    if tag not in DTYPES:
+        raise bad(f"{where} has unsupported dtype {tag!r} (supported: {', '.join(DTYPES)})")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise bad(f"{where}: shape is {json.dumps(shape)[:60]}, expected a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+        raise bad(f"{where}: data_offsets is {json.dumps(offsets)[:60]}, expected two non-negative integers")
+    begin, end = offsets
+    if end < begin:
+        raise bad(f"{where}: data_offsets [{begin}, {end}] are reversed (end before begin)")
+    dtype = DTYPES[tag]
+    need = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if end - begin != need:
+        raise bad(f"{where}: data_offsets [{begin}, {end}] hold {end - begin} bytes, but {tag} {shape} needs {need}")
+    return dtype, tuple(shape), begin, end
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+class SafetensorsFile:
+    """The validated header of one .safetensors file; tensors are read (or mapped, `mmap=True`) on access."""
+
+    def __init__(self, path: str | os.PathLike, mmap: bool = False):
         self.path = Path(path)
-        size = self.path.stat().st_size
-        with open(self.path, "rb") as f:
+        self.mmap = mmap
+        try:
+            f = open(self.path, "rb")  # closed below; the stat must be of this very file
+        except FileNotFoundError:
+            raise CheckpointError(f"{self.path}: no such file (was it moved or deleted?)") from None
+        with f:
+            st = os.fstat(f.fileno())
+            self.identity = _identity(st)  # (device, inode, size, mtime): reads check the file is still this one
+            size = st.st_size
             head = f.read(8)
             if len(head) < 8:
                 raise CheckpointError(f"{self.path}: not a safetensors file (only {size} bytes)")
             (n,) = struct.unpack("<Q", head)
-            if n > min(size - 8, 100 << 20):
-                raise CheckpointError(f"{self.path}: not a safetensors file, or a truncated one (bad header length)")
-            try:
-                header = json.loads(f.read(n))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise CheckpointError(f"{self.path}: corrupt safetensors header ({e})") from None
-        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
-        self.entries: dict[str, _Entry] = {}
-        data_end = 0
-        for name, info in header.items():
-            if info["dtype"] not in DTYPES:
-                raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {info['dtype']}")
-            begin, end = info["data_offsets"]
-            self.entries[name] = _Entry(self, DTYPES[info["dtype"]], tuple(info["shape"]), 8 + n + begin, 8 + n + end)
-            data_end = max(data_end, 8 + n + end)
-        if data_end > size:
+            if n > size - 8:
+                raise CheckpointError(
+                    f"{self.path}: not a safetensors file, or a truncated one (bad header length: {n} bytes "
+                    f"announced, {size - 8} present); download it again"
+                )
+            if n > MAX_HEADER:
+                raise CheckpointError(f"{self.path}: {CORRUPT}: {n} bytes long, more than the {MAX_HEADER} allowed")
+            raw = f.read(n)
+        self.metadata, entries = parse_header(raw, self.path, size - 8 - n)
+        self.entries = {
+            name: _Entry(self, dtype, shape, 8 + n + b, 8 + n + e) for name, (dtype, shape, b, e) in entries.items()
+        }
+        self._map: mmap_module.mmap | None = None
+
+    def _check_same(self, fd: int, name: str) -> None:
+        if _identity(os.fstat(fd)) != self.identity:
             raise CheckpointError(
-                f"{self.path}: file is truncated ({size} bytes, the header describes {data_end}); download it again"
+                f"{self.path}: the file changed on disk while it was being loaded (at tensor {name!r}); wait until "
+                "the copy or download has finished and load it again"
             )
-        self._map: mmap.mmap | None = None
 
     def tensor(self, name: str) -> torch.Tensor:
         e = self.entries[name]
         if e.end == e.begin:
             return torch.empty(e.shape, dtype=e.dtype)
+        if self.mmap:
+            return self._mapped(name, e)
+        buf = torch.empty(e.end - e.begin, dtype=torch.uint8)
+        view, done = memoryview(buf.numpy()), 0
+        try:
+            f = open(self.path, "rb", buffering=0)
+        except FileNotFoundError:
+            raise CheckpointError(f"{self.path}: the file disappeared while it was being loaded") from None
+        with f:
+            self._check_same(f.fileno(), name)
+            f.seek(e.begin)
+            while done < len(view):
+                got = f.readinto(view[done:])
+                if not got:
+                    raise CheckpointError(
+                        f"{self.path}: file is truncated: it ended at byte {e.begin + done} while reading tensor "
+                        f"{name!r} (it was cut short while loading); download it again"
+                    )
+                done += got
+        return buf.view(e.dtype).view(e.shape)
+
+    def _mapped(self, name: str, e: _Entry) -> torch.Tensor:
         if self._map is None:
             with open(self.path, "rb") as f:  # private mapping: writable views, file never modified
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+                self._check_same(f.fileno(), name)
+                self._map = mmap_module.mmap(f.fileno(), 0, access=mmap_module.ACCESS_COPY)
         itemsize = torch.empty((), dtype=e.dtype).element_size()
         flat = torch.frombuffer(self._map, dtype=e.dtype, count=(e.end - e.begin) // itemsize, offset=e.begin)
         return flat.view(e.shape)
@@ -122,8 +266,11 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         return sum(e.end - e.begin for e in self.entries.values())
 
 
-def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Open a .safetensors file, or a folder holding one file or index-resolved shards."""
+def open_checkpoint(path: str | os.PathLike, mmap: bool = False) -> Checkpoint:
+    """Open a .safetensors file, or a folder holding one file or index-resolved shards.
+
+    mmap: map the files instead of copying each tensor into process memory (see the module docstring).
+    """
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
@@ -133,23 +280,31 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
             "use the .safetensors version of this model"
         )
     if path.is_file():
-        f = SafetensorsFile(path)
+        f = SafetensorsFile(path, mmap=mmap)
         return Checkpoint(path, dict(f.entries), f.metadata)
     for name in INDEX_NAMES:
         if (path / name).is_file():
-            return _open_sharded(path, path / name)
+            return _open_sharded(path, path / name, mmap)
     for name in SINGLE_NAMES:
         if (path / name).is_file():
-            return open_checkpoint(path / name)
+            return open_checkpoint(path / name, mmap)
     raise CheckpointError(f"{path}: folder holds no {' / '.join(INDEX_NAMES + SINGLE_NAMES)}")
 
 
-def _open_sharded(folder: Path, index: Path) -> Checkpoint:
+def _open_sharded(folder: Path, index: Path, mmap: bool) -> Checkpoint:
     try:
-        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-    except (KeyError, json.JSONDecodeError) as e:
+        raw = json.loads(index.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
         raise CheckpointError(f"{index}: not a valid shard index ({e})") from None
-    files = {name: SafetensorsFile(folder / name) for name in sorted(set(weight_map.values()))}
+    weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index}: not a valid shard index (expected an object with a 'weight_map' of names)")
+    for shard in set(weight_map.values()):
+        if Path(shard).name != shard or shard in ("", ".", ".."):
+            raise CheckpointError(f"{index}: shard {shard!r} is not a file name inside {folder}")
+        if not (folder / shard).is_file():
+            raise CheckpointError(f"{index}: lists shard {shard}, which is missing from {folder}")
+    files = {name: SafetensorsFile(folder / name, mmap) for name in sorted(set(weight_map.values()))}
     entries, metadata = {}, {}
     for key, shard in weight_map.items():
         if key not in files[shard].entries:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -73,24 +73,12 @@ def default_rope_axes(head_dim: int) -> tuple[int, int, int]:
     return (f, (head_dim - f) // 2, (head_dim - f) // 2)
 
 
-def config_from_shapes(shapes: dict[str, tuple[int, ...]], **overrides) -> MMDiTConfig:
-    """Read the configuration off the (prefix-free) parameter shapes; `overrides` win (e.g. config.json)."""
-    hidden, in_channels = shapes["img_in.weight"]
-    head_dim = shapes.get("transformer_blocks.0.attn.norm_q.weight", (128,))[0]
-    blocks = {int(k.split(".")[1]) for k in shapes if k.startswith("transformer_blocks.")}
-    values = dict(
-        num_layers=max(blocks) + 1 if blocks else 0,
-        num_heads=hidden // head_dim,
-        head_dim=head_dim,
-        mlp_dim=shapes.get("transformer_blocks.0.img_mlp.net.0.proj.weight", (4 * hidden,))[0],
-        text_dim=shapes["txt_in.weight"][1],
-        in_channels=in_channels,
-        out_channels=shapes["proj_out.weight"][0] // overrides.get("patch_size", 2) ** 2,
-        rope_axes=default_rope_axes(head_dim),
-        timestep_dim=shapes["time_text_embed.timestep_embedder.linear_1.weight"][1],
-    )
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return MMDiTConfig(**values)
+def config_from_shapes(shapes: dict[str, tuple[int, ...]], *, where="the weights", **overrides) -> MMDiTConfig:
+    """The configuration from the (prefix-free) parameter shapes and `overrides` (MMDiTConfig fields, e.g. from
+    config.json), which win; sizes the shapes cannot tell (the RoPE axes of heads other than the real model's
+    128 channels) must be among the overrides, else CheckpointError (see `formats.dit.infer_config`)."""
+    known = {k: v for k, v in overrides.items() if v is not None}
+    return MMDiTConfig(**dit_format.infer_config(shapes, known, where))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -354,19 +342,23 @@ class MMDiT(nn.Module):
         return unpatchify(out, grid, p, size).to(img.dtype)
 
 
-def load_dit(path: str | os.PathLike, zero_cond_t: bool | None = None) -> MMDiT:
+def load_dit(path: str | os.PathLike, zero_cond_t: bool | None = None, *, mmap: bool = False, **sizes) -> MMDiT:
     """Load a Qwen-Image DiT from a ComfyUI single file, a diffusers `transformer/` folder or a repo folder.
 
-    Built on the meta device and filled with zero-copy views of the memory-mapped file: weights are held
-    once, in their stored dtype (float8 stays float8). `zero_cond_t` overrides the checkpoint's setting.
+    Built on the meta device and filled by assignment: weights are held once, in their stored dtype (float8
+    stays float8), read into process memory (`mmap=True`: zero-copy views of the mapped file instead, see
+    `checkpoint`). Sizes come from `sizes` (MMDiTConfig fields, e.g. rope_axes=(16, 56, 56)), then the
+    diffusers config.json, then the shapes where unambiguous; `zero_cond_t` overrides the checkpoint's setting.
     """
-    w = dit_format.read_dit(path)
+    unknown = sorted(set(sizes) - set(MMDiTConfig.__dataclass_fields__))
+    if unknown:
+        raise TypeError(f"load_dit: unknown size {', '.join(unknown)}; expected MMDiTConfig fields")
+    overrides = {k: v for k, v in {**sizes, "zero_cond_t": zero_cond_t}.items() if v is not None}
+    w = dit_format.read_dit(path, mmap=mmap, overrides=overrides)
     try:
-        cfg = config_from_shapes(w.shapes(), **w.config)
-    except (KeyError, ValueError, TypeError) as e:
-        raise CheckpointError(f"{w.path}: cannot read a Qwen-Image DiT configuration ({e})") from None
-    if zero_cond_t is not None:
-        cfg = replace(cfg, zero_cond_t=zero_cond_t)
+        cfg = MMDiTConfig(**w.config)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{w.path}: inconsistent Qwen-Image DiT sizes ({e})") from None
     with torch.device("meta"):
         model = MMDiT(cfg)
     assign_weights(model, w.tensors, w.scales, w.path, "Qwen-Image DiT")

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from graphs import sampler_node
 from tools.checkpoints import dit as D
 from tools.checkpoints import lora as L
-from tools.checkpoints.smoke import write_smoke
+from tools.checkpoints.smoke import dit_config, write_smoke
 from tools.checkpoints.vae import write_vae
 from tools.comfy_harness import PACK_NAME, PromptRejected
 
@@ -106,7 +106,7 @@ def files(comfy, tiny_comfy_vae, tmp_path_factory):
     # a DiT whose output projection overflows float16
     sd = load_file(str(good_dit))
     sd["proj_out.weight"] = (sd["proj_out.weight"].float() * 1e5).to(sd["proj_out.weight"].dtype)
-    save_file(sd, str(m / "diffusion_models" / "qp_bad_overflow_dit.safetensors"))
+    save_file(sd, str(m / "diffusion_models" / "qp_bad_overflow_dit.safetensors"), D.config_metadata(dit_config()))
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 65535, (40, 56), dtype=np.uint16)).save(comfy.input_dir / "qp_16bit.png")
     return {"vae": tiny_comfy_vae}

@@ -103,7 +103,8 @@ def test_float16_keeps_streams_finite(tiny, tmp_path):
         for mlp in ("img_mlp", "txt_mlp"):
             sd[f"transformer_blocks.{i}.{mlp}.net.2.weight"] *= 300.0  # MLP outputs in the hundreds
     path = tmp_path / "loud.safetensors"
-    W.write_safetensors(path, [(k, tuple(v.shape), torch.float32, lambda v=v: v) for k, v in sd.items()])
+    entries = [(k, tuple(v.shape), torch.float32, lambda v=v: v) for k, v in sd.items()]
+    W.write_safetensors(path, entries, W.config_metadata(cfg))
     m = load_dit(path)
     img, sigma, txt = inputs()
     peak = []

@@ -8,12 +8,15 @@ Accepted (keys as in diffusers' `QwenImageTransformer2DModel`, one naming for ev
   Edit-2511 repackages carry the empty marker `__index_timestep_zero__` that switches `zero_cond_t` on.
 * diffusers folders: `transformer/` (sharded through the index json, or one file) with `config.json`
   (`zero_cond_t`, sizes), or a whole repo folder holding `model_index.json` and `transformer/`.
+Sizes: explicit overrides, then config.json (or a single file's `config` metadata), then the shapes where
+they are unambiguous; the RoPE axes follow from the shapes only for the real 128-channel heads.
 float8 weights stay float8; the model dequantises them one layer at a time (`ops.Linear`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -69,6 +72,15 @@ CONFIG_FIELDS = {
 }
 # config.json switches of Qwen-Image variants this DiT does not implement
 UNSUPPORTED_FLAGS = ("use_additional_t_cond", "use_layer3d_rope", "guidance_embeds")
+# A single file may carry its config.json as safetensors metadata `config` = {"transformer": {...}} (the
+# convention of ComfyUI's LTX-Video files); the tiny test files do, the real Comfy-Org files need not.
+CONFIG_METADATA, CONFIG_SECTION = "config", "transformer"
+# sizes only the real model's shapes imply: 128-channel heads -> RoPE axes (16, 56, 56); 16 latent channels
+REAL_HEAD_DIM, REAL_ROPE_AXES, LATENT_CHANNELS = 128, (16, 56, 56), 16
+CONFIG_HINT = (
+    "put the model's diffusers config.json ({fields}) next to the weights (a transformer/ folder), or pass "
+    "the sizes to load_dit"
+)
 
 
 @dataclass
@@ -76,9 +88,9 @@ class DiTWeights:
     """What a DiT checkpoint holds, in model terms: prefix-free weights, float8 scales, config hints."""
 
     path: Path
-    tensors: dict[str, torch.Tensor]  # lazy, zero-copy views of the memory-mapped file(s)
+    tensors: dict[str, torch.Tensor]  # read into memory (or views of the mapped file(s), mmap=True)
     scales: dict[str, torch.Tensor]  # "<layer>.weight" -> float32 scale of a float8 weight
-    config: dict = field(default_factory=dict)  # MMDiTConfig fields known from config.json / markers
+    config: dict = field(default_factory=dict)  # every MMDiTConfig size (see `infer_config`)
     storage: str = ""  # human-readable storage format, e.g. "bf16", "scaled fp8 (float8_e4m3fn)"
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -98,21 +110,106 @@ def resolve(path: str | os.PathLike) -> Path:
     return path
 
 
+def config_fields(raw, where) -> dict:
+    """MMDiTConfig fields from a diffusers transformer config (config.json or file metadata), types checked."""
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{where}: a transformer config must be a JSON object")
+    name = raw.get("_class_name")
+    if name is not None and name != CLASS_NAME:
+        raise CheckpointError(f"{where}: this is not a Qwen-Image DiT config ({name}; expected {CLASS_NAME})")
+    for flag in UNSUPPORTED_FLAGS:
+        if raw.get(flag):
+            raise CheckpointError(
+                f"{where}: `{flag}: true` belongs to a Qwen-Image variant this loader does not support"
+            )
+    cfg = {}
+    for theirs, ours in CONFIG_FIELDS.items():
+        v = raw.get(theirs)
+        if v is None:
+            continue
+        if ours == "rope_axes":
+            if not (isinstance(v, list) and len(v) == 3 and all(_positive_int(a) for a in v)):
+                raise CheckpointError(f"{where}: {theirs} is {v!r}, expected three positive integers")
+            v = tuple(v)
+        elif ours == "zero_cond_t":
+            if not isinstance(v, bool):
+                raise CheckpointError(f"{where}: {theirs} is {v!r}, expected true or false")
+        elif not _positive_int(v):
+            raise CheckpointError(f"{where}: {theirs} is {v!r}, expected a positive integer")
+        cfg[ours] = v
+    return cfg
+
+
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
 def read_config_json(folder: Path) -> dict:
     """MMDiTConfig fields from a diffusers transformer config.json (empty if there is none)."""
     f = folder / "config.json"
     if not folder.is_dir() or not f.is_file():
         return {}
-    raw = json.loads(f.read_text())
-    name = raw.get("_class_name")
-    if name is not None and name != CLASS_NAME:
-        raise CheckpointError(f"{f}: this is not a Qwen-Image DiT config ({name}; expected {CLASS_NAME})")
-    for flag in UNSUPPORTED_FLAGS:
-        if raw.get(flag):
-            raise CheckpointError(f"{f}: `{flag}: true` belongs to a Qwen-Image variant this loader does not support")
-    cfg = {ours: raw[theirs] for theirs, ours in CONFIG_FIELDS.items() if raw.get(theirs) is not None}
-    if "rope_axes" in cfg:
-        cfg["rope_axes"] = tuple(cfg["rope_axes"])
+    try:
+        raw = json.loads(f.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{f}: not valid JSON ({e})") from None
+    return config_fields(raw, f)
+
+
+def metadata_config(metadata: Mapping[str, str], path) -> dict:
+    """MMDiTConfig fields from a single file's `config` metadata ({"transformer": <config.json>}), or {}."""
+    if CONFIG_METADATA not in metadata:
+        return {}
+    try:
+        raw = json.loads(metadata[CONFIG_METADATA])
+    except ValueError as e:
+        raise CheckpointError(f"{path}: unreadable `{CONFIG_METADATA}` metadata ({e})") from None
+    section = raw.get(CONFIG_SECTION) if isinstance(raw, dict) else None
+    return {} if section is None else config_fields(section, f"{path} (metadata {CONFIG_METADATA}.{CONFIG_SECTION})")
+
+
+def infer_config(shapes: Mapping[str, tuple[int, ...]], known: Mapping, path) -> dict:
+    """Every MMDiTConfig size: `known` ones (overrides, config.json, metadata) first, the rest read off the
+    prefix-free weight shapes where they say it unambiguously. What neither says is a CheckpointError."""
+
+    def shape(key: str) -> tuple[int, ...]:
+        if key not in shapes:
+            raise CheckpointError(f"{path}: not a complete Qwen-Image DiT (no {key})")
+        return shapes[key]
+
+    hidden, in_channels = shape("img_in.weight")
+    blocks = {int(k.split(".")[1]) for k in shapes if k.startswith("transformer_blocks.")}
+    head_dim = known.get("head_dim") or shape("transformer_blocks.0.attn.norm_q.weight")[0]
+    if "num_heads" not in known and (head_dim <= 0 or hidden % head_dim):
+        raise CheckpointError(f"{path}: width {hidden} does not split into heads of {head_dim} channels")
+    cfg = dict(
+        num_layers=max(blocks) + 1 if blocks else 0,
+        num_heads=hidden // head_dim if head_dim > 0 else 0,
+        head_dim=head_dim,
+        mlp_dim=shapes.get("transformer_blocks.0.img_mlp.net.0.proj.weight", (4 * hidden,))[0],
+        text_dim=shape("txt_in.weight")[1],
+        in_channels=in_channels,
+        timestep_dim=shape("time_text_embed.timestep_embedder.linear_1.weight")[1],
+    )
+    cfg.update(known)
+    if "patch_size" not in cfg:  # in = out = latent channels x patch^2; the latent is the VAE's 16 channels
+        out = cfg.get("out_channels", LATENT_CHANNELS)
+        p = math.isqrt(cfg["in_channels"] // out) if cfg["in_channels"] % out == 0 else 0
+        if p * p * out != cfg["in_channels"]:
+            raise CheckpointError(
+                f"{path}: cannot tell the patch size from {cfg['in_channels']} input channels; "
+                + CONFIG_HINT.format(fields="patch_size, out_channels")
+            )
+        cfg["patch_size"] = p
+    cfg.setdefault("out_channels", shape("proj_out.weight")[0] // cfg["patch_size"] ** 2)
+    if "rope_axes" not in cfg:
+        if cfg["head_dim"] != REAL_HEAD_DIM:
+            raise CheckpointError(
+                f"{path}: cannot tell the RoPE axes of {cfg['head_dim']}-channel heads from the weights (only the real "
+                f"model's {REAL_HEAD_DIM} channels imply {REAL_ROPE_AXES}); "
+                + CONFIG_HINT.format(fields="axes_dims_rope")
+            )
+        cfg["rope_axes"] = REAL_ROPE_AXES
     return cfg
 
 
@@ -179,20 +276,25 @@ def check_quantization(path, tensors: Mapping[str, torch.Tensor], metadata: Mapp
     return f"{kinds} (no scales)"
 
 
-def read_dit(path: str | os.PathLike) -> DiTWeights:
-    """Open a DiT checkpoint of any supported layout and return its prefix-free weights and scales.
+def read_dit(path: str | os.PathLike, mmap: bool = False, overrides: Mapping | None = None) -> DiTWeights:
+    """Open a DiT checkpoint of any supported layout: prefix-free weights, scales and every config size.
 
-    Raises CheckpointError naming the file for unreadable files and files of other model families.
+    Sizes come from `overrides` (MMDiTConfig fields), then config.json / the file's `config` metadata, then
+    the shapes (see `infer_config`), checked before any weight is read. Raises CheckpointError naming the
+    file for unreadable files, sizes that cannot be known and files of other model families.
     """
     path = resolve(path)
     config = read_config_json(path)
-    ckpt = open_checkpoint(path)
+    ckpt = open_checkpoint(path, mmap=mmap)
     prefix = common_prefix(ckpt.keys(), PREFIXES)
-    raw = {k.removeprefix(prefix): ckpt[k] for k in ckpt}
-    identify(ckpt.path, [k for k in raw if k != ZERO_COND_MARKER])
-    storage = check_quantization(ckpt.path, raw, ckpt.metadata, prefix)
-    if ZERO_COND_MARKER in raw:
-        del raw[ZERO_COND_MARKER]
+    names = {k.removeprefix(prefix): k for k in ckpt}
+    identify(ckpt.path, [k for k in names if k != ZERO_COND_MARKER])
+    config = {**metadata_config(ckpt.metadata, ckpt.path), **config}
+    if ZERO_COND_MARKER in names:
         config.setdefault("zero_cond_t", True)
+    config = infer_config({n: ckpt.shape(k) for n, k in names.items()}, {**config, **(overrides or {})}, ckpt.path)
+    raw = {n: ckpt[k] for n, k in names.items()}
+    storage = check_quantization(ckpt.path, raw, ckpt.metadata, prefix)
+    raw.pop(ZERO_COND_MARKER, None)
     tensors, scales = split_scales(raw)
     return DiTWeights(Path(ckpt.path), tensors, scales, config, storage)

@@ -6,6 +6,9 @@ marker + `<layer>.scale_weight`), ComfyUI mixed precision (`_quantization_metada
 or per-layer `comfy_quant`), and diffusers sharded `transformer/` folders (index json + config.json),
 optionally inside a repo folder with `model_index.json`.
 
+Single files of sizes the shapes do not tell (the tiny 32-channel heads) carry their transformer config in the
+safetensors metadata `config` (see `formats.dit.CONFIG_METADATA`), as a user's file of another size must.
+
 Files are streamed tensor by tensor (random values are generated per tensor from a seed and the key name),
 so even full-width files of several blocks are written without holding them in memory.
 """
@@ -113,6 +116,15 @@ def _plain(cfg, seed, dtype, prefix="", linear_dtype=None) -> list[Entry]:
     return out
 
 
+def config_metadata(cfg: MMDiTConfig, metadata: dict[str, str] | None = None) -> dict[str, str] | None:
+    """`metadata` plus, for sizes the shapes do not tell (heads other than the real 128 channels), the
+    transformer config in the single file's `config` metadata, where the loader reads it."""
+    if cfg.head_dim == 128 and cfg.rope_axes == (16, 56, 56) and cfg.out_channels == 16:
+        return metadata
+    conf = {k: v for k, v in diffusers_config(cfg).items() if k != "zero_cond_t"}  # the 2511 marker says that
+    return {**(metadata or {}), "config": json.dumps({"transformer": conf})}
+
+
 def _marker(zero_cond_t: bool, prefix: str) -> list[Entry]:
     return [(prefix + "__index_timestep_zero__", (0,), torch.bfloat16, lambda: torch.empty(0))] if zero_cond_t else []
 
@@ -124,12 +136,14 @@ def _marker(zero_cond_t: bool, prefix: str) -> list[Entry]:
 
 def write_comfy(path, cfg, seed=0, dtype=torch.bfloat16, prefix="", zero_cond_t=False) -> Path:
     """ComfyUI single file: diffusers key names, optional `model.diffusion_model.` prefix."""
-    return write_safetensors(Path(path), _plain(cfg, seed, dtype, prefix) + _marker(zero_cond_t, prefix))
+    entries = _plain(cfg, seed, dtype, prefix) + _marker(zero_cond_t, prefix)
+    return write_safetensors(Path(path), entries, config_metadata(cfg))
 
 
 def write_fp8(path, cfg, seed=0, fp8=torch.float8_e4m3fn, prefix="") -> Path:
     """Plain float8 file (`*_fp8_e4m3fn.safetensors`): Linear weights cast to float8, the rest bf16."""
-    return write_safetensors(Path(path), _plain(cfg, seed, torch.bfloat16, prefix, linear_dtype=fp8))
+    entries = _plain(cfg, seed, torch.bfloat16, prefix, linear_dtype=fp8)
+    return write_safetensors(Path(path), entries, config_metadata(cfg))
 
 
 def _scale(name, shape, seed, fp8) -> torch.Tensor:
@@ -149,7 +163,7 @@ def write_scaled_fp8(path, cfg, seed=0, fp8=torch.float8_e4m3fn, prefix=PREFIX) 
             (layer + ".scale_weight", (), torch.float32, lambda k=k, s=s: _scale(k, s, seed, fp8)),
             (layer + ".scale_input", (), torch.float32, lambda: torch.tensor(1.0)),
         ]
-    return write_safetensors(Path(path), entries)
+    return write_safetensors(Path(path), entries, config_metadata(cfg))
 
 
 def write_mixed(path, cfg, seed=0, fp8=torch.float8_e4m3fn, comfy_quant=False, prefix="") -> Path:
@@ -176,7 +190,7 @@ def write_mixed(path, cfg, seed=0, fp8=torch.float8_e4m3fn, comfy_quant=False, p
                 (prefix + layer + ".comfy_quant", (len(spec),), torch.uint8, lambda b=spec: torch.tensor(list(b)))
             )
     meta = None if comfy_quant else {"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": layers})}
-    return write_safetensors(Path(path), entries, meta)
+    return write_safetensors(Path(path), entries, config_metadata(cfg, meta))
 
 
 def write_diffusers(folder, cfg, seed=0, dtype=torch.bfloat16, shards=2, zero_cond_t=False, repo=False) -> Path:
