@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import attention
+from .formats import qwen_vl as qwen_vl_format
 from .ops import Linear, cast_weight
 from .vision import RMSNorm, VisionConfig, VisionTower, rotate_half
 
@@ -41,24 +42,17 @@ class QwenVLConfig:
     def __post_init__(self):
         if sum(self.mrope_section) * 2 != self.head_dim:
             raise ValueError(f"mrope_section {self.mrope_section} must cover head_dim/2 = {self.head_dim // 2}")
-        if self.num_heads % self.num_kv_heads:
+        if self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads:
             raise ValueError(f"{self.num_heads} query heads do not group over {self.num_kv_heads} key/value heads")
 
     @classmethod
-    def from_shapes(cls, shapes: Mapping[str, tuple[int, ...]]) -> QwenVLConfig:
-        """Read the configuration off legacy-named weight shapes; heads are Qwen2.5's 128 channels wide."""
-        vocab, hidden = shapes["model.embed_tokens.weight"]
-        layers = 1 + max(int(k.split(".")[2]) for k in shapes if k.startswith("model.layers."))
-        head_dim = cls.head_dim
-        return cls(
-            vocab_size=vocab,
-            hidden_size=hidden,
-            intermediate_size=shapes["model.layers.0.mlp.gate_proj.weight"][0],
-            num_layers=layers,
-            num_heads=shapes["model.layers.0.self_attn.q_proj.weight"][0] // head_dim,
-            num_kv_heads=shapes["model.layers.0.self_attn.k_proj.weight"][0] // head_dim,
-            vision=VisionConfig.from_shapes(shapes) if "visual.patch_embed.proj.weight" in shapes else None,
-        )
+    def from_shapes(cls, shapes: Mapping[str, tuple[int, ...]], where="the weights", **known) -> QwenVLConfig:
+        """The configuration from legacy-named weight shapes and `known` sizes (overrides, config.json; "vision":
+        VisionConfig fields), which win. What the shapes cannot tell (head widths) is Qwen2.5-VL's own, or a
+        CheckpointError where the widths do not fit it (see `formats.qwen_vl.config_fields`)."""
+        fields = qwen_vl_format.config_fields(shapes, known, where)
+        vision = fields.pop("vision")
+        return cls(**fields, vision=VisionConfig(**vision) if vision is not None else None)
 
 
 def mrope(position_ids: torch.Tensor, cfg: QwenVLConfig, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CheckpointError, open_checkpoint
-from .formats.common import assign_weights
-from .formats.qwen_vl import encoder_tensors
+from .formats.common import assign_weights, split_scales
+from .formats.qwen_vl import encoder_names, read_config
 from .prompts import (
     IMAGE_PAD,
     MAX_PIXELS,
@@ -190,20 +190,39 @@ class TextEncoder:
         return [hidden[i, drop : end[i]].clone() for i in range(len(rows))]
 
 
-def load_text_encoder(path: str | os.PathLike, tokenizer=None, cache_size: int = 16) -> TextEncoder:
+def load_text_encoder(
+    path: str | os.PathLike,
+    tokenizer=None,
+    cache_size: int = 16,
+    *,
+    mmap: bool = False,
+    vision: dict | None = None,
+    **sizes,
+) -> TextEncoder:
     """Load a Qwen2.5-VL encoder from any supported file or folder.
 
     tokenizer: a loaded tokenizer, a folder to search (see `prompts.find_tokenizer`), or None to search
     next to the weights and in an importable ComfyUI. Float8 weights stay float8 (dequantised per layer).
+    Weights are read into process memory (`mmap=True`: views of the mapped file, see `checkpoint`).
+    Sizes come from `sizes` (QwenVLConfig fields, e.g. num_heads=16, mrope_section=(8, 12, 12)) and
+    `vision` (VisionConfig fields), then the folder's config.json, then the shapes (see `formats.qwen_vl`).
     """
+    unknown = sorted(set(sizes) - set(QwenVLConfig.__dataclass_fields__))
+    if unknown:
+        raise TypeError(f"load_text_encoder: unknown size {', '.join(unknown)}; expected QwenVLConfig fields")
     path = Path(path)
-    ckpt = open_checkpoint(path)
-    weights, scales = encoder_tensors(ckpt)
-    shapes = {k: tuple(v.shape) for k, v in weights.items()}
+    ckpt = open_checkpoint(path, mmap=mmap)
+    names = encoder_names(ckpt)
+    known = read_config(path, ckpt.metadata)
+    known.update({k: v for k, v in sizes.items() if v is not None})
+    known["vision"] = {**known.get("vision", {}), **(vision or {})}
     try:
-        cfg = QwenVLConfig.from_shapes(shapes)
-    except (KeyError, ValueError) as e:
-        raise CheckpointError(f"{ckpt.path}: an incomplete {WHAT} ({e.__class__.__name__}: {e})") from None
+        cfg = QwenVLConfig.from_shapes({n: ckpt.shape(k) for n, k in names.items()}, ckpt.path, **known)
+    except CheckpointError:
+        raise
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{ckpt.path}: inconsistent {WHAT} sizes ({e})") from None
+    weights, scales = split_scales({n: ckpt[k] for n, k in names.items()})
     with torch.device("meta"):
         model = QwenVL(cfg)
     assign_weights(model, weights, scales, ckpt.path, WHAT)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import attention
+from .formats import qwen_vl as qwen_vl_format
 from .ops import Linear, cast_weight
 
 
@@ -53,21 +54,10 @@ class VisionConfig:
         return self.in_channels * self.temporal_patch_size * self.patch_size**2
 
     @classmethod
-    def from_shapes(cls, shapes: Mapping[str, tuple[int, ...]], prefix: str = "visual.") -> VisionConfig:
-        """Read the configuration off the weight shapes; head width is Qwen2.5-VL's 80 channels."""
-        hidden, cin, tp, p, _ = shapes[prefix + "patch_embed.proj.weight"]
-        depth = 1 + max(int(k[len(prefix) + 7 :].split(".")[0]) for k in shapes if k.startswith(prefix + "blocks."))
-        return cls(
-            depth=depth,
-            hidden_size=hidden,
-            num_heads=hidden // 80,
-            intermediate_size=shapes[prefix + "blocks.0.mlp.gate_proj.weight"][0],
-            out_hidden_size=shapes[prefix + "merger.mlp.2.weight"][0],
-            in_channels=cin,
-            patch_size=p,
-            temporal_patch_size=tp,
-            full_attention_blocks=tuple(i for i in range(depth) if i % 8 == 7),
-        )
+    def from_shapes(cls, shapes: Mapping[str, tuple[int, ...]], prefix: str = "visual.", **known) -> VisionConfig:
+        """The configuration from the weight shapes and `known` sizes; heads are Qwen2.5-VL's 80 channels wide
+        unless `known` says otherwise (see `formats.qwen_vl.vision_fields`)."""
+        return cls(**qwen_vl_format.vision_fields(shapes, known, "the weights", prefix))
 
 
 class RMSNorm(nn.Module):

@@ -9,11 +9,20 @@ loaded. Layouts handled:
 * ComfyUI single files, bf16 or "scaled fp8" (float8 Linear weights + float32 `scale_weight` per layer)
 * the same keys under `text_encoders.qwen25_7b.transformer.` inside a full ComfyUI checkpoint
 * files without `visual.*` (text-to-image only)
+
+Sizes (`config_fields`): explicit overrides, then the folder's `config.json` (transformers 4 flat or 5 nested
+`text_config`, `rope_scaling` or `rope_parameters`), or a single file's `config` metadata
+({"text_encoder": <config.json>}), then the shapes. Shapes do not show head widths: without a config they
+are Qwen2.5-VL's own (128 text channels, 80 vision channels, as in every published size) and a file whose
+widths do not divide by them is refused.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 
@@ -73,8 +82,8 @@ def canonical_name(key: str) -> str:
     return key
 
 
-def encoder_tensors(ckpt: Checkpoint) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """The encoder's weights under legacy names and its float8 scales ({"<layer>.weight": scale}).
+def encoder_names(ckpt: Checkpoint) -> dict[str, str]:
+    """{legacy name: file key} of the encoder's tensors (weights and scales), without reading any.
 
     Raises CheckpointError naming the file when it is not a Qwen2.5-VL encoder (saying what it looks like).
     """
@@ -85,7 +94,7 @@ def encoder_tensors(ckpt: Checkpoint) -> tuple[dict[str, torch.Tensor], dict[str
     for fragment, name in OTHER_VERSIONS:
         if any(fragment in k for k in keys):
             raise CheckpointError(f"{ckpt.path}: this is {name}")
-    selected: dict[str, torch.Tensor] = {}
+    selected: dict[str, str] = {}
     for k in keys:
         if not k.startswith(prefix):
             continue
@@ -94,9 +103,189 @@ def encoder_tensors(ckpt: Checkpoint) -> tuple[dict[str, torch.Tensor], dict[str
             continue
         if name in selected:
             raise CheckpointError(f"{ckpt.path}: holds {name} twice (in legacy and transformers-5 naming)")
-        selected[name] = ckpt[k]
-    return split_scales(selected)
+        selected[name] = k
+    return selected
+
+
+def encoder_tensors(ckpt: Checkpoint) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The encoder's weights under legacy names and its float8 scales ({"<layer>.weight": scale})."""
+    return split_scales({name: ckpt[k] for name, k in encoder_names(ckpt).items()})
 
 
 def has_vision(tensors: Mapping[str, torch.Tensor]) -> bool:
     return any(k.startswith(VISION_PREFIX) for k in tensors)
+
+
+# -- sizes
+# config.json field (transformers) -> QwenVLConfig / VisionConfig field
+TEXT_FIELDS = {
+    "vocab_size": "vocab_size",
+    "hidden_size": "hidden_size",
+    "intermediate_size": "intermediate_size",
+    "num_hidden_layers": "num_layers",
+    "num_attention_heads": "num_heads",
+    "num_key_value_heads": "num_kv_heads",
+    "head_dim": "head_dim",
+    "rms_norm_eps": "rms_eps",
+    "rope_theta": "rope_theta",
+    "mrope_section": "mrope_section",
+}
+VISION_FIELDS = {
+    "depth": "depth",
+    "hidden_size": "hidden_size",
+    "num_heads": "num_heads",
+    "intermediate_size": "intermediate_size",
+    "out_hidden_size": "out_hidden_size",
+    "in_channels": "in_channels",
+    "in_chans": "in_channels",
+    "patch_size": "patch_size",
+    "spatial_patch_size": "patch_size",
+    "temporal_patch_size": "temporal_patch_size",
+    "spatial_merge_size": "merge_size",
+    "window_size": "window_size",
+    "fullatt_block_indexes": "full_attention_blocks",
+    "rope_theta": "rope_theta",
+}
+FLOATS = ("rms_eps", "rope_theta")
+LISTS = ("mrope_section", "full_attention_blocks")
+MODEL_TYPES = ("qwen2_5_vl", "qwen2_5_vl_text")
+CONFIG_METADATA, CONFIG_SECTION = "config", "text_encoder"  # as formats.dit: {"text_encoder": <config.json>}
+# Qwen2.5-VL's own numbers (every published size), used where neither a config nor the shapes say
+TEXT_HEAD_DIM, MROPE_SECTION, RMS_EPS, ROPE_THETA = 128, (16, 24, 24), 1e-6, 1_000_000.0
+VISION_HEAD_DIM, FULL_ATTENTION_EVERY = 80, 8
+HINT = (
+    "put the model's config.json next to the weights (a text_encoder/ folder), or pass the sizes to load_text_encoder"
+)
+
+
+def _value(field: str, v, where):
+    if field in LISTS:
+        ok = isinstance(v, list) and all(isinstance(a, int) and not isinstance(a, bool) and a >= 0 for a in v)
+        if not ok or (field == "mrope_section" and (len(v) != 3 or 0 in v)):
+            raise CheckpointError(f"{where}: {field} is {v!r}, expected a list of non-negative integers")
+        return tuple(v)
+    if field in FLOATS:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+            raise CheckpointError(f"{where}: {field} is {v!r}, expected a positive number")
+        return float(v)
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise CheckpointError(f"{where}: {field} is {v!r}, expected a positive integer")
+    return v
+
+
+def parse_config(raw, where) -> dict:
+    """QwenVLConfig fields (with "vision": VisionConfig fields) from a transformers Qwen2.5-VL config."""
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{where}: a text-encoder config must be a JSON object")
+    kind = raw.get("model_type")
+    if kind is not None and kind not in MODEL_TYPES:
+        raise CheckpointError(f"{where}: this config describes a {kind!r} model, not Qwen2.5-VL")
+    text = {**raw, **(raw.get("text_config") if isinstance(raw.get("text_config"), dict) else {})}
+    for rope_key in ("rope_scaling", "rope_parameters"):  # transformers 4 / 5 spellings
+        if isinstance(text.get(rope_key), dict):
+            text = {**{k: v for k, v in text[rope_key].items() if k in TEXT_FIELDS}, **text}
+    out = {ours: _value(ours, text[k], where) for k, ours in TEXT_FIELDS.items() if text.get(k) is not None}
+    if "head_dim" not in out and "hidden_size" in out and "num_heads" in out:
+        if out["hidden_size"] % out["num_heads"]:
+            raise CheckpointError(f"{where}: hidden_size {out['hidden_size']} does not split into the heads")
+        out["head_dim"] = out["hidden_size"] // out["num_heads"]
+    vision = raw.get("vision_config")
+    if isinstance(vision, dict):
+        v = {**vision, **(vision["rope_parameters"] if isinstance(vision.get("rope_parameters"), dict) else {})}
+        out["vision"] = {ours: _value(ours, v[k], f"{where} vision_config") for k, ours in VISION_FIELDS.items()
+                         if v.get(k) is not None}  # fmt: skip
+    return out
+
+
+def read_config(path: Path, metadata: Mapping[str, str]) -> dict:
+    """Sizes from `path`/config.json (a folder), else the file's `config` metadata; {} when neither exists."""
+    f = path / "config.json"
+    if path.is_dir() and f.is_file():
+        try:
+            return parse_config(json.loads(f.read_text(encoding="utf-8")), f)
+        except (UnicodeDecodeError, ValueError) as e:
+            if isinstance(e, CheckpointError):
+                raise
+            raise CheckpointError(f"{f}: not valid JSON ({e})") from None
+    if CONFIG_METADATA in metadata:
+        try:
+            raw = json.loads(metadata[CONFIG_METADATA])
+        except ValueError as e:
+            raise CheckpointError(f"{path}: unreadable `{CONFIG_METADATA}` metadata ({e})") from None
+        if isinstance(raw, dict) and CONFIG_SECTION in raw:
+            return parse_config(raw[CONFIG_SECTION], f"{path} (metadata {CONFIG_METADATA}.{CONFIG_SECTION})")
+    return {}
+
+
+def _shape(shapes, key, path) -> tuple[int, ...]:
+    if key not in shapes:
+        raise CheckpointError(f"{path}: an incomplete Qwen2.5-VL text encoder (no {key})")
+    return shapes[key]
+
+
+def _heads(width: int, head_dim: int, what: str, path) -> int:
+    if width <= 0 or width % head_dim:
+        raise CheckpointError(
+            f"{path}: cannot tell the {what} heads: {width} channels are not a multiple of {head_dim}; {HINT}"
+        )
+    return width // head_dim
+
+
+def config_fields(shapes: Mapping[str, tuple[int, ...]], known: Mapping, path) -> dict:
+    """Every QwenVLConfig size: `known` ones (overrides, config) first, the rest off the legacy-named shapes."""
+    known = dict(known)
+    vision_known = known.pop("vision", None) or {}
+    vocab, hidden = _shape(shapes, "model.embed_tokens.weight", path)
+    layers = {int(k.split(".")[2]) for k in shapes if k.startswith("model.layers.")}
+    cfg = dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=_shape(shapes, "model.layers.0.mlp.gate_proj.weight", path)[0],
+        num_layers=max(layers) + 1 if layers else 0,
+        rms_eps=RMS_EPS,
+        rope_theta=ROPE_THETA,
+    )
+    cfg.update(known)
+    q_out = _shape(shapes, "model.layers.0.self_attn.q_proj.weight", path)[0]
+    if "head_dim" not in cfg:  # q_proj is heads x head_dim wide
+        heads = cfg.get("num_heads")
+        cfg["head_dim"] = q_out // heads if heads and q_out % heads == 0 else TEXT_HEAD_DIM
+    head_dim = cfg["head_dim"]
+    if "num_heads" not in cfg:
+        cfg["num_heads"] = _heads(q_out, head_dim, "query", path)
+    if "num_kv_heads" not in cfg:
+        k_out = _shape(shapes, "model.layers.0.self_attn.k_proj.weight", path)[0]
+        cfg["num_kv_heads"] = _heads(k_out, head_dim, "key/value", path)
+    if "mrope_section" not in cfg:
+        if head_dim != TEXT_HEAD_DIM:
+            raise CheckpointError(f"{path}: cannot tell the M-RoPE sections of {head_dim}-channel heads; {HINT}")
+        cfg["mrope_section"] = MROPE_SECTION
+    has_tower = "visual.patch_embed.proj.weight" in shapes
+    cfg["vision"] = vision_fields(shapes, vision_known, path) if has_tower else None
+    return cfg
+
+
+def vision_fields(shapes: Mapping[str, tuple[int, ...]], known: Mapping, path, prefix: str = "visual.") -> dict:
+    """Every VisionConfig size: `known` ones first, the rest off the shapes of the vision tower."""
+    width, cin, tp, p, _ = _shape(shapes, prefix + "patch_embed.proj.weight", path)
+    blocks = {int(k[len(prefix) + 7 :].split(".")[0]) for k in shapes if k.startswith(prefix + "blocks.")}
+    cfg = dict(
+        depth=max(blocks) + 1 if blocks else 0,
+        hidden_size=width,
+        intermediate_size=_shape(shapes, prefix + "blocks.0.mlp.gate_proj.weight", path)[0],
+        out_hidden_size=_shape(shapes, prefix + "merger.mlp.2.weight", path)[0],
+        in_channels=cin,
+        patch_size=p,
+        temporal_patch_size=tp,
+    )
+    cfg.update(known)
+    if "num_heads" not in cfg:
+        cfg["num_heads"] = _heads(cfg["hidden_size"], VISION_HEAD_DIM, "vision", path)
+    if "merge_size" not in cfg:  # the merger's first layer is hidden x merge^2 wide
+        units = _shape(shapes, prefix + "merger.mlp.0.weight", path)[1] // cfg["hidden_size"]
+        cfg["merge_size"] = math.isqrt(units)
+        if cfg["merge_size"] ** 2 * cfg["hidden_size"] != shapes[prefix + "merger.mlp.0.weight"][1]:
+            raise CheckpointError(f"{path}: cannot tell the vision merge size from the merger; {HINT}")
+    if "full_attention_blocks" not in cfg:
+        cfg["full_attention_blocks"] = tuple(i for i in range(cfg["depth"]) if i % FULL_ATTENTION_EVERY == 7)
+    return cfg
