@@ -12,7 +12,7 @@ the height, the last 24 with the width. For text all three are equal, which is o
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -135,10 +135,16 @@ class TextModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
 
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        """x [B, L, hidden] input embeddings, position_ids [3, B, L] -> final-normed hidden states."""
+    def forward(
+        self, x: torch.Tensor, position_ids: torch.Tensor, check: Callable[[], None] | None = None
+    ) -> torch.Tensor:
+        """x [B, L, hidden] input embeddings, position_ids [3, B, L] -> final-normed hidden states.
+
+        check: called before each layer; raise from it to stop (a host's interrupt check)."""
         cos, sin = mrope(position_ids, self.cfg, x.dtype)
         for layer in self.layers:
+            if check is not None:
+                check()
             x = layer(x, cos, sin)
         return self.norm(x)
 
@@ -159,19 +165,20 @@ class QwenVL(nn.Module):
         dtype: torch.dtype = torch.float32,
         image_embeds: torch.Tensor | None = None,
         image_mask: torch.Tensor | None = None,
+        check: Callable[[], None] | None = None,
     ) -> torch.Tensor:
         """Last hidden state after the final norm, [B, L, hidden], computed in `dtype`.
 
         input_ids [B, L] (right-padded); position_ids [3, B, L]; image_embeds [M, hidden] replace, in
-        order, the M tokens where image_mask [B, L] is True.
+        order, the M tokens where image_mask [B, L] is True. check: called between layers (see TextModel).
         """
         x = self.model.embed_tokens(input_ids, dtype)
         if image_embeds is not None:
             if int(image_mask.sum()) != image_embeds.shape[0]:
                 raise ValueError(f"{int(image_mask.sum())} image tokens but {image_embeds.shape[0]} image features")
             x = x.masked_scatter(image_mask[..., None], image_embeds.to(x.dtype))
-        return self.model(x, position_ids)
+        return self.model(x, position_ids, check)
 
-    def encode_images(self, patches: torch.Tensor, grids) -> torch.Tensor:
+    def encode_images(self, patches: torch.Tensor, grids, check: Callable[[], None] | None = None) -> torch.Tensor:
         """Vision features [sum of tokens, hidden] in raster order, one row per `<|image_pad|>` token."""
-        return self.visual(patches, grids)
+        return self.visual(patches, grids, check)

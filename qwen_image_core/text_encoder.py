@@ -14,7 +14,7 @@ import hashlib
 import os
 import warnings
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -86,6 +86,7 @@ class TextEncoder:
         device: torch.device | str | None = None,
         min_pixels: int = MIN_PIXELS,
         max_pixels: int = MAX_PIXELS,
+        check: Callable[[], None] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings [B, T, hidden] (in `dtype`) and mask [B, T] bool for a batch of prompts.
 
@@ -94,6 +95,7 @@ class TextEncoder:
         every prompt. max_sequence_length: kept tokens per prompt; None means the reference's default
         (512 for t2i, as diffusers' pipeline; no limit for the edit templates). Longer prompts are
         truncated with a warning. t2i never keeps more than 1024 tokens (diffusers' tokenizer limit).
+        check: called between the layers of both towers; raise from it to stop (a host's interrupt check).
         """
         if template not in TEMPLATES:
             raise ValueError(f"unknown template {template!r}; expected one of {sorted(TEMPLATES)}")
@@ -113,7 +115,9 @@ class TextEncoder:
 
         todo = list(dict.fromkeys(k for k in keys if k not in self._cache))
         if todo:
-            rows = self._run([k[0] for k in todo], images, template, limit, dtype, device, min_pixels, max_pixels)
+            rows = self._run(
+                [k[0] for k in todo], images, template, limit, dtype, device, min_pixels, max_pixels, check
+            )
             for k, r in zip(todo, rows, strict=True):
                 self._cache[k] = r
         results = []
@@ -144,7 +148,9 @@ class TextEncoder:
         return requested
 
     @torch.inference_mode()
-    def _run(self, prompts, images, template, limit, dtype, device, min_pixels, max_pixels) -> list[torch.Tensor]:
+    def _run(
+        self, prompts, images, template, limit, dtype, device, min_pixels, max_pixels, check=None
+    ) -> list[torch.Tensor]:
         """Encode prompts not in the cache: one batched pass; returns each prompt's kept rows [T_i, hidden]."""
         drop = TEMPLATES[template].drop
         feats, grids = None, []
@@ -152,7 +158,7 @@ class TextEncoder:
             pix = [vision_patches(im, min_pixels, max_pixels) for im in images]
             grids = [g for _, g in pix]
             patches = torch.cat([p for p, _ in pix]).to(device=device, dtype=dtype)
-            feats = self.model.encode_images(patches, grids)  # [M, hidden]
+            feats = self.model.encode_images(patches, grids, check)  # [M, hidden]
         counts = [t * h * w // self.model.visual.cfg.merge_size**2 for t, h, w in grids] if images else []
 
         rows = []
@@ -185,7 +191,7 @@ class TextEncoder:
         positions = rope_index(ids, grids)
         image_mask = ids == IMAGE_PAD
         image_embeds = feats.repeat(len(rows), 1) if feats is not None else None
-        hidden = self.model(ids, positions, dtype, image_embeds, image_mask if feats is not None else None)
+        hidden = self.model(ids, positions, dtype, image_embeds, image_mask if feats is not None else None, check)
         end = [len(r) if limit is None else min(len(r), drop + limit) for r in rows]
         return [hidden[i, drop : end[i]].clone() for i in range(len(rows))]
 

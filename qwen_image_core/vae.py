@@ -19,6 +19,7 @@ them; `normalize`/`denormalize` are the one place where raw and normalised laten
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -225,9 +226,11 @@ class Encoder(nn.Module):
         self.norm_out = RMSNorm(dims[-1])
         self.conv_out = Conv2d(dims[-1], 2 * cfg.z_dim, 3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, check: Callable[[], None] | None = None) -> torch.Tensor:
         x = self.conv_in(x)  # [B, 96, H, W]
         for block in self.down_blocks:
+            if check is not None:
+                check()
             x = block(x)  # ... [B, 384, H/8, W/8]
         x = self.mid_block(x)
         return self.conv_out(F.silu(self.norm_out(x, inplace=True), inplace=True))  # [B, 32, H/8, W/8]
@@ -247,9 +250,11 @@ class Decoder(nn.Module):
         self.norm_out = RMSNorm(dims[-1])
         self.conv_out = Conv2d(dims[-1], cfg.image_channels, 3, padding=1)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, check: Callable[[], None] | None = None) -> torch.Tensor:
         x = self.mid_block(self.conv_in(z))  # [B, 384, h, w]
         for block in self.up_blocks:
+            if check is not None:
+                check()
             x = block(x)  # ... [B, 96, 8h, 8w]
         return self.conv_out(F.silu(self.norm_out(x, inplace=True), inplace=True))  # [B, 3, 8h, 8w]
 
@@ -295,21 +300,23 @@ class ImageVAE(nn.Module):
         """Normalised latents -> raw VAE latents: z * std + mean per channel."""
         return self._convert(z, self.cfg, forward=False)
 
-    def moments(self, images: torch.Tensor) -> torch.Tensor:
+    def moments(self, images: torch.Tensor, check: Callable[[], None] | None = None) -> torch.Tensor:
         """Posterior parameters of images (multiples of 8): [B, 2*z_dim, H/8, W/8] = mean ‖ log-variance."""
-        return self.quant_conv(self.encoder(images))
+        return self.quant_conv(self.encoder(images, check))
 
-    def decode_raw(self, raw: torch.Tensor) -> torch.Tensor:
+    def decode_raw(self, raw: torch.Tensor, check: Callable[[], None] | None = None) -> torch.Tensor:
         """Raw latents -> images, not clamped."""
-        return self.decoder(self.post_quant_conv(raw))
+        return self.decoder(self.post_quant_conv(raw), check)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None,
-               tile: Tiling | str | bool | None = None, budget: int | None = None) -> torch.Tensor:  # fmt: skip
+               tile: Tiling | str | bool | None = None, budget: int | None = None,
+               check: Callable[[], None] | None = None) -> torch.Tensor:  # fmt: skip
         """Images [B, C, H, W] in [-1, 1] -> normalised latents [B, 16, ceil(H/8), ceil(W/8)].
 
         The posterior mean by default (edit references); `sample=True` draws mean + std * noise with
-        `generator` (img2img; log-variance clamped to [-30, 20] as diffusers).
+        `generator` (img2img; log-variance clamped to [-30, 20] as diffusers). check: called between tiles
+        and encoder stages; raise from it to stop (a host's interrupt check).
         """
         b, c, h, w = images.shape
         if c != self.cfg.image_channels:
@@ -321,9 +328,10 @@ class ImageVAE(nn.Module):
         images = images.contiguous(memory_format=torch.channels_last)  # the layout the weights are stored in
         plan = choose_tiling(tile, "encode", images, self.cfg, budget)
         if plan is None:
-            moments = self.moments(images)
+            moments = self.moments(images, check)
         else:
-            moments = run_tiled(self.moments, images, plan.size // s, plan.overlap // s, s, 1)
+            fn = lambda tile: self.moments(tile, check)
+            moments = run_tiled(fn, images, plan.size // s, plan.overlap // s, s, 1, check)
         mean, logvar = moments.chunk(2, dim=1)
         if sample:
             std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
@@ -334,16 +342,23 @@ class ImageVAE(nn.Module):
 
     @torch.no_grad()
     def decode(
-        self, latents: torch.Tensor, tile: Tiling | str | bool | None = None, budget: int | None = None
+        self,
+        latents: torch.Tensor,
+        tile: Tiling | str | bool | None = None,
+        budget: int | None = None,
+        check: Callable[[], None] | None = None,
     ) -> torch.Tensor:
-        """Normalised latents [B, 16, h, w] -> images [B, C, 8h, 8w], clamped to [-1, 1] (tiled or not)."""
+        """Normalised latents [B, 16, h, w] -> images [B, C, 8h, 8w], clamped to [-1, 1] (tiled or not).
+
+        check: called between tiles and decoder stages; raise from it to stop (a host's interrupt check)."""
         raw = self.denormalize(latents).contiguous(memory_format=torch.channels_last)
         plan = choose_tiling(tile, "decode", raw, self.cfg, budget)
         if plan is None:
-            images = self.decode_raw(raw)
+            images = self.decode_raw(raw, check)
         else:
             s = self.cfg.scale
-            images = run_tiled(self.decode_raw, raw, plan.size // s, plan.overlap // s, 1, s)
+            fn = lambda tile: self.decode_raw(tile, check)
+            images = run_tiled(fn, raw, plan.size // s, plan.overlap // s, 1, s, check)
         return images.clamp_(-1.0, 1.0).contiguous()
 
 

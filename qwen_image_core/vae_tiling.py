@@ -107,11 +107,12 @@ def _ramps(starts: list[int], tile: int, length: int, scale: int) -> list[torch.
 
 
 def run_tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, size: int, overlap: int,
-              x_per_latent: int, out_per_latent: int) -> torch.Tensor:  # fmt: skip
+              x_per_latent: int, out_per_latent: int,
+              check: Callable[[], None] | None = None) -> torch.Tensor:  # fmt: skip
     """fn applied to overlapping tiles of x and blended; tile `size` and `overlap` are in latent units.
 
     x is in pixels (x_per_latent 8, encode) or latents (1, decode); fn's output has out_per_latent
-    values per latent along each axis.
+    values per latent along each axis. check: called before each tile; raise from it to stop.
     """
     lat_h, lat_w = x.shape[-2] // x_per_latent, x.shape[-1] // x_per_latent
     rows, cols = tile_starts(lat_h, size, overlap), tile_starts(lat_w, size, overlap)
@@ -120,6 +121,8 @@ def run_tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, size:
     out = weight = None
     for r, wr in zip(rows, ramp_h, strict=True):
         for c, wc in zip(cols, ramp_w, strict=True):
+            if check is not None:
+                check()
             piece = x[..., r * x_per_latent : (r + th) * x_per_latent, c * x_per_latent : (c + tw) * x_per_latent]
             y = fn(piece).float()  # [B, C, th * out_per_latent, tw * out_per_latent]
             if out is None:

@@ -13,7 +13,7 @@ them through a GELU MLP; finally the window permutation is undone (ComfyUI 0.3.7
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -220,8 +220,12 @@ class VisionTower(nn.Module):
         angles = torch.cat([angles, angles], -1).to(device)[:, None, :]  # [N, 1, head_dim]
         return angles.cos(), angles.sin()
 
-    def forward(self, patches: torch.Tensor, grids: Sequence[tuple[int, int, int]]) -> torch.Tensor:
-        """patches [N, patch_dim] in the compute dtype; grids [(t, gh, gw)] per image -> [N/4, out_hidden]."""
+    def forward(
+        self, patches: torch.Tensor, grids: Sequence[tuple[int, int, int]], check: Callable[[], None] | None = None
+    ) -> torch.Tensor:
+        """patches [N, patch_dim] in the compute dtype; grids [(t, gh, gw)] per image -> [N/4, out_hidden].
+
+        check: called before each block; raise from it to stop (a host's interrupt check)."""
         grids = [tuple(int(v) for v in g) for g in grids]
         unit = self.cfg.merge_size**2
         n = patches.shape[0]
@@ -237,6 +241,8 @@ class VisionTower(nn.Module):
         x = to_windows(self.patch_embed(patches))  # [N, hidden]
         cos, sin = (to_windows(a) for a in self.rope(grids, patches.device))
         for i, block in enumerate(self.blocks):
+            if check is not None:
+                check()
             lengths = frame_lengths if i in self.cfg.full_attention_blocks else window_lengths
             x = block(x, cos, sin, lengths)
         merged = self.merger(x)  # [N/4, out_hidden], window order
