@@ -29,6 +29,9 @@ class Lora:
     path: str
     factors: tuple[LoraFactor, ...]
 
+    def __repr__(self) -> str:  # short (no tensors), and without the directory: reprs reach logs and API clients
+        return f"Lora({os.path.basename(self.path)!r}, {len(self.factors)} layers)"
+
 
 def _linears(model: nn.Module) -> dict[str, Linear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, Linear)}

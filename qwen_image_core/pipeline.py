@@ -95,12 +95,17 @@ class EditReferences:
     height: int
 
 
-def prepare_references(images, variant: str = "edit_plus", resize: str = "official") -> EditReferences:
+def prepare_references(
+    images, variant: str = "edit_plus", resize: str = "official", canvas: str = "last"
+) -> EditReferences:
     """Resize edit references as the chosen variant and resize policy do (see `RESIZE_POLICIES`).
 
-    Default output size: "official" is diffusers' (about 1 MP at the last reference's aspect ratio, sides
-    multiples of 32); "keep" is the first reference's own size (cropped to a multiple of 16).
+    Default output size: "official" is about 1 MP (sides multiples of 32) at the aspect ratio of the `canvas`
+    reference: "last" is diffusers' QwenImageEditPlusPipeline, "first" (Picture 1) is what the official ComfyUI
+    workflows do. "keep" is the first reference's own size (cropped to a multiple of 16) either way.
     """
+    if canvas not in ("first", "last"):
+        raise ValueError(f"unknown canvas {canvas!r}: 'first' (Picture 1) or 'last' (diffusers)")
     refs = list(images) if isinstance(images, (list, tuple)) else [images]
     if not refs:
         raise ValueError("editing needs at least one reference image")
@@ -113,8 +118,8 @@ def prepare_references(images, variant: str = "edit_plus", resize: str = "offici
     if resize == "keep":
         width, height = copies[0][1].size
     else:
-        last = to_pil(refs[-1])
-        width, height = calculate_dimensions(EDIT_AREA, last.width / last.height, 32)
+        ref = to_pil(refs[0] if canvas == "first" else refs[-1])
+        width, height = calculate_dimensions(EDIT_AREA, ref.width / ref.height, 32)
     return EditReferences([c[0] for c in copies], [_images_to_tensor([c[1]]) for c in copies], width, height)
 
 

@@ -10,6 +10,7 @@ The result is one list of (module, down [r, in], up [out, r], scale) for `lora.p
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -53,12 +54,21 @@ def _split(key: str) -> tuple[str, str, str] | None:
     return None
 
 
-def _peft_scales(metadata: dict[str, str]) -> tuple[float | None, float | None, dict, dict, bool]:
+def _peft_scales(path, metadata: dict[str, str]) -> tuple[float | None, float | None, dict, dict, bool]:
     """(r, lora_alpha, rank_pattern, alpha_pattern, use_rslora) from diffusers' saved PEFT config, if any."""
     raw = metadata.get(PEFT_METADATA_KEY)
     if not raw:
         return None, None, {}, {}, False
-    cfg = {k.removeprefix("transformer."): v for k, v in json.loads(raw).items()}
+    try:
+        loaded = json.loads(raw)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: the {PEFT_METADATA_KEY} metadata is not valid JSON ({e})") from None
+    if not isinstance(loaded, dict):
+        raise CheckpointError(f"{path}: the {PEFT_METADATA_KEY} metadata is not a JSON object")
+    cfg = {k.removeprefix("transformer."): v for k, v in loaded.items()}
+    for key in ("rank_pattern", "alpha_pattern"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], dict):
+            raise CheckpointError(f"{path}: {PEFT_METADATA_KEY} {key} is not an object")
     return (
         cfg.get("r"),
         cfg.get("lora_alpha"),
@@ -80,7 +90,7 @@ def parse_lora(ckpt: Checkpoint, module_names: Iterable[str]) -> list[LoraFactor
     """Match every LoRA pair in the file to a module of the model; any key that matches nothing is an error."""
     modules = set(module_names)
     by_underscore = {m.replace(".", "_"): m for m in modules}
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    pairs: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}  # module -> role -> (key, tensor)
     unknown, unmatched = [], []
     for key in ckpt:
         parts = _split(key)
@@ -92,7 +102,7 @@ def parse_lora(ckpt: Checkpoint, module_names: Iterable[str]) -> list[LoraFactor
         if module not in modules:
             unmatched.append(key)
             continue
-        pairs.setdefault(module, {})[role] = ckpt[key]
+        pairs.setdefault(module, {})[role] = (key, ckpt[key])
     if not pairs and not unknown and not unmatched:
         raise CheckpointError(f"{ckpt.path}: holds no tensors")
     if unknown or unmatched or not pairs:
@@ -107,24 +117,73 @@ def parse_lora(ckpt: Checkpoint, module_names: Iterable[str]) -> list[LoraFactor
             )
         raise CheckpointError("\n".join(lines))
 
-    r_meta, alpha_meta, rank_pattern, alpha_pattern, rslora = _peft_scales(ckpt.metadata)
+    r_meta, alpha_meta, rank_pattern, alpha_pattern, rslora = _peft_scales(ckpt.path, ckpt.metadata)
     out = []
     for module, f in sorted(pairs.items()):
         if "down" not in f or "up" not in f:
             raise CheckpointError(f"{ckpt.path}: LoRA for {module} lacks its {'up' if 'down' in f else 'down'} factor")
-        down, up = f["down"], f["up"]
+        (down_key, down), (up_key, up) = f["down"], f["up"]
+        _check_factor(ckpt.path, down_key, down, 0)
+        _check_factor(ckpt.path, up_key, up, 1)
         rank = down.shape[0]
         if up.shape[1] != rank:
             raise CheckpointError(
-                f"{ckpt.path}: LoRA factors of {module} disagree on the rank ({list(down.shape)} vs {list(up.shape)})"
+                f"{ckpt.path}: LoRA factors of {module} disagree on the rank ({down_key} is {list(down.shape)}, "
+                f"{up_key} is {list(up.shape)})"
             )
         if "alpha" in f:
-            scale = float(f["alpha"].float().item()) / rank
+            scale = _alpha(ckpt.path, *f["alpha"]) / rank
         elif alpha_meta is not None:
             alpha = _pattern_value(alpha_pattern, module, alpha_meta)
             r = _pattern_value(rank_pattern, module, r_meta or rank)
-            scale = alpha / (r**0.5 if rslora else r)
+            scale = _metadata_scale(ckpt.path, module, alpha, r, rslora)
         else:
             scale = 1.0
         out.append(LoraFactor(module, down, up, scale))
     return out
+
+
+def _check_factor(path, key: str, t: torch.Tensor, rank_dim: int) -> None:
+    """A factor is a float matrix (down [rank, in], up [out, rank]) with rank >= 1, of finite numbers."""
+    if t.ndim != 2:
+        raise CheckpointError(
+            f"{path}: LoRA factor {key} is {list(t.shape)}, not a matrix: only LoRAs of linear layers are supported"
+        )
+    if t.numel() == 0:
+        kind = "rank 0" if t.shape[rank_dim] == 0 else "no features"
+        raise CheckpointError(f"{path}: LoRA factor {key} is {list(t.shape)} ({kind}): it holds no values")
+    if not t.is_floating_point():
+        raise CheckpointError(f"{path}: LoRA factor {key} is {str(t.dtype).removeprefix('torch.')}, not floating point")
+    _check_finite(path, key, t)
+
+
+def _check_finite(path, key: str, t: torch.Tensor) -> None:
+    x = t if t.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2) else t.float()
+    if not bool(torch.isfinite(x).all()):
+        nan, inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
+        what = ", ".join(s for s in (nan and f"{nan} NaN", inf and f"{inf} infinite") if s)
+        raise CheckpointError(
+            f"{path}: LoRA tensor {key} holds non-finite values ({what} of {x.numel()}): the file is damaged "
+            "(or was saved from a diverged training run)"
+        )
+
+
+def _alpha(path, key: str, t: torch.Tensor) -> float:
+    """A kohya/lightx2v `.alpha`: one finite number (a scalar or [1])."""
+    if t.numel() != 1:
+        raise CheckpointError(f"{path}: LoRA alpha {key} is {list(t.shape)}; an alpha is one number (shape [] or [1])")
+    if t.dtype == torch.bool or t.is_complex():
+        raise CheckpointError(f"{path}: LoRA alpha {key} is {str(t.dtype).removeprefix('torch.')}, not a number")
+    if t.is_floating_point():
+        _check_finite(path, key, t)
+    return float(t.float().item())
+
+
+def _metadata_scale(path, module: str, alpha, r, rslora: bool) -> float:
+    """lora_alpha / r (or / sqrt(r) with rsLoRA) from PEFT metadata, with both checked to be usable numbers."""
+    for name, v in (("lora_alpha", alpha), ("r", r)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise CheckpointError(f"{path}: {PEFT_METADATA_KEY} gives {name} = {v!r} for {module}: not a finite number")
+    if r <= 0:
+        raise CheckpointError(f"{path}: {PEFT_METADATA_KEY} gives rank r = {r!r} for {module}: it must be at least 1")
+    return alpha / (r**0.5 if rslora else r)
