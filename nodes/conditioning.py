@@ -12,7 +12,7 @@ import torch
 
 from ..qwen_image_core.pipeline import prepare_references
 from ..qwen_image_core.sizes import check_reference, latent_shape
-from . import host, placement
+from . import checks, host, placement
 from .loaders import TEXT_ENCODER, VAE
 
 CATEGORY = "QwenPix/conditioning"
@@ -50,7 +50,7 @@ class QwenPixTextEncode:
         }
 
     def encode(self, text_encoder, prompt: str):
-        embeds = text_encoder.encode([prompt], None, "t2i")
+        embeds = text_encoder.encode([checks.check_text("prompt", prompt)], None, "t2i")
         return (_conditioning(embeds),)
 
 
@@ -61,7 +61,8 @@ class QwenPixEditEncode:
     RETURN_NAMES = ("conditioning", "latent")
     OUTPUT_TOOLTIPS = (
         "Instruction + reference images (native layout with reference_latents).",
-        "An empty latent at the edit's output size (official, or the first image's size with 'keep size').",
+        "An empty latent at the edit's output size, from image1: ~1 MP at its aspect ratio (official) or its own size "
+        "(keep size).",
     )
     FUNCTION = "encode"
     DESCRIPTION = "Encodes an edit instruction with 1-3 reference images for Qwen-Image-Edit / 2509 / 2511."
@@ -76,7 +77,10 @@ class QwenPixEditEncode:
                 ),
                 "vae": (VAE, {"tooltip": "Encodes the references into latents the model attends to."}),
                 "prompt": ("STRING", {"multiline": True, "dynamicPrompts": True, "tooltip": "The edit instruction."}),
-                "image1": ("IMAGE", {"tooltip": "The image to edit; with 'keep size' it also sets the output size."}),
+                "image1": (
+                    "IMAGE",
+                    {"tooltip": "The image to edit ('Picture 1'); it sets the output size and aspect ratio."},
+                ),
                 "variant": (
                     list(VARIANTS),
                     {
@@ -99,20 +103,28 @@ class QwenPixEditEncode:
             },
         }
 
-    def encode(self, text_encoder, vae, prompt: str, image1, variant: str, resize: str, image2=None, image3=None):
+    def encode(
+        self, text_encoder, vae, prompt: str, image1, variant: str, resize: str, image2=None, image3=None, **more
+    ):
+        if more:  # ComfyUI passes linked inputs the node does not declare (image4 sent through the API)
+            extra = ", ".join(sorted(more))
+            raise host.InputError(
+                f"{extra}: not an input of this node, which takes at most {MAX_IMAGES} reference images "
+                f"(image1..image{MAX_IMAGES}); {extra} would be ignored\nFix: remove {extra}, or combine images "
+                "into one (e.g. side by side) before encoding"
+            )
+        checks.check_text("prompt", prompt)
         named = [(f"image{i}", im) for i, im in enumerate((image1, image2, image3), 1) if im is not None]
         for name, im in named:
-            if im.ndim != 4 or im.shape[-1] not in (1, 2, 3, 4):
-                raise host.InputError(
-                    f"{name}: expected an IMAGE [batch, height, width, channels], got {list(im.shape)}"
-                )
+            checks.check_image(name, im)
             if im.shape[0] > 1:
                 logging.warning("QwenPix edit encode: %s is a batch of %d; using its first image", name, im.shape[0])
             check_reference(name, im.shape[2], im.shape[1], RESIZES[resize] == "keep")
         images = [im[0] for _, im in named]  # first image of each batch
         fix = "use the 'edit_plus (2509 / 2511)' variant for several reference images, or remove image2/image3"
         with host.input_problem("variant", variant, fix):
-            refs = prepare_references(images, VARIANTS[variant], RESIZES[resize])
+            # the canvas follows Picture 1, as the official ComfyUI workflows size it (diffusers: the last image)
+            refs = prepare_references(images, VARIANTS[variant], RESIZES[resize], canvas="first")
         template = "edit" if VARIANTS[variant] == "edit" else "edit_plus"
         embeds = text_encoder.encode([prompt], refs.vl_images, template)
         with placement.vae_on_device(vae) as device:

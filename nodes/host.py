@@ -26,6 +26,7 @@ from ..qwen_image_core.lora import Lora
 from ..qwen_image_core.text_encoder import TextEncoder
 from ..qwen_image_core.vae import denormalize_latents, latent_preview, normalize_latents
 from . import placement
+from .checks import InputError, scrub_paths
 from .placement import Runtime
 
 PACK = "QwenPix"
@@ -48,6 +49,9 @@ class DiTHandle:
     def with_lora(self, lora: Lora, strength: float) -> DiTHandle:
         return replace(self, loras=(*self.loras, (lora, strength)))
 
+    def __repr__(self) -> str:  # ComfyUI sends str(input) to API clients with an error: short, no server paths
+        return f"DiTHandle({self.name!r}, compute_dtype={self.compute_dtype!r}, loras={list(self.loras)!r})"
+
 
 @dataclass(frozen=True)
 class TextEncoderHandle:
@@ -55,6 +59,9 @@ class TextEncoderHandle:
 
     encoder: TextEncoder
     runtime: Runtime = field(default_factory=Runtime)
+
+    def __repr__(self) -> str:  # as DiTHandle's: the default repr names the pack's module path
+        return "TextEncoderHandle(Qwen2.5-VL)"
 
     def encode(self, prompts: list[str], images, template: str) -> torch.Tensor:
         """Embeddings [B, T, 3584] of prompts, computed on ComfyUI's device (streamed if VRAM is short)."""
@@ -96,10 +103,6 @@ def model_path(folder: str, name: str, repo_part: str) -> Path:
     return Path(folder_paths.get_full_path_or_raise(folder, name))
 
 
-class InputError(ValueError):
-    """A node input that cannot be used: the message names the input, its value, what is wrong and the fix."""
-
-
 @contextmanager
 def input_problem(name: str, value, fix: str) -> Iterator[None]:
     """Turn a core error about a file or value into one that names the node input and says what to do.
@@ -112,6 +115,42 @@ def input_problem(name: str, value, fix: str) -> Iterator[None]:
         raise
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         raise InputError(f"{name} '{value}': {e}\nFix: {fix}") from e
+
+
+def path_roots() -> dict[str, str]:
+    """Absolute directories a message may name, and how they are shown: ComfyUI's model folders (and any extra
+    model paths) as `models/<folder>`; the models directory itself as `models`."""
+    roots = {}
+    for folder, (paths, _) in folder_paths.folder_names_and_paths.items():
+        if folder == "custom_nodes":  # code, not models: shown by base name like any other path
+            continue
+        for p in paths:
+            roots[os.path.abspath(p)] = f"models/{folder}"
+    models = os.path.abspath(folder_paths.models_dir)
+    for p in list(roots):  # folders inside the models directory keep their real relative path
+        if p.startswith(models + os.sep):
+            roots[p] = "models/" + os.path.relpath(p, models).replace(os.sep, "/")
+    roots[models] = "models"
+    return roots
+
+
+def public_error(e: BaseException) -> BaseException:
+    """`e` itself, or an exception of the same type whose message has no absolute server path (see
+    `checks.scrub_paths`): what an API client receives is the message, and paths of the server's disks are not its
+    business. Interrupts and errors without a path pass unchanged."""
+    if isinstance(e, comfy.model_management.InterruptProcessingException):
+        return e
+    text = str(e)
+    clean = scrub_paths(text, path_roots())
+    if clean == text:
+        return e
+    try:
+        new = type(e)(clean)
+        if str(new) != clean:
+            raise TypeError
+    except Exception:
+        new = InputError(clean)
+    return new
 
 
 def file_identity(path: Path) -> tuple[str, int, int]:

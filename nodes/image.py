@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..qwen_image_core.vae import Tiling
-from . import host, placement
+from . import checks, host, placement
 from .loaders import VAE
 
 CATEGORY = "QwenPix/latent"
@@ -11,7 +11,24 @@ TILING = ["auto", "off", "on"]
 
 
 def _tiling(mode: str, tile_size: int, overlap: int):
-    return {"auto": "auto", "off": False}.get(mode) or Tiling(tile_size, overlap)
+    """The core's tiling argument from the node's inputs, checked with the inputs' own names and values."""
+    if mode not in TILING:
+        raise host.InputError(f"tiling '{mode}': not one of {', '.join(TILING)}\nFix: choose one of {TILING}")
+    if mode != "on":
+        return {"auto": "auto", "off": False}[mode]
+    for name, v, low in (("tile_size", tile_size, 128), ("overlap", overlap, 0)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < low or v % 8:
+            raise host.InputError(
+                f"{name} '{v}': tiles are cut in latent pixels, so {name} must be a multiple of 8"
+                + (f" of at least {low}" if low else " (0 or more)")
+                + f"\nFix: set {name} to {max(low, int(v) // 8 * 8) if isinstance(v, int) else low}"
+            )
+    if overlap * 2 > tile_size:
+        raise host.InputError(
+            f"overlap '{overlap}': at most half of tile_size '{tile_size}'\nFix: lower overlap to "
+            f"{tile_size // 2 // 8 * 8} or less, or raise tile_size to {overlap * 2} or more"
+        )
+    return Tiling(tile_size, overlap)
 
 
 def _tiling_inputs() -> dict:
@@ -62,9 +79,11 @@ class QwenPixDecode:
         }
 
     def decode(self, vae, samples, tiling, tile_size, overlap):
+        tile = _tiling(tiling, tile_size, overlap)
+        raw = checks.check_latent("samples", samples)
         with placement.vae_on_device(vae) as device:
-            latents = host.latent_to_core(samples["samples"]).to(device)
-            images = vae.decode(latents, tile=_tiling(tiling, tile_size, overlap))
+            latents = host.latent_to_core(raw).to(device)
+            images = vae.decode(latents, tile=tile)
         return (host.image_to_comfy(images),)
 
 
@@ -87,8 +106,10 @@ class QwenPixEncode:
         }
 
     def encode(self, vae, image, tiling, tile_size, overlap):
+        tile = _tiling(tiling, tile_size, overlap)
+        checks.check_image("image", image)
         with placement.vae_on_device(vae) as device:
-            latents = vae.encode(host.image_to_core(image).to(device), tile=_tiling(tiling, tile_size, overlap))
+            latents = vae.encode(host.image_to_core(image).to(device), tile=tile)
         return ({"samples": host.latent_to_comfy(latents)},)
 
 

@@ -6,7 +6,7 @@ from ..qwen_image_core.formats.vae import load_vae
 from ..qwen_image_core.lora import load_lora
 from ..qwen_image_core.mmdit import load_dit
 from ..qwen_image_core.text_encoder import load_text_encoder
-from . import host, placement
+from . import checks, host, placement
 
 CATEGORY = "QwenPix/loaders"
 DIT, TEXT_ENCODER, VAE = "QWENPIX_DIT", "QWENPIX_TEXT_ENCODER", "QWENPIX_VAE"
@@ -143,6 +143,7 @@ class QwenPixLoraLoader:
         }
 
     def apply(self, dit: host.DiTHandle, lora_name: str, strength: float):
+        strength = checks.finite_number("strength", strength, "set strength from -10 to 10 (1 is usual, 0 disables it)")
         fix = (
             "choose a .safetensors LoRA trained for Qwen-Image (they fit Qwen-Image and its Edit versions) from "
             "models/loras"

@@ -8,7 +8,7 @@ import torch
 
 from ..qwen_image_core.offload_plan import DiTWorkload, sampling_bytes
 from ..qwen_image_core.pipeline import Conditioning, make_sigmas, sample
-from . import host, placement
+from . import checks, host, placement
 from .loaders import DIT
 
 CATEGORY = "QwenPix/sampling"
@@ -21,16 +21,10 @@ def conditioning_to_core(
     conditioning: list, dtype: torch.dtype, device: torch.device, name: str = "positive", text_dim: int | None = None
 ) -> Conditioning:
     """ComfyUI CONDITIONING (ours or native Qwen nodes') -> embeddings, mask and normalised reference latents."""
-    if not conditioning:
-        raise host.InputError(f"{name}: the conditioning is empty; connect a Qwen-Image Text Encode output")
+    checks.check_conditioning(name, conditioning, text_dim)  # structure, sizes, finite values, mask, references
     if len(conditioning) > 1:
         logging.warning("QwenPix sampler: using the first of %d conditioning entries", len(conditioning))
     embeds, extra = conditioning[0]
-    if text_dim is not None and (embeds.ndim != 3 or embeds.shape[-1] != text_dim):
-        raise host.InputError(
-            f"{name}: the conditioning is {list(embeds.shape)}, this diffusion model takes [1, tokens, {text_dim}]: "
-            "encode the prompt with the text encoder that belongs to this model (Qwen2.5-VL-7B for Qwen-Image)"
-        )
     mask = extra.get("attention_mask")
     mask = None if mask is None or bool(mask.all()) else mask.to(device=device, dtype=torch.bool)
     refs = [host.latent_to_core(r).to(device) for r in extra.get("reference_latents") or []]
@@ -88,7 +82,7 @@ class QwenPixSampler:
                     "FLOAT",
                     {
                         "default": 3.1,
-                        "min": 0.0,
+                        "min": 0.01,
                         "max": 100.0,
                         "step": 0.01,
                         "tooltip": "Shift for the 'shift' schedule (official workflows: 3.1; edit: 3).",
@@ -129,6 +123,9 @@ class QwenPixSampler:
         cfg_rescale,
         denoise,
     ):
+        cfg = checks.finite_number("cfg", cfg, "set cfg from 1 to 30 (4 is the official default; 1 for Lightning)")
+        denoise = checks.finite_number("denoise", denoise, "set denoise from 0 to 1 (1 for text-to-image)")
+        shift = checks.finite_number("shift", shift, "set shift above 0 (official: 3.1; edit: 3)", above=0)
         device = host.compute_device()
         dtype = host.compute_dtype(dit.compute_dtype, device)
         cfg_dit = dit.model.config
@@ -158,7 +155,7 @@ class QwenPixSampler:
             return (latent_image,)
         noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))  # as ComfyUI: CPU noise
         planner = placement.dit_planner(dit.model, workload)
-        guard = FiniteGuard(host.StepReporter(len(sigmas) - 1), dit.compute_dtype, dtype)
+        guard = FiniteGuard(host.StepReporter(len(sigmas) - 1), dit.compute_dtype, dtype, dit, {"latent_image": latent})
 
         def run():
             return sample(
@@ -195,24 +192,16 @@ def check_memory(workload: DiTWorkload, cfg, device: torch.device) -> None:
 class FiniteGuard:
     """A step callback that stops sampling with the reason as soon as the latents stop being finite numbers."""
 
-    def __init__(self, inner, choice: str, dtype: torch.dtype):
-        self.inner, self.choice, self.dtype = inner, choice, dtype
+    def __init__(self, inner, choice: str, dtype: torch.dtype, dit=None, inputs=None):
+        self.inner, self.choice, self.dtype, self.dit, self.inputs = inner, choice, dtype, dit, inputs
 
     def __call__(self, i: int, steps: int, x: torch.Tensor, denoised: torch.Tensor) -> None:
         self.check(x, i, steps)
         self.inner(i, steps, x, denoised)
 
     def check(self, x: torch.Tensor, i: int, steps: int) -> None:
-        if not bool(torch.isfinite(x).all()):
-            hint = (
-                "float16 cannot hold this model's activations: set compute_dtype to bf16 (or fp32) on the loader"
-                if self.dtype == torch.float16
-                else "the model file may be damaged, or a LoRA strength is extreme: check them, or try fp32"
-            )
-            raise host.InputError(
-                f"compute_dtype '{self.choice}': sampling produced NaN/inf at step {i + 1} of {steps} "
-                f"(computing in {str(self.dtype).removeprefix('torch.')}); stopped\nFix: {hint}"
-            )
+        if not bool(torch.isfinite(x).all()):  # stop with the likeliest cause it can see
+            raise host.InputError(checks.non_finite_message(i, steps, self.dtype, self.choice, self.dit, self.inputs))
 
 
 NODES = {"QwenPixSampler": QwenPixSampler}

@@ -85,6 +85,7 @@ def _describe(value) -> dict:
         out["finite"] = bool(torch.isfinite(value[0][0]).all())
     elif isinstance(value, dict) and "samples" in value:  # LATENT
         out["shape"] = list(value["samples"].shape)
+        out["finite"] = bool(torch.isfinite(value["samples"]).all())
     else:
         out["model_id"] = id(value)
     return out
@@ -183,3 +184,83 @@ class QwenPixTestImage:
 NODE_CLASS_MAPPINGS.update(
     QwenPixTestSink=QwenPixTestSink, QwenPixTestFault=QwenPixTestFault, QwenPixTestImage=QwenPixTestImage
 )
+
+
+class QwenPixTestBad:
+    """Values no well-behaved node makes, as an any-type output: non-finite images, latents, numbers and
+    conditioning, conditioning with a wrong mask or reference latents, and a plain tensor or text."""
+
+    CATEGORY = "testing"
+    RETURN_TYPES = (ANY,)
+    FUNCTION = "make"
+    KINDS = (
+        "image_some_nan",  # 12 of 3072 values NaN
+        "image_all_nan",
+        "image_inf",
+        "mask",  # a MASK [1, H, W] where an IMAGE belongs
+        "image_5_channels",
+        "latent_nan",
+        "latent_4_channels",
+        "float_nan",
+        "float_inf",
+        "float_zero",
+        "cond_nan",
+        "cond_mask_too_long",
+        "cond_mask_text",
+        "cond_refs_4_channels",
+        "cond_refs_tensor",
+        "cond_refs_nan",
+        "cond_not_pairs",
+        "cond_as_text",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "kind": (list(cls.KINDS),),
+                "dim": ("INT", {"default": 256, "min": 1, "max": 8192}),
+                "salt": ("INT", {"default": 0, "min": 0, "max": 2**31}),
+            }
+        }
+
+    def make(self, kind, dim, salt):
+        nan = float("nan")
+        if kind.startswith("image") or kind == "mask":
+            image = torch.rand(1, 32, 32, 5 if kind == "image_5_channels" else 3)
+            if kind == "image_some_nan":
+                image.view(-1)[:12] = nan
+            elif kind == "image_all_nan":
+                image[:] = nan
+            elif kind == "image_inf":
+                image[0, 0, 0, :] = float("inf")
+            return (image[..., 0] if kind == "mask" else image,)
+        if kind.startswith("latent"):
+            samples = torch.zeros(1, 4 if kind == "latent_4_channels" else 16, 1, 4, 4)
+            if kind == "latent_nan":
+                samples[:] = nan
+            return ({"samples": samples},)
+        if kind.startswith("float"):
+            return ({"float_nan": nan, "float_inf": float("inf"), "float_zero": 0.0}[kind],)
+        embeds = torch.randn(1, 5, dim, generator=torch.Generator().manual_seed(salt))
+        extra = {}
+        if kind == "cond_nan":
+            embeds[0, 0, :3] = nan
+        elif kind == "cond_mask_too_long":
+            extra["attention_mask"] = torch.ones(1, 9, dtype=torch.long)
+        elif kind == "cond_mask_text":
+            extra["attention_mask"] = "all"
+        elif kind == "cond_refs_4_channels":
+            extra["reference_latents"] = [torch.zeros(1, 4, 1, 4, 4)]
+        elif kind == "cond_refs_tensor":
+            extra["reference_latents"] = torch.zeros(1, 16, 1, 4, 4)
+        elif kind == "cond_refs_nan":
+            extra["reference_latents"] = [torch.full((1, 16, 1, 4, 4), nan)]
+        elif kind == "cond_not_pairs":
+            return ([embeds],)
+        elif kind == "cond_as_text":
+            return ("a cat",)
+        return ([[embeds, extra]],)
+
+
+NODE_CLASS_MAPPINGS["QwenPixTestBad"] = QwenPixTestBad
