@@ -5,8 +5,9 @@
    float32 weights and compute. The three models share one in-memory float32 state dict (assigned, not
    copied: ~5.5 GB, so peak RSS ~6.4 GB) and their runs are interleaved, so machine noise hits all three.
 2. Peak RSS while loading a synthetic full-width float8 (e4m3fn) ComfyUI file of 8 blocks, against its size,
-   measured in a fresh subprocess: after `load_dit` (memory-mapped, nothing read yet) and after touching every
-   weight once (what a first forward does).
+   measured in a fresh subprocess for each way of holding weights: copied into memory (the default) and
+   `mmap=True` (nothing read at load): after `load_dit` and after touching every weight once (what a first
+   forward does).
 
     .venv/bin/python bench/bench_mmdit.py [--repeats 3] [--blocks 4] [--skip-forward] [--skip-load]
 """
@@ -125,11 +126,11 @@ def rss(field: str) -> int:
     raise KeyError(field)
 
 
-def load_child(path: str) -> None:
-    """Runs in a fresh process: RSS before, after load_dit, after touching every weight once."""
+def load_child(path: str, mmap: bool = False) -> None:
+    """Runs in a fresh process: RSS before, after load_dit (weights copied, or mapped), after touching every weight."""
     base = rss("VmRSS")
     t = time.perf_counter()
-    model = load_dit(path)
+    model = load_dit(path, mmap=mmap)
     load_time = time.perf_counter() - t
     after_load = rss("VmRSS")
     peak_load = rss("VmHWM")
@@ -143,17 +144,19 @@ def load_child(path: str) -> None:
     print(json.dumps({**out, "load_time": load_time, "dtypes": dtypes}))
 
 
-def bench_load(blocks: int) -> dict:
+def bench_load(blocks: int) -> dict[str, dict]:
     cfg = MMDiTConfig(num_layers=blocks)
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / f"qwen_image_{blocks}blocks_fp8_e4m3fn.safetensors"
         print(f"writing a synthetic {blocks}-block full-width fp8 file ...", flush=True)
         write_fast_fp8(path, cfg)
         size = path.stat().st_size
-        res = subprocess.run(
-            [sys.executable, __file__, "--load-child", str(path)], capture_output=True, text=True, check=True
-        )
-        return {**json.loads(res.stdout.strip().splitlines()[-1]), "size": size}
+        out = {}
+        for mode, extra in (("copied (default)", []), ("mmap=True", ["--mmap"])):
+            cmd = [sys.executable, __file__, "--load-child", str(path), *extra]
+            res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            out[mode] = {**json.loads(res.stdout.strip().splitlines()[-1]), "size": size}
+        return out
 
 
 def write_fast_fp8(path: Path, cfg: MMDiTConfig) -> None:
@@ -181,9 +184,10 @@ def main():
     ap.add_argument("--skip-forward", action="store_true")
     ap.add_argument("--skip-load", action="store_true")
     ap.add_argument("--load-child")
+    ap.add_argument("--mmap", action="store_true", help="with --load-child: map the file instead of copying")
     a = ap.parse_args()
     if a.load_child:
-        return load_child(a.load_child)
+        return load_child(a.load_child, a.mmap)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     if not a.skip_forward:
@@ -198,18 +202,20 @@ def main():
         for name, best, med, cpu, diff in rows:
             print(f"| {name} | {best:.2f} | {med:.2f} | {cpu:.2f} | {cpu / rows[0][3]:.2f}x | {diff:.2e} |")
     if not a.skip_load:
-        r = bench_load(a.load_blocks)
+        runs = bench_load(a.load_blocks)
         gb = 1 << 30
-        print(f"\nLoading a full-width fp8 (e4m3fn) file of {a.load_blocks} blocks: {r['size'] / gb:.2f} GiB")
-        print("| measure | RSS (GiB) | x file size |")
-        print("| --- | --- | --- |")
-        for label, key in [
-            ("process after imports", "base"),
-            ("after load_dit (peak)", "peak_load"),
-            ("after touching every weight (peak)", "peak"),
-        ]:
-            print(f"| {label} | {r[key] / gb:.2f} | {r[key] / r['size']:.2f} |")
-        print(f"load_dit time {r['load_time']:.2f} s; parameter dtypes {r['dtypes']}")
+        size = next(iter(runs.values()))["size"]
+        print(f"\nLoading a full-width fp8 (e4m3fn) file of {a.load_blocks} blocks: {size / gb:.2f} GiB")
+        print("| weights | measure | RSS (GiB) | x file size |")
+        print("| --- | --- | --- | --- |")
+        for mode, r in runs.items():
+            for label, key in [
+                ("process after imports", "base"),
+                ("after load_dit (peak)", "peak_load"),
+                ("after touching every weight (peak)", "peak"),
+            ]:
+                print(f"| {mode} | {label} | {r[key] / gb:.2f} | {r[key] / r['size']:.2f} |")
+            print(f"{mode}: load_dit time {r['load_time']:.2f} s; parameter dtypes {r['dtypes']}")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ once as diffusers' encode_prompt calls it (the whole model, which also computes 
 "encode" is the best of 5 runs after a warm-up (the machine is shared: the minimum is the least
 disturbed; our embedding cache is cleared between runs); "peak RSS" is the process's whole peak (torch +
 weights + activations); "RSS after load" is the resident size right after loading, before any encode
-(our weights are memory-mapped and paged in on use).
+(our weights are read into memory at load; `load_text_encoder(..., mmap=True)` would page them in on use).
 """
 
 from __future__ import annotations

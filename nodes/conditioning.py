@@ -128,7 +128,9 @@ class QwenPixEditEncode:
         template = "edit" if VARIANTS[variant] == "edit" else "edit_plus"
         embeds = text_encoder.encode([prompt], refs.vl_images, template)
         with placement.vae_on_device(vae) as device:
-            latents = [host.latent_to_comfy(vae.encode(px.to(device))) for px in refs.vae_pixels]
+            latents = [
+                host.latent_to_comfy(vae.encode(px.to(device), check=host.check_interrupt)) for px in refs.vae_pixels
+            ]
         b, c, h, w = latent_shape(refs.width // 16 * 16, refs.height // 16 * 16, 1)
         empty = torch.zeros((b, c, 1, h, w), device=host.intermediate_device())
         return (_conditioning(embeds, {"reference_latents": latents}), {"samples": empty})

@@ -71,7 +71,7 @@ class TextEncoderHandle:
             model, model.model.layers, self.runtime, placement.text_encoder_planner(model, tokens)
         ):
             device = model.model.norm.weight.device
-            embeds, _ = self.encoder.encode(prompts, images, template, device=device)
+            embeds, _ = self.encoder.encode(prompts, images, template, device=device, check=check_interrupt)
         return embeds
 
 
@@ -153,43 +153,81 @@ def public_error(e: BaseException) -> BaseException:
     return new
 
 
-def file_identity(path: Path) -> tuple[str, int, int]:
-    """(resolved path, newest mtime in ns, total bytes) of a file or a folder's files: a loaded model's cache key."""
-    path = path.resolve()
+def file_identity(path: Path) -> tuple:
+    """What a loaded model depends on: the resolved path and, for the file or each file of a folder, its size,
+    mtime, ctime, inode and device. Any rewrite, truncation or replacement changes it (ctime cannot be set
+    back by copying tools the way mtime can). Raises FileNotFoundError when the file or folder is gone."""
+    path = path.resolve(strict=True)
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    stats = [f.stat() for f in files]
-    return str(path), max((s.st_mtime_ns for s in stats), default=0), sum(s.st_size for s in stats)
+    stats = []
+    for f in files:
+        st = f.stat()
+        stats.append((str(f.relative_to(path)) if f != path else "", st.st_size, st.st_mtime_ns, st.st_ctime_ns,
+                      st.st_ino, st.st_dev))  # fmt: skip
+    return str(path), tuple(stats)
+
+
+def model_fingerprint(folder: str, name: str, repo_part: str):
+    """A loader's IS_CHANGED value: the identity of the file behind `name`, so ComfyUI runs the loader again
+    (instead of reusing its cached output) when the file changed on disk; NaN (never equal, always run: the
+    loader then reports the problem) when the name does not resolve to an existing file."""
+    try:
+        return repr(file_identity(model_path(folder, name, repo_part)))
+    except Exception:  # the loader itself turns every such case into a clear error
+        return float("nan")
 
 
 class ModelCache:
-    """Loaded models by (kind, resolved path, mtime, size): a file named by two prompts is loaded once.
+    """Loaded models by (kind, file identity): a file named by two prompts is loaded once.
 
     Every model still alive (held by ComfyUI's node cache or a running prompt) is found through a weak
     reference; besides, the most recently used model of each kind is held strongly, so a following prompt
-    reuses it even when ComfyUI's cache dropped it (other loader inputs, --cache-none). A changed file (new
-    mtime or size) is loaded again. Each model's placement state (`Runtime`) is shared by everything using it.
-    One instance lives in this module, the host seam; ComfyUI runs prompts one at a time, a lock covers the rest.
+    reuses it even when ComfyUI's cache dropped it (other loader inputs, --cache-none). A changed file (see
+    `file_identity`) is loaded again (logged), or refused with the reader's error if it is now broken; a file
+    that changes while it is being loaded is refused. Weights live in process memory (the reader copies
+    them), so a model in use never depends on its file. Each model's placement state (`Runtime`) is shared by
+    everything using it. One instance lives in this module, the host seam; ComfyUI runs prompts one at a time,
+    a lock covers the rest.
     """
 
     def __init__(self, keep_per_kind: int = 1):
         self.keep_per_kind = keep_per_kind
         self._strong: OrderedDict[tuple, object] = OrderedDict()
         self._alive: weakref.WeakValueDictionary[tuple, object] = weakref.WeakValueDictionary()
-        self._runtimes: weakref.WeakKeyDictionary[object, Runtime] = weakref.WeakKeyDictionary()
+        self._seen: dict[tuple[str, str], tuple] = {}  # (kind, resolved path) -> identity last loaded
         self._lock = threading.Lock()
 
     def get(self, kind: str, path: Path, load: Callable[[], object]):
-        key = (kind, *file_identity(path))
+        try:
+            identity = file_identity(path)
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: no such file or folder (was it moved or deleted?)") from None
+        key = (kind, identity)
         with self._lock:
             value = self._alive.get(key)
             if value is not None:
                 self._keep(key, value)
                 logging.info("QwenPix: reusing the loaded %s %s", kind, path)
                 return value
+            before = self._seen.get((kind, identity[0]))
+            for old in [k for k in self._strong if k[0] == kind and k[1][0] == identity[0]]:
+                del self._strong[old]  # the old version of this file: let it go as soon as nothing uses it
+        if before is not None:
+            logging.info("QwenPix: %s %s changed on disk since it was loaded; loading it again", kind, path)
         logging.info("QwenPix: loading %s %s", kind, path)
         value = load()
+        try:
+            after = file_identity(path)
+        except FileNotFoundError:
+            after = None
+        if after != identity:
+            raise CheckpointError(
+                f"{path}: the file changed on disk while it was being loaded; wait until the copy or download has "
+                "finished and queue the prompt again"
+            )
         with self._lock:
             self._alive[key] = value
+            self._seen[(kind, identity[0])] = identity
             self._keep(key, value)
         return value
 

@@ -44,6 +44,11 @@ class QwenPixDiTLoader:
             }
         }
 
+    @classmethod
+    def IS_CHANGED(cls, dit_name: str, compute_dtype: str = "auto", **other_inputs):
+        """The file's identity (size, mtime, inode): ComfyUI loads it again when the file changed on disk."""
+        return host.model_fingerprint("diffusion_models", dit_name, "transformer")
+
     def load(self, dit_name: str, compute_dtype: str):
         fix = "choose a complete Qwen-Image diffusion model (DiT) .safetensors file from models/diffusion_models"
         with host.input_problem("dit_name", dit_name, fix):
@@ -76,6 +81,11 @@ class QwenPixTextEncoderLoader:
             }
         }
 
+    @classmethod
+    def IS_CHANGED(cls, text_encoder_name: str, **other_inputs):
+        """The file's identity (size, mtime, inode): ComfyUI loads it again when the file changed on disk."""
+        return host.model_fingerprint("text_encoders", text_encoder_name, "text_encoder")
+
     def load(self, text_encoder_name: str):
         fix = (
             "choose a complete Qwen2.5-VL-7B .safetensors file (e.g. qwen_2.5_vl_7b_fp8_scaled) from "
@@ -107,6 +117,11 @@ class QwenPixVAELoader:
                 ),
             }
         }
+
+    @classmethod
+    def IS_CHANGED(cls, vae_name: str, **other_inputs):
+        """The file's identity (size, mtime, inode): ComfyUI loads it again when the file changed on disk."""
+        return host.model_fingerprint("vae", vae_name, "vae")
 
     def load(self, vae_name: str):
         fix = "choose the Qwen-Image VAE (qwen_image_vae.safetensors, complete) from models/vae"
@@ -141,6 +156,11 @@ class QwenPixLoraLoader:
                 ),
             }
         }
+
+    @classmethod
+    def IS_CHANGED(cls, dit=None, lora_name: str = "", strength: float = 1.0, **other_inputs):
+        """The LoRA file's identity (size, mtime, inode): ComfyUI loads it again when the file changed on disk."""
+        return host.model_fingerprint("loras", lora_name, "__none__")
 
     def apply(self, dit: host.DiTHandle, lora_name: str, strength: float):
         strength = checks.finite_number("strength", strength, "set strength from -10 to 10 (1 is usual, 0 disables it)")

@@ -3,7 +3,7 @@
 Only what encoding needs: token embeddings, 28 pre-norm decoder layers (grouped-query attention with
 multimodal RoPE, SwiGLU MLP), the final RMSNorm. No `lm_head`, no KV cache, no generation. Module names
 equal the legacy checkpoint keys (`model.*`, `visual.*`), so a model built on the meta device is filled
-by assignment from the memory-mapped file. Linear weights may stay float8 and are dequantised per layer.
+by assignment from the checkpoint. Linear weights may stay float8 and are dequantised per layer.
 
 M-RoPE (Qwen2-VL, arXiv 2409.12191): every token has a (temporal, height, width) position; of the 64
 rotary frequencies of a 128-wide head, the first 16 turn with the temporal position, the next 24 with

@@ -133,7 +133,7 @@ def image_weights(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
     A causal k×k×k conv pads time by 2·(k//2) zero frames in front, so a single frame only meets the last
     temporal tap: weight[:, :, -1]. 1×1×1 convs keep tap 0 (the same, the last). `time_conv` weights act
     only between frames and are dropped. Norm gains become [C, 1, 1]. Everything is copied out (about a
-    third of the file), so the file's memory map is released after loading; conv weights in channels-last
+    third of the file), so the 3D tensors read from the file are released after loading; conv weights in channels-last
     order, the layout the image VAE computes in (on CPU ~1.5x faster and about half the activation
     memory of NCHW).
     """

@@ -264,3 +264,72 @@ class QwenPixTestBad:
 
 
 NODE_CLASS_MAPPINGS["QwenPixTestBad"] = QwenPixTestBad
+
+
+_COUNTERS: dict = {}  # (id(owner), target) -> {"calls": int, "handles": [hook handles]}
+
+
+class QwenPixTestCallCounter:
+    """Counts forward calls of a text encoder's layers / vision blocks or a VAE's coder (one call per tile) /
+    stages, and interrupts processing when the count reaches `at` ("interrupt_at"). "report" returns the count
+    since, removes the hooks and adds a checksum of the weights (in the ui output). Passes the value through."""
+
+    CATEGORY = "testing"
+    RETURN_TYPES = (ANY,)
+    FUNCTION = "apply"
+    OUTPUT_NODE = True
+    TARGETS = ("text_layers", "vision_blocks", "vae_decoder", "vae_decoder_stages", "vae_encoder")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "value": (ANY,),
+                "target": (list(cls.TARGETS),),
+                "mode": (["interrupt_at", "report"],),
+                "at": ("INT", {"default": 1, "min": 1, "max": 10000}),
+                "salt": ("INT", {"default": 0, "min": 0, "max": 2**31}),
+            }
+        }
+
+    @staticmethod
+    def _modules(value, target):
+        model = value.encoder.model if hasattr(value, "encoder") and hasattr(value.encoder, "model") else value
+        return model, {
+            "text_layers": lambda: list(model.model.layers),
+            "vision_blocks": lambda: list(model.visual.blocks),
+            "vae_decoder": lambda: [model.decoder],
+            "vae_decoder_stages": lambda: list(model.decoder.up_blocks),
+            "vae_encoder": lambda: [model.encoder],
+        }[target]()
+
+    def apply(self, value, target, mode, at, salt):
+        import comfy.model_management as mm
+
+        model, modules = self._modules(value, target)
+        key = (id(model), target)
+        if mode == "report":
+            state = _COUNTERS.pop(key, {"calls": 0, "handles": []})
+            for h in state["handles"]:
+                h.remove()
+            hooks = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+            weights = float(sum(t.double().sum() for t in model.state_dict().values()))
+            info = {"calls": state["calls"], "hooks": hooks, "weights_sum": weights}
+            return {"ui": {"counter": [info]}, "result": (value,)}
+        state = _COUNTERS.setdefault(key, {"calls": 0, "handles": []})
+
+        def hook(module, args):
+            state["calls"] += 1
+            if state["calls"] == at:
+                mm.interrupt_current_processing(True)
+
+        state["handles"] += [m.register_forward_pre_hook(hook) for m in modules]
+        return {"ui": {"counter": [{"modules": len(modules)}]}, "result": (value,)}
+
+
+NODE_CLASS_MAPPINGS["QwenPixTestCallCounter"] = QwenPixTestCallCounter
+
+
+from .native import NODE_CLASS_MAPPINGS as _NATIVE_MODEL_NODES  # noqa: E402
+
+NODE_CLASS_MAPPINGS.update(_NATIVE_MODEL_NODES)
