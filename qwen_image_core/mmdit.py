@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +30,7 @@ from .attention import attention
 from .checkpoint import CheckpointError
 from .formats import dit as dit_format
 from .formats.common import assign_weights
-from .ops import Linear
+from .ops import Linear, TensorFn, cast_weight
 
 # ---------------------------------------------------------------------------------------------------------
 # Configuration
@@ -94,15 +95,18 @@ def fp16_safe(x: torch.Tensor) -> torch.Tensor:
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm with a learnt scale, computed in float32 and returned in the input dtype."""
+    """RMSNorm with a learnt scale, computed in float32 and returned in the input dtype (`weight_fns`:
+    active patches of the scale, as on `ops.Linear`)."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.weight_fns: tuple[TensorFn, ...] = ()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x.float(), x.shape[-1:], self.weight.float(), self.eps).to(x.dtype)
+        w = cast_weight(self.weight, None, torch.float32, (), self.weight_fns)
+        return F.rms_norm(x.float(), x.shape[-1:], w, self.eps).to(x.dtype)
 
 
 def layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -252,6 +256,11 @@ class FinalLayer(nn.Module):
 # Model
 # ---------------------------------------------------------------------------------------------------------
 
+# the precision of the RoPE angles per position convention: float32 as the official code, float64 as ComfyUI
+ROPE_PRECISION = {"official": torch.float32, "comfyui": torch.float64}
+# block_hook(i, run, img, txt, temb, pe) -> (img, txt), with run(img, txt, temb, pe) -> (img, txt)
+BlockHook = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
 
 def patchify(x: torch.Tensor, p: int) -> tuple[torch.Tensor, tuple[int, int]]:
     """Latent [B, C, H, W] -> tokens [B, h*w, C*p*p] (row-major, feature = c*p*p + dy*p + dx), grid (h, w).
@@ -299,12 +308,18 @@ class MMDiT(nn.Module):
         txt_mask: torch.Tensor | None = None,
         ref_latents: list[torch.Tensor] | None = None,
         zero_cond_t: bool | None = None,
+        positions: str = "official",
+        ref_layout: str = "index",
+        block_hook: BlockHook | None = None,
     ) -> torch.Tensor:
         """Velocity [B, 16, H, W] of the target latent.
 
         img [B, 16, H, W] normalised latent; timestep [B] (or scalar) sigma in [0, 1]; txt [B, L, text_dim];
         txt_mask [B, L] bool (True = real token) or None; ref_latents: edit references [B|1, 16, h_i, w_i],
         appended after the target at frame i + 1; zero_cond_t None = the checkpoint's setting.
+        positions / ref_layout: the RoPE conventions (rope.CONVENTIONS, rope.REF_LAYOUTS). block_hook: called
+        as `block_hook(i, run, img, txt, temb, pe)` in place of block i, where `run(img, txt, temb, pe)`
+        runs the block; it returns (img, txt) (a host's patches and control residuals enter here).
         """
         cfg, dt, p = self.config, img.dtype, self.config.patch_size  # compute in the input latent's dtype
         b, size = img.shape[0], tuple(img.shape[-2:])
@@ -330,13 +345,19 @@ class MMDiT(nn.Module):
             key_mask = None if bool(txt_mask.all()) else torch.cat([txt_mask, txt_mask.new_ones(b, n_tokens)], dim=1)
         else:
             key_mask = None
-        pos = rope.joint_positions(grids, txt.shape[1], device=img.device)  # [L + N, 3]
-        pe = rope.rope_table(pos, cfg.rope_axes, cfg.rope_theta)
+        ref_sizes = [tuple(r.shape[-2:]) for r in ref_latents or []]
+        pos = rope.joint_positions(grids, txt.shape[1], img.device, positions, ref_layout, ref_sizes)  # [L + N, 3]
+        pe = rope.rope_table(pos, cfg.rope_axes, cfg.rope_theta, ROPE_PRECISION[positions])
 
         h = self.img_in(x).to(stream_dt)  # [B, N, D]
         c = self.txt_in(self.txt_norm(txt.to(dt))).to(stream_dt)  # [B, L, D]
-        for block in self.transformer_blocks:
-            h, c = block(h, c, temb, pe, key_mask, n_target if zero_cond else None)
+        n_zero = n_target if zero_cond else None
+        for i, block in enumerate(self.transformer_blocks):
+            if block_hook is None:
+                h, c = block(h, c, temb, pe, key_mask, n_zero)
+            else:
+                run = lambda img_, txt_, temb_, pe_, block=block: block(img_, txt_, temb_, pe_, key_mask, n_zero)
+                h, c = block_hook(i, run, h, c, temb, pe)
 
         out = self.proj_out(self.norm_out(h[:, :n_target], temb[:b]))  # [B, N_target, C*p*p]
         return unpatchify(out, grid, p, size).to(img.dtype)
