@@ -27,137 +27,9 @@ import torch
 from torch import nn
 
 from .offload_plan import ALIGN, Plan, slab_size
+from .transfer import CudaTransfer, Transfer, default_transfer
 
-# ---------------------------------------------------------------------------------------------------------
-# The device seam
-# ---------------------------------------------------------------------------------------------------------
-
-
-class Transfer:
-    """Host buffers, device buffers and ordered copies between them; counts the device bytes it holds.
-
-    This base class is the CPU implementation: the "device" is host memory, copies are plain
-    `copy_`, events are None. It remembers its allocations so tests can check where tensors live.
-    """
-
-    def __init__(self, device: torch.device | str = "cpu"):
-        self.device = torch.device(device)
-        self.allocated = 0  # device bytes held now
-        self.peak = 0  # the most ever held at once
-        self._regions: dict[int, tuple[int, int]] = {}  # id(tensor) -> (data_ptr, nbytes) of live allocations
-
-    def _account(self, t: torch.Tensor) -> torch.Tensor:
-        nbytes = t.numel() * t.element_size()
-        self._regions[id(t)] = (t.data_ptr(), nbytes)
-        self.allocated += nbytes
-        self.peak = max(self.peak, self.allocated)
-        return t
-
-    def free(self, t: torch.Tensor) -> None:
-        """Forget a tensor returned by `device_buffer`/`to_device` (the caller drops its references)."""
-        self.allocated -= self._regions.pop(id(t))[1]
-
-    def on_device(self, t: torch.Tensor) -> bool:
-        """Whether t's memory lies in a live device allocation of this Transfer."""
-        p = t.data_ptr()
-        return any(start <= p < start + n for start, n in self._regions.values())
-
-    def host_buffer(self, nbytes: int) -> torch.Tensor:
-        return torch.empty(nbytes, dtype=torch.uint8)
-
-    def device_buffer(self, nbytes: int) -> torch.Tensor:
-        return self._account(torch.empty(nbytes, dtype=torch.uint8, device=self.device))
-
-    def to_device(self, t: torch.Tensor) -> torch.Tensor:
-        """A resident copy of t on the device (placed once, at attach)."""
-        return self._account(t.to(self.device, copy=True))
-
-    def copy(self, dst: torch.Tensor, src: torch.Tensor, after):
-        """dst <- src once `after` (a `release` marker) has passed; returns a marker for `wait`."""
-        dst.copy_(src)
-
-    def wait(self, marker) -> None:
-        """Make the compute that follows wait for a `copy`."""
-
-    def release(self):
-        """A marker after all compute issued so far."""
-
-    def synchronize(self) -> None:
-        """Wait for every copy and compute issued so far."""
-
-    def empty_cache(self) -> None:
-        """Return cached free device memory (before re-planning)."""
-
-    def release_host(self) -> None:
-        """Return cached free pinned host memory to the system."""
-
-    def free_memory(self) -> int | None:
-        """Free device bytes as the driver reports them; None on CPU (the caller gives a budget)."""
-        return None
-
-
-class CudaTransfer(Transfer):
-    """Pinned host memory, a dedicated copy stream, CUDA events between it and the compute stream."""
-
-    def __init__(self, device: torch.device | str = "cuda", max_pinned: int | None = None):
-        super().__init__(device)
-        if self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
-        self.stream = torch.cuda.Stream(self.device)
-        self.max_pinned, self.pinned = max_pinned, 0  # host RAM cap for page-locked memory (None: no cap)
-
-    def host_buffer(self, nbytes: int) -> torch.Tensor:
-        """Pinned while under `max_pinned`; beyond it pageable (its copies then block the CPU, still correct)."""
-        pin = self.max_pinned is None or self.pinned + nbytes <= self.max_pinned
-        self.pinned += nbytes if pin else 0
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
-
-    def device_buffer(self, nbytes: int) -> torch.Tensor:
-        t = torch.empty(nbytes, dtype=torch.uint8, device=self.device)  # allocated on the compute stream
-        t.record_stream(self.stream)  # also written by the copy stream: its free waits for those copies
-        return self._account(t)
-
-    def copy(self, dst: torch.Tensor, src: torch.Tensor, after: torch.cuda.Event | None) -> torch.cuda.Event:
-        with torch.cuda.stream(self.stream):
-            if after is not None:
-                self.stream.wait_event(after)  # the slot's previous block has finished reading it
-            dst.copy_(src, non_blocking=True)  # pinned -> device, asynchronous on the copy stream
-            done = torch.cuda.Event()
-            done.record(self.stream)
-        return done
-
-    def wait(self, marker: torch.cuda.Event | None) -> None:
-        if marker is not None:
-            torch.cuda.current_stream(self.device).wait_event(marker)
-
-    def release(self) -> torch.cuda.Event:
-        ev = torch.cuda.Event()
-        ev.record(torch.cuda.current_stream(self.device))
-        return ev
-
-    def synchronize(self) -> None:
-        self.stream.synchronize()
-        torch.cuda.current_stream(self.device).synchronize()
-
-    def empty_cache(self) -> None:
-        self.synchronize()
-        torch.cuda.empty_cache()
-
-    def release_host(self) -> None:
-        accelerator = getattr(torch, "accelerator", None)  # PyTorch >= 2.8 (older ones keep it cached)
-        if torch.cuda.is_initialized() and hasattr(accelerator, "empty_host_cache"):
-            accelerator.empty_host_cache()
-
-    def free_memory(self) -> int:
-        """Driver-free bytes plus what PyTorch's caching allocator holds unused."""
-        free = torch.cuda.mem_get_info(self.device)[0]
-        return free + torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-
-
-def default_transfer(device: torch.device | str) -> Transfer:
-    device = torch.device(device)
-    return CudaTransfer(device) if device.type == "cuda" else Transfer(device)
-
+__all__ = ["BlockStreamer", "CudaTransfer", "HostCopies", "Stats", "Transfer", "default_transfer"]
 
 # ---------------------------------------------------------------------------------------------------------
 # The executor
@@ -277,18 +149,27 @@ class BlockStreamer:
         self._attached = False
 
     # -- placement
-    def attach(self) -> BlockStreamer:
+    def attach(self, reuse: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None) -> BlockStreamer:
+        """Place the plan. `reuse`: {id(tensor): (host data, device copy)} kept from a previous plan's
+        `detach(keep=...)`; those tensors are not copied again (re-planning without a full re-upload)."""
         if self._attached:
             return self
         t, streamed = self.transfer, {id(x) for i in self.plan.streamed for x in _tensors(self.blocks[i])}
-        self._originals = [(x, x.data) for x in _tensors(self.model)]
-        self._resident = []
+        reuse = dict(reuse or {})
+        self._originals = [(x, reuse[id(x)][0] if id(x) in reuse else x.data) for x in _tensors(self.model)]
+        self._resident = {}  # id(tensor) -> its device copy
         for x, data in self._originals:
             if id(x) not in streamed:
-                dev = t.to_device(data)
+                kept = reuse.pop(id(x), None)
+                dev = t.to_device(data) if kept is None else kept[1]
                 x.data = dev
-                self._resident.append(dev)
-                self.stats.load_bytes += data.numel() * data.element_size()
+                self._resident[id(x)] = dev
+                if kept is None:
+                    self.stats.load_bytes += data.numel() * data.element_size()
+            elif id(x) in reuse:
+                x.data = data
+        for _, dev in reuse.values():  # kept copies this plan streams instead: give their memory back
+            t.free(dev)
         self._packed = self.host.get(self.blocks, self.plan.streamed, t)
         self.stats.host_bytes = self.host.nbytes
         k = self.plan.buffers if self._packed else 0
@@ -310,21 +191,25 @@ class BlockStreamer:
         self._attached = True
         return self
 
-    def detach(self) -> None:
-        """Remove the hooks and put every tensor back on its original host memory (nothing is copied)."""
+    def detach(self, keep: bool = False) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Remove the hooks and put every tensor back on its original host memory (nothing is copied).
+
+        keep=True leaves the resident device copies allocated and returns them for `attach(reuse=...)`."""
         if not self._attached:
-            return
+            return {}
         for h in self._hooks:
             h.remove()
         self.transfer.synchronize()
+        kept = {id(x): (data, self._resident[id(x)]) for x, data in self._originals if keep and id(x) in self._resident}
         for x, data in self._originals:
             x.data = data
-        for buf in self._stage + self._resident:
+        for buf in self._stage + ([] if keep else list(self._resident.values())):
             self.transfer.free(buf)
-        self._stage, self._resident, self._packed, self._views, self._originals = [], [], {}, {}, []
+        self._stage, self._resident, self._packed, self._views, self._originals = [], {}, {}, {}, []
         if self._own_host:
             self.host.release(self.transfer)
         self._attached = False
+        return kept
 
     def __enter__(self) -> BlockStreamer:
         return self.attach()

@@ -338,13 +338,18 @@ def split_blocks(model: nn.Module, blocks: Sequence[nn.Module]) -> tuple[list[in
 
 
 def plan_dit(model: nn.Module, free: int, card: Card, workload: DiTWorkload = DiTWorkload(), reserve: int = GiB,
-             max_resident: int | None = None) -> Plan:  # fmt: skip
-    """Plan an MMDiT (its `transformer_blocks`) for a workload on a card with `free` device bytes."""
+             max_resident: int | None = None, activation_bytes: int | None = None) -> Plan:  # fmt: skip
+    """Plan an MMDiT (its `transformer_blocks`) for a workload on a card with `free` device bytes.
+
+    activation_bytes: what to keep free for activations (None: the workload's estimate; 0 when the caller's
+    budget already excludes them, as ComfyUI's does)."""
     cfg = model.config
     sizes, fixed = split_blocks(model, model.transformer_blocks)
     flops = dit_block_flops(workload, cfg.hidden, cfg.mlp_dim)
+    if activation_bytes is None:
+        activation_bytes = dit_activation_bytes(workload, cfg.hidden, cfg.mlp_dim)
     return plan_blocks(
-        sizes, fixed, free, reserve, dit_activation_bytes(workload, cfg.hidden, cfg.mlp_dim),
+        sizes, fixed, free, reserve, activation_bytes,
         flops / (card.tflops * 1e12 * card.mfu), card.h2d_gbps * GB,
         name=f"{card.name}, {workload.describe()}", storage=storage_label(model.transformer_blocks),
         max_resident=max_resident,
@@ -352,14 +357,17 @@ def plan_dit(model: nn.Module, free: int, card: Card, workload: DiTWorkload = Di
 
 
 def plan_text_encoder(model: nn.Module, free: int, card: Card, tokens: int = 512, batch: int = 1,
-                      reserve: int = GiB, max_resident: int | None = None) -> Plan:  # fmt: skip
+                      reserve: int = GiB, max_resident: int | None = None,
+                      activation_bytes: int | None = None) -> Plan:  # fmt: skip
     """Plan a QwenVL encoder: its 28 decoder layers (`model.model.layers`) stream, the rest stays."""
     cfg = model.cfg
     layers = model.model.layers
     sizes, fixed = split_blocks(model, layers)
     flops = text_encoder_layer_flops(tokens, batch, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads,
                                      cfg.num_kv_heads, cfg.head_dim)  # fmt: skip
-    act = text_encoder_activation_bytes(tokens, batch, cfg.hidden_size, cfg.intermediate_size)
+    act = activation_bytes
+    if act is None:
+        act = text_encoder_activation_bytes(tokens, batch, cfg.hidden_size, cfg.intermediate_size)
     return plan_blocks(sizes, fixed, free, reserve, act, flops / (card.tflops * 1e12 * card.mfu), card.h2d_gbps * GB,
                        name=f"{card.name}, text encoder {tokens} tokens", storage=storage_label(layers),
                        max_resident=max_resident)  # fmt: skip

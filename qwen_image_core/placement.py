@@ -45,6 +45,22 @@ class Offloaded:
         self.streamer = BlockStreamer(self.model, self.blocks, plan, self.transfer, self.root, self.host).attach()
         return self
 
+    def replan(self, max_resident: int | None = None) -> Plan:
+        """Plan again (the planner's budget or workload changed) and move only the difference: tensors
+        resident in both plans keep their device copies, so growing or shrinking is not a full re-upload."""
+        plan = self.planner(self.transfer.free_memory(), max_resident)
+        old = self.streamer.plan if self.attached else None
+        if old is not None and (old.streamed, old.buffers, old.staging_bytes) == (
+            plan.streamed,
+            plan.buffers,
+            plan.staging_bytes,
+        ):
+            return old
+        kept = self.streamer.detach(keep=True) if self.attached else {}
+        self.streamer = BlockStreamer(self.model, self.blocks, plan, self.transfer, self.root, self.host)
+        self.streamer.attach(reuse=kept)
+        return plan
+
     @property
     def attached(self) -> bool:
         return self.streamer is not None and self.streamer._attached
