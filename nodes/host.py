@@ -12,66 +12,55 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import comfy.cli_args
+import comfy.model_base
 import comfy.model_management
 import comfy.utils
 import folder_paths
 import torch
 
 from ..qwen_image_core.checkpoint import CheckpointError
-from ..qwen_image_core.lora import Lora
 from ..qwen_image_core.text_encoder import TextEncoder
 from ..qwen_image_core.vae import denormalize_latents, latent_preview, normalize_latents
 from . import placement
 from .checks import InputError, scrub_paths
-from .placement import Runtime
 
 PACK = "QwenPix"
 DIFFUSERS_FOLDER = "diffusers"  # ComfyUI's models/diffusers: whole diffusers repos of Qwen/Qwen-Image*
 DIFFUSERS_PREFIX = "diffusers/"  # how such a repo is listed among single files
 
 
-# -- model handles (the only types the pack adds; everything else is ComfyUI's own)
-@dataclass(frozen=True)
-class DiTHandle:
-    """A loaded DiT plus what the graph asked for around it. LoRA loaders return new handles; the shared
-    model itself is never changed (LoRAs are applied only while our sampler runs)."""
-
-    model: torch.nn.Module
-    name: str
-    compute_dtype: str = "auto"
-    loras: tuple[tuple[Lora, float], ...] = field(default_factory=tuple)
-    runtime: Runtime = field(default_factory=Runtime)  # GPU placement state, shared with LoRA'd handles
-
-    def with_lora(self, lora: Lora, strength: float) -> DiTHandle:
-        return replace(self, loras=(*self.loras, (lora, strength)))
-
-    def __repr__(self) -> str:  # ComfyUI sends str(input) to API clients with an error: short, no server paths
-        return f"DiTHandle({self.name!r}, compute_dtype={self.compute_dtype!r}, loras={list(self.loras)!r})"
+# -- model handles (the pack adds two types: the text encoder and the VAE; the DiT is a native MODEL)
+def qwen_diffusion_model(model, name: str) -> torch.nn.Module:
+    """The diffusion model inside a MODEL input, checked to be Qwen-Image (ours or ComfyUI's own)."""
+    inner = getattr(model, "model", None)
+    if not isinstance(inner, comfy.model_base.QwenImage):
+        kind = type(inner).__name__ if inner is not None else type(model).__name__
+        raise InputError(
+            f"{name}: this MODEL is a {kind} model, not Qwen-Image\nFix: connect a Qwen-Image diffusion model "
+            "(Load Qwen-Image Diffusion Model, or UNETLoader with a qwen_image file)"
+        )
+    return inner.diffusion_model
 
 
 @dataclass(frozen=True)
 class TextEncoderHandle:
-    """A loaded text encoder (with its embedding cache) and its GPU placement state."""
+    """A loaded text encoder (with its embedding cache) and the patcher that registers it with ComfyUI's model
+    management (`placement.text_encoder_patcher`)."""
 
     encoder: TextEncoder
-    runtime: Runtime = field(default_factory=Runtime)
+    patcher: object
 
-    def __repr__(self) -> str:  # as DiTHandle's: the default repr names the pack's module path
+    def __repr__(self) -> str:  # ComfyUI sends str(input) to API clients with errors: short, no module path
         return "TextEncoderHandle(Qwen2.5-VL)"
 
     def encode(self, prompts: list[str], images, template: str) -> torch.Tensor:
         """Embeddings [B, T, 3584] of prompts, computed on ComfyUI's device (streamed if VRAM is short)."""
-        model = self.encoder.model
-        tokens = 64 + 1024 * len(images or ())  # a generous estimate for planning the activations
-        with placement.on_device(
-            model, model.model.layers, self.runtime, placement.text_encoder_planner(model, tokens)
-        ):
-            device = model.model.norm.weight.device
-            embeds, _ = self.encoder.encode(prompts, images, template, device=device, check=check_interrupt)
+        device = placement.load_text_encoder(self.patcher, len(images or ()))  # ComfyUI places it (or keeps it)
+        embeds, _ = self.encoder.encode(prompts, images, template, device=device, check=check_interrupt)
         return embeds
 
 
@@ -236,11 +225,6 @@ class ModelCache:
         self._strong[key] = value
         for old in [k for k in self._strong if k[0] == key[0]][: -self.keep_per_kind]:
             del self._strong[old]
-
-    def runtime(self, model) -> Runtime:
-        """The placement state of a cached model (one per model, shared by its handles)."""
-        with self._lock:
-            return self._runtimes.setdefault(model, Runtime())
 
     def clear(self) -> None:
         with self._lock:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from ..qwen_image_core.formats.vae import load_vae
-from ..qwen_image_core.lora import load_lora
+from ..qwen_image_core.lora import linear_shapes, read_lora
 from ..qwen_image_core.mmdit import load_dit
 from ..qwen_image_core.text_encoder import load_text_encoder
-from . import checks, host, placement
+from . import checks, host, native_model, placement
+from .patcher import lora_patches
 
 CATEGORY = "QwenPix/loaders"
-DIT, TEXT_ENCODER, VAE = "QWENPIX_DIT", "QWENPIX_TEXT_ENCODER", "QWENPIX_VAE"
+DIT, TEXT_ENCODER, VAE = "MODEL", "QWENPIX_TEXT_ENCODER", "QWENPIX_VAE"  # the DiT is a native ComfyUI MODEL
 DTYPES = ["auto", "bf16", "fp16", "fp32"]
 
 
@@ -17,10 +18,14 @@ class QwenPixDiTLoader:
     DISPLAY_NAME = "Load Qwen-Image Diffusion Model"
     CATEGORY = CATEGORY
     RETURN_TYPES = (DIT,)
-    OUTPUT_TOOLTIPS = ("The Qwen-Image diffusion transformer (weights stay in their stored dtype, fp8 included).",)
+    OUTPUT_TOOLTIPS = (
+        "The Qwen-Image diffusion transformer as a native MODEL: KSampler, model patches, LoRA loaders and "
+        "caches take it (weights stay in their stored dtype, fp8 included).",
+    )
     FUNCTION = "load"
     DESCRIPTION = (
-        "Loads a Qwen-Image / -2512 / -Edit / -Edit-2509 / -Edit-2511 diffusion model (bf16, fp8, scaled fp8)."
+        "Loads a Qwen-Image / -2512 / -Edit / -Edit-2509 / -Edit-2511 diffusion model (bf16, fp8, scaled fp8) "
+        "as a MODEL that every native node accepts."
     )
 
     @classmethod
@@ -41,7 +46,18 @@ class QwenPixDiTLoader:
                         "tooltip": "Precision of the math. auto: bf16 on GPUs that have it, else fp16; fp32 on CPU.",
                     },
                 ),
-            }
+            },
+            "optional": {
+                "positions": (
+                    list(native_model.POSITIONS),
+                    {
+                        "default": "official (diffusers)",
+                        "tooltip": "Token positions (RoPE). official: the reference code's. ComfyUI native: "
+                        "ComfyUI's own model's, which differ for odd token grids (1328 px = 83 tokens) and edits; "
+                        "choose it to reproduce a seed from a native workflow exactly.",
+                    },
+                ),
+            },
         }
 
     @classmethod
@@ -49,14 +65,21 @@ class QwenPixDiTLoader:
         """The file's identity (size, mtime, inode): ComfyUI loads it again when the file changed on disk."""
         return host.model_fingerprint("diffusion_models", dit_name, "transformer")
 
-    def load(self, dit_name: str, compute_dtype: str):
+    def load(self, dit_name: str, compute_dtype: str, positions: str = "official (diffusers)"):
         fix = "choose a complete Qwen-Image diffusion model (DiT) .safetensors file from models/diffusion_models"
         with host.input_problem("dit_name", dit_name, fix):
             path = host.model_path("diffusion_models", dit_name, "transformer")
             model = host.MODELS.get("DiT", path, lambda: load_dit(path))
+        with host.input_problem("positions", positions, f"choose one of {', '.join(native_model.POSITIONS)}"):
+            convention = native_model.POSITIONS.get(positions)
+            if convention is None:
+                raise ValueError("unknown position convention")
+        dtype = host.compute_dtype(compute_dtype, host.compute_device())
+        native = native_model.dit_model(model, dtype, convention)
+        native.set_attachments("qwenpix_name", dit_name)  # for messages (the NaN diagnosis)
+        native.set_attachments("qwenpix_compute", compute_dtype)
         plan = placement.describe_default_plan(model)  # shown on the node by the web extension
-        handle = host.DiTHandle(model, dit_name, compute_dtype, runtime=host.MODELS.runtime(model))
-        return {"ui": {"qwenpix_plan": [plan]}, "result": (handle,)}
+        return {"ui": {"qwenpix_plan": [plan]}, "result": (native,)}
 
 
 class QwenPixTextEncoderLoader:
@@ -96,7 +119,7 @@ class QwenPixTextEncoderLoader:
             search = [path.parent / "tokenizer", host.comfy_tokenizer_dir()]
             tokenizer = next((p for p in search if p.is_dir()), None)
             encoder = host.MODELS.get("text encoder", path, lambda: load_text_encoder(path, tokenizer))
-        return (host.TextEncoderHandle(encoder, host.MODELS.runtime(encoder)),)
+        return (host.TextEncoderHandle(encoder, placement.text_encoder_patcher(encoder.model)),)
 
 
 class QwenPixVAELoader:
@@ -136,13 +159,16 @@ class QwenPixLoraLoader:
     RETURN_TYPES = (DIT,)
     OUTPUT_TOOLTIPS = ("The diffusion model with this LoRA added (chain several loaders to stack LoRAs).",)
     FUNCTION = "apply"
-    DESCRIPTION = "Adds a LoRA (diffusers/PEFT, kohya or lightx2v Lightning format) to the diffusion model."
+    DESCRIPTION = (
+        "Adds a LoRA (diffusers/PEFT, kohya or lightx2v Lightning format) to a Qwen-Image MODEL, refusing files "
+        "that do not fit it. On QwenPix models it is applied exactly, at each layer's weight cast."
+    )
 
     @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "dit": (DIT, {"tooltip": "The diffusion model (from the loader or another LoRA node)."}),
+                "dit": (DIT, {"tooltip": "A Qwen-Image MODEL (our loader, UNETLoader, another LoRA node)."}),
                 "lora_name": (host.model_names("loras", "__none__"), {"tooltip": "A LoRA file from models/loras."}),
                 "strength": (
                     "FLOAT",
@@ -162,15 +188,21 @@ class QwenPixLoraLoader:
         """The LoRA file's identity (size, mtime, inode): ComfyUI loads it again when the file changed on disk."""
         return host.model_fingerprint("loras", lora_name, "__none__")
 
-    def apply(self, dit: host.DiTHandle, lora_name: str, strength: float):
+    def apply(self, dit, lora_name: str, strength: float):
         strength = checks.finite_number("strength", strength, "set strength from -10 to 10 (1 is usual, 0 disables it)")
         fix = (
             "choose a .safetensors LoRA trained for Qwen-Image (they fit Qwen-Image and its Edit versions) from "
             "models/loras"
         )
+        diffusion_model = host.qwen_diffusion_model(dit, "dit")
         with host.input_problem("lora_name", lora_name, fix):
-            lora = load_lora(host.model_path("loras", lora_name, "__none__"), dit.model)
-        return (dit.with_lora(lora, strength),)
+            lora = read_lora(host.model_path("loras", lora_name, "__none__"), linear_shapes(diffusion_model))
+        if strength == 0:
+            return (dit,)
+        model = dit.clone()
+        model.add_patches(lora_patches(lora), strength)
+        model.set_attachments("qwenpix_loras", (*(dit.get_attachment("qwenpix_loras") or ()), (lora_name, strength)))
+        return (model,)
 
 
 NODES = {

@@ -1,34 +1,41 @@
-"""The sampler node: flow-matching Euler with true CFG, progress, live previews and interruption."""
+"""The sampler node: ComfyUI's own samplers and schedulers on a Qwen-Image MODEL, plus what the official
+pipeline adds: its resolution-dependent ("dynamic") schedule, the Lightning schedule, explicit sigma lists,
+diffusers' per-token CFG rescale, and a shift that is ModelSamplingAuraFlow's.
+
+Everything else is ComfyUI's machinery (`comfy.samplers.CFGGuider`, `sampler_object`, `calculate_sigmas`,
+`latent_preview`), so the conditioning is honoured as KSampler honours it: ConditioningCombine entries,
+ConditioningSetTimestepRange, areas and masks, ControlNets, a latent's noise mask (SetLatentNoiseMask), any
+model patch upstream. On a QwenPix MODEL cond and uncond run as one batched pass even when the prompts
+differ in length, and the DiT is placed by the VRAM planner.
+"""
 
 from __future__ import annotations
 
-import logging
-
+import comfy.model_management
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import latent_preview
 import torch
+from comfy_extras.nodes_cfg import CFGNorm
+from comfy_extras.nodes_model_advanced import ModelSamplingAuraFlow
 
+from ..qwen_image_core import sampling
+from ..qwen_image_core.mmdit import patchify, unpatchify
 from ..qwen_image_core.offload_plan import DiTWorkload, sampling_bytes
-from ..qwen_image_core.pipeline import Conditioning, make_sigmas, sample
-from . import checks, host, placement
+from . import checks, host, notices
 from .loaders import DIT
 
 CATEGORY = "QwenPix/sampling"
-SCHEDULES = ["shift (ComfyUI workflows)", "dynamic (diffusers official)", "lightning (4/8-step LoRAs)"]
+# our schedules (name -> kind), then every ComfyUI scheduler under its own name
+OWN_SCHEDULES = {
+    "shift (ComfyUI workflows)": "simple",  # ModelSamplingAuraFlow(shift) + the simple scheduler
+    "dynamic (diffusers official)": "dynamic",
+    "lightning (4/8-step LoRAs)": "lightning",
+}
+SCHEDULES = {**OWN_SCHEDULES, **{s: s for s in comfy.samplers.KSampler.SCHEDULERS}}
 RESCALES = {"norm (diffusers)": "norm", "CFGNorm (ComfyUI)": "cfgnorm", "none": None}
-SAMPLERS = ["euler"]
-
-
-def conditioning_to_core(
-    conditioning: list, dtype: torch.dtype, device: torch.device, name: str = "positive", text_dim: int | None = None
-) -> Conditioning:
-    """ComfyUI CONDITIONING (ours or native Qwen nodes') -> embeddings, mask and normalised reference latents."""
-    checks.check_conditioning(name, conditioning, text_dim)  # structure, sizes, finite values, mask, references
-    if len(conditioning) > 1:
-        logging.warning("QwenPix sampler: using the first of %d conditioning entries", len(conditioning))
-    embeds, extra = conditioning[0]
-    mask = extra.get("attention_mask")
-    mask = None if mask is None or bool(mask.all()) else mask.to(device=device, dtype=torch.bool)
-    refs = [host.latent_to_core(r).to(device) for r in extra.get("reference_latents") or []]
-    return Conditioning(embeds.to(device=device, dtype=dtype), mask, refs or None)
+SIGMAS_TOOLTIP = "Optional: an explicit schedule (e.g. from BasicScheduler or a distilled model's list)."
 
 
 class QwenPixSampler:
@@ -37,19 +44,25 @@ class QwenPixSampler:
     RETURN_TYPES = ("LATENT",)
     OUTPUT_TOOLTIPS = ("The sampled latent (native layout: VAE Decode works on it too).",)
     FUNCTION = "sample"
-    DESCRIPTION = "Samples Qwen-Image with true CFG (cond and uncond batched in one pass) and Euler steps."
+    DESCRIPTION = (
+        "Samples a Qwen-Image MODEL with ComfyUI's samplers and schedulers, the official dynamic schedule or "
+        "an explicit sigma list; true CFG with cond and uncond in one pass on QwenPix models."
+    )
 
     @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "dit": (DIT, {"tooltip": "The diffusion model (with any LoRAs)."}),
+                "dit": (DIT, {"tooltip": "A Qwen-Image MODEL (with any LoRAs and model patches)."}),
                 "positive": ("CONDITIONING", {"tooltip": "What to draw / the edit instruction."}),
-                "negative": ("CONDITIONING", {"tooltip": "Used when cfg > 1 (the official negative prompt is ' ')."}),
+                "negative": ("CONDITIONING", {"tooltip": "Used when cfg is not 1 (the official negative is ' ')."}),
                 "latent_image": (
                     "LATENT",
-                    {"tooltip": "Empty latent (sets the size) or an encoded image for img2img."},
-                ),
+                    {
+                        "tooltip": "Empty latent (sets the size), or an encoded image for img2img (a noise mask "
+                        "from SetLatentNoiseMask limits the change to the masked area)."
+                    },
+                ),  # fmt: skip
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip": "Noise seed."}),
                 "steps": (
                     "INT",
@@ -64,35 +77,41 @@ class QwenPixSampler:
                     "FLOAT",
                     {
                         "default": 4.0,
-                        "min": 1.0,
-                        "max": 30.0,
+                        "min": 0.0,
+                        "max": 100.0,
                         "step": 0.1,
-                        "tooltip": "True-CFG scale; 1 skips the negative pass (Lightning LoRAs use 1).",
+                        "round": 0.01,
+                        "tooltip": "True-CFG scale; exactly 1 skips the negative pass (Lightning LoRAs use 1).",
                     },
                 ),
-                "sampler_name": (SAMPLERS, {"tooltip": "Euler on the flow velocity (what the references use)."}),
+                "sampler_name": (
+                    comfy.samplers.KSampler.SAMPLERS,
+                    {"tooltip": "Any ComfyUI sampler (euler is what the reference pipelines use)."},
+                ),
                 "schedule": (
-                    SCHEDULES,
+                    list(SCHEDULES),
                     {
-                        "tooltip": "shift: ComfyUI's ModelSamplingAuraFlow + simple. dynamic: "
-                        "diffusers' resolution-dependent shift. lightning: plain shift 3."
+                        "tooltip": "shift: ModelSamplingAuraFlow(shift) + simple, as the official workflows. "
+                        "dynamic: diffusers' resolution-dependent shift (ignores shift). lightning: plain shift 3 "
+                        "(ignores shift). Every other entry is that ComfyUI scheduler on the shifted model."
                     },
                 ),
                 "shift": (
                     "FLOAT",
                     {
                         "default": 3.1,
-                        "min": 0.01,
+                        "min": 0.0,
                         "max": 100.0,
                         "step": 0.01,
-                        "tooltip": "Shift for the 'shift' schedule (official workflows: 3.1; edit: 3).",
+                        "tooltip": "ModelSamplingAuraFlow shift for ComfyUI schedulers (official workflows: 3.1; "
+                        "edit: 3). 0 keeps the model's own sampling (e.g. set upstream by ModelSamplingAuraFlow).",
                     },
                 ),
                 "cfg_rescale": (
                     list(RESCALES),
                     {
-                        "tooltip": "How guided predictions are rescaled: diffusers' "
-                        "per-token norm, ComfyUI's CFGNorm, or none."
+                        "tooltip": "How guided predictions are rescaled: diffusers' per-token norm, ComfyUI's "
+                        "CFGNorm (with rescale_strength), or none."
                     },
                 ),
                 "denoise": (
@@ -105,103 +124,176 @@ class QwenPixSampler:
                         "tooltip": "Below 1 keeps part of the input latent (img2img).",
                     },
                 ),
-            }
+            },
+            "optional": {
+                "rescale_strength": (
+                    "FLOAT",
+                    {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.01, "tooltip": "CFGNorm's strength."},
+                ),
+                "sigmas": ("SIGMAS", {"tooltip": SIGMAS_TOOLTIP + " Replaces steps, schedule and denoise."}),
+            },
         }
 
-    def sample(
-        self,
-        dit,
-        positive,
-        negative,
-        latent_image,
-        seed,
-        steps,
-        cfg,
-        sampler_name,
-        schedule,
-        shift,
-        cfg_rescale,
-        denoise,
-    ):
-        cfg = checks.finite_number("cfg", cfg, "set cfg from 1 to 30 (4 is the official default; 1 for Lightning)")
+    def sample(self, dit, positive, negative, latent_image, seed, steps, cfg, sampler_name, schedule, shift,
+               cfg_rescale, denoise, rescale_strength=1.0, sigmas=None):  # fmt: skip
+        cfg = checks.finite_number("cfg", cfg, "set cfg from 0 to 100 (4 is the official default; 1 for Lightning)")
         denoise = checks.finite_number("denoise", denoise, "set denoise from 0 to 1 (1 for text-to-image)")
-        shift = checks.finite_number("shift", shift, "set shift above 0 (official: 3.1; edit: 3)", above=0)
-        device = host.compute_device()
-        dtype = host.compute_dtype(dit.compute_dtype, device)
-        cfg_dit = dit.model.config
-        cond = conditioning_to_core(positive, dtype, device, "positive", cfg_dit.text_dim)
-        uncond = conditioning_to_core(negative, dtype, device, "negative", cfg_dit.text_dim) if cfg > 1.0 else None
-        shape = latent_image["samples"].shape
-        height, width = shape[-2] * 8, shape[-1] * 8
-        refs = tuple((r.shape[-1] * 8, r.shape[-2] * 8) for r in cond.ref_latents or ())
-        workload = DiTWorkload(
-            width,
-            height,
-            shape[0],
-            uncond is not None,
-            int(cond.embeds.shape[1]),
-            refs,
-            compute_bytes=torch.finfo(dtype).bits // 8,
-            fp16=dtype == torch.float16,
-        )
-        check_memory(workload, cfg_dit, device)
-        with host.input_problem(
-            "latent_image", f"{list(shape)}", "use a latent from Empty Latent (Qwen-Image) or VAE Encode"
-        ):
-            latent = host.latent_to_core(latent_image["samples"])
-        kind = schedule.split(" ")[0]
-        sigmas = make_sigmas(shift if kind == "shift" else kind, steps, height, width, denoise)
-        if len(sigmas) < 2:
-            return (latent_image,)
-        noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))  # as ComfyUI: CPU noise
-        planner = placement.dit_planner(dit.model, workload)
-        guard = FiniteGuard(host.StepReporter(len(sigmas) - 1), dit.compute_dtype, dtype, dit, {"latent_image": latent})
-
-        def run():
-            return sample(
-                dit.model,
-                noise,
-                cond,
-                uncond,
-                sigmas=sigmas,
-                cfg_scale=cfg,
-                cfg_rescale=RESCALES[cfg_rescale],
-                latents=latent,
-                callback=guard,
-                loras=dit.loras,
+        shift = checks.finite_number("shift", shift, "set shift from 0 to 100 (official: 3.1; 0 keeps the model's)")
+        strength = checks.finite_number("rescale_strength", rescale_strength, "set rescale_strength from 0 to 100")
+        inner = host.qwen_diffusion_model(dit, "dit")
+        text_dim = qwen_text_dim(dit)
+        checks.check_conditioning("positive", positive, text_dim)
+        checks.check_conditioning("negative", negative, text_dim)
+        if not isinstance(latent_image, dict) or not torch.is_tensor(latent_image.get("samples")):
+            raise host.InputError("latent_image: not a LATENT\nFix: connect Empty Latent (Qwen-Image) or VAE Encode")
+        latent = comfy.sample.fix_empty_latent_channels(dit, latent_image["samples"])
+        if latent.shape[1] != 16:
+            raise host.InputError(
+                f"latent_image: a {latent.shape[1]}-channel latent {list(latent.shape)}; Qwen-Image takes 16\n"
+                "Fix: use a latent from Empty Latent (Qwen-Image), EmptySD3LatentImage or a Qwen-Image VAE Encode"
             )
+        check_memory(dit, inner, latent, positive)
 
-        with placement.on_device(dit.model, dit.model.transformer_blocks, dit.runtime, planner) as placed:
-            out = run() if placed is None else placed.run(run)  # on out-of-memory: re-plan, retry once
-        guard.check(out, len(sigmas) - 2, len(sigmas) - 1)
-        return ({**latent_image, "samples": host.latent_to_comfy(out)},)
+        model = with_shift(dit, shift, SCHEDULES[schedule], sigmas is not None)
+        schedule_sigmas = make_sigmas(model, SCHEDULES[schedule], steps, denoise, latent, sigmas)
+        if len(schedule_sigmas) < 2:
+            return (latent_image,)
+        model = with_rescale(model, RESCALES[cfg_rescale], strength)
+
+        guider = comfy.samplers.CFGGuider(model)
+        guider.set_conds(positive, negative)
+        guider.set_cfg(cfg)
+        noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
+        total = len(schedule_sigmas) - 1
+        guard = FiniteGuard(latent_preview.prepare_callback(model, total), dit, latent_image)
+        samples = guider.sample(
+            noise, latent, comfy.samplers.sampler_object(sampler_name), schedule_sigmas,
+            denoise_mask=latent_image.get("noise_mask"), callback=guard,
+            disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed,
+        )  # fmt: skip
+        guard.check(samples, total - 1, total)
+        out = dict(latent_image)
+        out["samples"] = samples.to(comfy.model_management.intermediate_device())
+        return (out,)
 
 
-def check_memory(workload: DiTWorkload, cfg, device: torch.device) -> None:
+def qwen_text_dim(model) -> int:
+    """The prompt-embedding width a Qwen-Image MODEL takes (3584 for Qwen2.5-VL-7B)."""
+    inner = model.model.diffusion_model
+    config = getattr(inner, "config", None)
+    if config is not None:
+        return config.text_dim
+    return int(inner.txt_in.weight.shape[1])
+
+
+def with_shift(model, shift: float, kind: str, explicit_sigmas: bool):
+    """The MODEL with ModelSamplingAuraFlow(shift) for ComfyUI's schedulers; shift 0 keeps its own sampling."""
+    if kind in ("dynamic", "lightning") or explicit_sigmas or shift == 0:
+        return model
+    if "model_sampling" in model.object_patches:
+        notices.warn(
+            f"the model's sampling (set upstream, e.g. by ModelSamplingAuraFlow) is replaced by shift {shift:g}; "
+            "set shift to 0 on the Qwen-Image Sampler to keep it"
+        )
+    return ModelSamplingAuraFlow().patch_aura(model, shift)[0]
+
+
+def make_sigmas(model, kind: str, steps: int, denoise: float, latent: torch.Tensor, explicit) -> torch.Tensor:
+    """The schedule: explicit sigmas, the official dynamic one, Lightning's, or a ComfyUI scheduler's on the
+    model's sampling; denoise < 1 keeps the last `steps` of int(steps / denoise) (ComfyUI's meaning)."""
+    if explicit is not None:
+        notices.warn(f"using the {len(explicit) - 1}-step sigmas connected; steps, schedule, shift, denoise unused")
+        return torch.as_tensor(explicit, dtype=torch.float32).flatten().cpu()
+    h, w = latent.shape[-2], latent.shape[-1]
+    if kind == "dynamic":
+        full = lambda n: sampling.sigmas_diffusers(n, sampling.image_seq_len(h, w))
+    elif kind == "lightning":
+        full = sampling.sigmas_lightning
+    else:
+        model_sampling = model.get_model_object("model_sampling")
+        full = lambda n: comfy.samplers.calculate_sigmas(model_sampling, kind, n).float().cpu()
+    return sampling.sigmas_for_denoise(full, steps, denoise)
+
+
+def with_rescale(model, kind: str | None, strength: float):
+    """The MODEL with a post-CFG rescale: ComfyUI's own CFGNorm, or diffusers' per-token norm."""
+    if kind == "cfgnorm":
+        return CFGNorm.execute(model, strength).result[0]
+    if kind == "norm":
+        model = model.clone()
+        model.set_model_sampler_post_cfg_function(token_norm_post_cfg)
+    return model
+
+
+def token_norm_post_cfg(args: dict) -> torch.Tensor:
+    """diffusers' Qwen CFG rescale as a ComfyUI post-CFG function: the guided velocity of each 2x2 token is
+    scaled to the norm of the conditional velocity (the two velocities are (x - x0) / sigma)."""
+    x, guided, cond = args["input"], args["denoised"], args["cond_denoised"]
+    frames = x.ndim == 5
+    squeeze = (lambda t: t[:, :, 0]) if frames else (lambda t: t)
+    sigma = args["sigma"].reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+    v, v_cond = squeeze((x - guided) / sigma), squeeze((x - cond) / sigma)
+    tokens, grid = patchify(v, 2)
+    cond_tokens, _ = patchify(v_cond, 2)
+    tokens = tokens * (cond_tokens.norm(dim=-1, keepdim=True) / tokens.norm(dim=-1, keepdim=True))
+    v = unpatchify(tokens, grid, 2, v.shape[-2:])
+    return x - sigma * (v.unsqueeze(2) if frames else v)
+
+
+def check_memory(model, inner, latent: torch.Tensor, positive) -> None:
     """Refuse, before allocating anything, a job whose activations cannot fit the device at all."""
-    need = sampling_bytes(workload, cfg.hidden, cfg.mlp_dim)
+    refs = []
+    for _, extra in positive:
+        refs = [(r.shape[-1] * 8, r.shape[-2] * 8) for r in extra.get("reference_latents") or []] or refs
+    dtype = model.model_dtype() or torch.float32
+    text = max(int(c.shape[1]) for c, _ in positive)
+    wl = DiTWorkload(latent.shape[-1] * 8, latent.shape[-2] * 8, latent.shape[0], True, text, tuple(refs),
+                     compute_bytes=dtype.itemsize, fp16=dtype == torch.float16)  # fmt: skip
+    hidden = inner.img_in.weight.shape[0]
+    mlp = inner.transformer_blocks[0].img_mlp.net[0].proj.weight.shape[0] if len(inner.transformer_blocks) else hidden
+    need = sampling_bytes(wl, hidden, mlp)
+    device = model.load_device
     room = host.memory_room(device)
     if need > room:
         raise host.InputError(
-            f"latent_image: batch {workload.batch} at {workload.width}x{workload.height} pixels "
-            f"({workload.describe()}) needs about {need / 2**30:.1f} GiB for sampling, but {device.type} has "
-            f"{room / 2**30:.1f} GiB\nFix: lower batch_size or the image size on the latent node"
+            f"latent_image: batch {wl.batch} at {wl.width}x{wl.height} pixels ({wl.describe()}) needs about "
+            f"{need / 2**30:.1f} GiB for sampling, but {device.type} has {room / 2**30:.1f} GiB\n"
+            "Fix: lower batch_size or the image size on the latent node"
         )
 
 
 class FiniteGuard:
-    """A step callback that stops sampling with the reason as soon as the latents stop being finite numbers."""
+    """ComfyUI's preview/progress callback, first stopping sampling with the likeliest cause as soon as the
+    latents stop being finite numbers."""
 
-    def __init__(self, inner, choice: str, dtype: torch.dtype, dit=None, inputs=None):
-        self.inner, self.choice, self.dtype, self.dit, self.inputs = inner, choice, dtype, dit, inputs
+    def __init__(self, inner, model, latent_image: dict):
+        self.inner, self.model, self.latent = inner, model, latent_image
 
-    def __call__(self, i: int, steps: int, x: torch.Tensor, denoised: torch.Tensor) -> None:
-        self.check(x, i, steps)
-        self.inner(i, steps, x, denoised)
+    def __call__(self, step: int, x0: torch.Tensor, x: torch.Tensor, total_steps: int) -> None:
+        self.check(x, step, total_steps)
+        self.inner(step, x0, x, total_steps)
 
-    def check(self, x: torch.Tensor, i: int, steps: int) -> None:
-        if not bool(torch.isfinite(x).all()):  # stop with the likeliest cause it can see
-            raise host.InputError(checks.non_finite_message(i, steps, self.dtype, self.choice, self.dit, self.inputs))
+    def check(self, x: torch.Tensor, step: int, steps: int) -> None:
+        if not bool(torch.isfinite(x).all()):
+            dtype = self.model.model_dtype() or torch.float32
+            choice = self.model.get_attachment("qwenpix_compute") or "auto"
+            raise host.InputError(
+                checks.non_finite_message(
+                    step, steps, dtype, choice, ModelSummary(self.model), {"latent_image": self.latent.get("samples")}
+                )  # fmt: skip
+            )
+
+
+class ModelSummary:
+    """What the NaN diagnosis reads of a MODEL: the core model, its name, its LoRAs as (name, strength)."""
+
+    def __init__(self, model):
+        inner = model.model.diffusion_model
+        self.model = getattr(inner, "core", inner)
+        self.name = model.get_attachment("qwenpix_name") or "the diffusion model"
+        self.loras = list(model.get_attachment("qwenpix_loras") or ())
+        if model.patches and not self.loras:
+            self.loras = [(f"{len(model.patches)} patched weights", 1.0)]
 
 
 NODES = {"QwenPixSampler": QwenPixSampler}

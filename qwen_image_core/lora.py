@@ -39,14 +39,23 @@ def _linears(model: nn.Module) -> dict[str, Linear]:
 
 def load_lora(path: str | os.PathLike, model: nn.Module) -> Lora:
     """Read a LoRA file in any supported format and check it against the model's layers and shapes."""
-    layers = _linears(model)
-    factors = parse_lora(open_checkpoint(path), layers)
+    return read_lora(path, linear_shapes(model))
+
+
+def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """{module name: (out, in)} of a model's linear layers (ours or any torch.nn.Linear: a host's own model)."""
+    return {name: tuple(m.weight.shape) for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def read_lora(path: str | os.PathLike, shapes: dict[str, tuple[int, int]]) -> Lora:
+    """Read a LoRA file in any supported format and check it against layers named by `shapes` ({name: (out, in)})."""
+    factors = parse_lora(open_checkpoint(path), shapes)
     for f in factors:
-        w = layers[f.module].weight
-        if (f.up.shape[0], f.down.shape[1]) != tuple(w.shape):
+        out_f, in_f = shapes[f.module]
+        if (f.up.shape[0], f.down.shape[1]) != (out_f, in_f):
             raise CheckpointError(
                 f"{path}: LoRA for {f.module} is {f.up.shape[0]}x{f.down.shape[1]}, the layer is "
-                f"{w.shape[0]}x{w.shape[1]}: it was made for another model"
+                f"{out_f}x{in_f}: it was made for another model"
             )
     return Lora(str(path), tuple(factors))
 

@@ -72,12 +72,14 @@ def _describe(value) -> dict:
     the LoRA patches left on the model's layers and a checksum of its weights."""
     out = {"type": type(value).__name__}
     model = getattr(value, "model", None)
-    if model is not None and hasattr(model, "transformer_blocks"):  # a QwenPix DiT handle
-        out["model_id"] = id(model)
-        out["lora_layers"] = sum(1 for m in model.modules() if getattr(m, "lora", ()) != ())
-        out["hooks"] = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
-        out["weights_sum"] = float(sum(t.double().sum() for t in model.state_dict().values()))
-        out["handle_loras"] = len(value.loras)
+    inner = getattr(model, "diffusion_model", None)
+    if inner is not None and hasattr(inner, "transformer_blocks"):  # a Qwen-Image MODEL (ModelPatcher)
+        core = getattr(inner, "core", inner)
+        out["model_id"] = id(core)
+        out["lora_layers"] = sum(1 for m in core.modules() if getattr(m, "lora", ()) or getattr(m, "weight_fns", ()))
+        out["hooks"] = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in core.modules())
+        out["weights_sum"] = float(sum(t.double().sum() for t in core.state_dict().values()))
+        out["handle_loras"] = len(value.patches)
     elif hasattr(value, "encoder"):  # a text encoder handle
         out["model_id"] = id(value.encoder)
     elif isinstance(value, list) and value and isinstance(value[0], list):  # CONDITIONING
@@ -133,7 +135,7 @@ class QwenPixTestFault:
         if fault == "interrupt_now":
             mm.interrupt_current_processing(True)
         elif fault.endswith("_at_call"):
-            model = value.model
+            model = getattr(value.model, "diffusion_model", value.model)  # a MODEL: the module ComfyUI calls
             count = [0]
 
             def hook(module, args):

@@ -1,0 +1,216 @@
+"""The QwenPix DiT as ComfyUI's native Qwen-Image model: what KSampler, SamplerCustomAdvanced, model patches,
+LoRA loaders and caches drive when they are given our MODEL.
+
+`QwenPixModel` is ComfyUI's own `comfy.model_base.QwenImage` (latent format, model sampling, conditioning
+types, memory estimate) with `qwen_image_core`'s MMDiT as its `diffusion_model`. `NativeDiT` gives that
+MMDiT ComfyUI's calling convention: it holds the MMDiT's own modules (so the state-dict keys, and with them
+every LoRA key map, are the native ones), runs the DIFFUSION_MODEL wrappers (EasyCache), and turns
+`transformer_options` block patches and ControlNet residuals into the core's `block_hook`. What it cannot
+honour is reported with `notices.warn`, never dropped silently.
+"""
+
+from __future__ import annotations
+
+import comfy.model_base
+import comfy.model_management
+import comfy.model_patcher
+import comfy.patcher_extension
+import comfy.supported_models
+import torch
+from torch import nn
+
+from ..qwen_image_core.mmdit import MMDiT
+from ..qwen_image_core.offload_plan import DiTWorkload, plan_dit, sampling_bytes
+from . import notices
+from .conds import CONDPaddedMask, CONDPaddedTokens
+from .patcher import placed_patcher
+
+POSITIONS = {"official (diffusers)": "official", "ComfyUI native": "comfyui"}
+# reference_latents_method (FluxKontextMultiReferenceLatentMethod) -> (core ref_layout, zero_cond_t)
+REF_METHODS = {
+    "index": ("index", None),
+    "offset": ("offset", None),
+    "uxo": ("offset", None),  # ComfyUI's Qwen model treats every method but "index" as "offset"
+    "index_timestep_zero": ("index", True),
+}
+# conditioning keys ComfyUI's sampling consumes itself (areas, masks, strengths, timestep ranges, control...)
+SAMPLER_KEYS = {
+    "area", "strength", "mask", "mask_strength", "set_area_to_bounds", "start_percent", "end_percent",
+    "timestep_start", "timestep_end", "clip_start_percent", "clip_end_percent", "control", "control_apply_to_uncond",
+    "gligen", "hooks", "default", "uuid", "model_conds", "device", "noise", "width", "height", "prompt_type",
+    "latent_image", "denoise_mask", "seed", "latent_shapes",
+}  # fmt: skip
+MODEL_KEYS = {"cross_attn", "attention_mask", "reference_latents", "reference_latents_method"}  # ours
+SILENT_KEYS = {"pooled_output"}  # set by every text encoder; Qwen-Image has no pooled input (native ignores it)
+HONOURED_PATCHES = {"double_block"}
+
+
+class NativeDiT(nn.Module):
+    """ComfyUI's `diffusion_model` interface over an MMDiT: same modules, same keys, ComfyUI's arguments.
+
+    x [B, 16, 1, H, W] (or [B, 16, H, W]) normalised latent, timestep [B] sigma, context [B, L, D];
+    returns the flow velocity in x's layout, as ComfyUI's own QwenImageTransformer2DModel does.
+    """
+
+    def __init__(self, dit: MMDiT, dtype: torch.dtype, positions: str = "official"):
+        super().__init__()
+        for name, child in dit.named_children():  # shared, not copied: the MMDiT and this module are one model
+            self.add_module(name, child)
+        self.config, self.dtype, self.positions = dit.config, dtype, positions
+        self.core_forward = dit.forward  # a bound method (not a submodule): computes with the same modules
+
+    @property
+    def core(self) -> MMDiT:
+        """The qwen_image_core model these modules belong to."""
+        return self.core_forward.__self__
+
+    def forward(self, x, timestep, context, attention_mask=None, guidance=None, ref_latents=None,
+                transformer_options=None, **kwargs):  # fmt: skip
+        transformer_options = {} if transformer_options is None else transformer_options
+        wrappers = comfy.patcher_extension.get_all_wrappers(
+            comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, transformer_options
+        )
+        return comfy.patcher_extension.WrapperExecutor.new_class_executor(self._forward, self, wrappers).execute(
+            x, timestep, context, attention_mask, guidance, ref_latents, transformer_options, **kwargs
+        )
+
+    def _forward(self, x, timestep, context, attention_mask=None, guidance=None, ref_latents=None,
+                 transformer_options=None, control=None, ref_latents_method=None, **kwargs):  # fmt: skip
+        if kwargs:
+            notices.warn(f"the Qwen-Image model was given inputs it does not use: {', '.join(sorted(kwargs))}")
+        if guidance is not None:
+            notices.warn("Qwen-Image has no guidance input: the conditioning's 'guidance' (FluxGuidance) is ignored")
+        layout, zero_cond_t = REF_METHODS.get(ref_latents_method or "index", (None, None))
+        if layout is None:
+            notices.warn(f"reference_latents_method '{ref_latents_method}' is unknown; using 'index'")
+            layout = "index"
+        frames = x.ndim == 5
+        img = x[:, :, 0] if frames else x
+        refs = [r[:, :, 0] if r.ndim == 5 else r for r in ref_latents or []]
+        mask = None if attention_mask is None else attention_mask.to(img.device) != 0
+        hook = block_hook(x, transformer_options or {}, control, len(self.transformer_blocks))
+        out = self.core_forward(
+            img, timestep, context, mask, refs or None, zero_cond_t,
+            positions=self.positions, ref_layout=layout, block_hook=hook,
+        )  # fmt: skip
+        return out.unsqueeze(2) if frames else out
+
+
+def interrupted() -> None:
+    """ComfyUI's cancel button, checked between blocks (ComfyUI's own layers check it in every op)."""
+    if not torch.compiler.is_compiling():
+        comfy.model_management.throw_exception_if_processing_interrupted()
+
+
+def block_hook(x: torch.Tensor, options: dict, control: dict | None, total: int):
+    """The core `block_hook`: checks for interruption, runs ComfyUI's block patches, adds ControlNet residuals."""
+    check_options(options)
+    replace = options.get("patches_replace", {}).get("dit", {})
+    after = options.get("patches", {}).get("double_block", [])
+    residuals = (control or {}).get("input") or []
+    if not (replace or after or residuals):
+
+        def plain(i, run, img, txt, temb, pe):
+            interrupted()
+            return run(img, txt, temb, pe)
+
+        return plain
+    options.update(total_blocks=total, block_type="double")
+
+    def hook(i, run, img, txt, temb, pe):
+        interrupted()
+        options["block_index"] = i
+        if ("double_block", i) in replace:
+
+            def original_block(args):
+                img_, txt_ = run(args["img"], args["txt"], args["vec"], args["pe"])
+                return {"img": img_, "txt": txt_}
+
+            args = {"img": img, "txt": txt, "vec": temb, "pe": pe, "transformer_options": options}
+            out = replace[("double_block", i)](args, {"original_block": original_block})
+            img, txt = out["img"], out["txt"]
+        else:
+            img, txt = run(img, txt, temb, pe)
+        for patch in after:
+            out = patch({"img": img, "txt": txt, "x": x, "block_index": i, "transformer_options": options})
+            img, txt = out["img"], out["txt"]
+        add = residuals[i] if i < len(residuals) else None
+        if add is not None:
+            img = img.clone()
+            img[:, : add.shape[1]] += add.to(img.dtype)
+        return img, txt
+
+    return hook
+
+
+def check_options(options: dict) -> None:
+    """Warn about transformer_options entries that ask for something this model does not do."""
+    for kind in options.get("patches", {}):
+        if kind not in HONOURED_PATCHES and options["patches"][kind]:
+            notices.warn(f"model patch '{kind}' is not supported by the Qwen-Image model and has no effect")
+    for group, patches in options.get("patches_replace", {}).items():
+        for key in patches:
+            if group != "dit" or not (isinstance(key, tuple) and key[0] == "double_block"):
+                notices.warn(f"block replacement {group}/{key} does not exist in the Qwen-Image model; ignored")
+    if "rope_options" in options:
+        notices.warn("RoPE options (set_model_rope_options) are not supported by the Qwen-Image model; ignored")
+    if "optimized_attention_override" in options:
+        notices.warn("an attention override (e.g. a Sage/Flash attention switch) is not used: QwenPix runs SDPA")
+
+
+class QwenPixModel(comfy.model_base.QwenImage):
+    """ComfyUI's Qwen-Image model class around a qwen_image_core MMDiT (`NativeDiT`)."""
+
+    def __init__(self, dit: MMDiT, dtype: torch.dtype, positions: str = "official", device=None):
+        config = comfy.supported_models.QwenImage({"image_model": "qwen_image", "disable_unet_model_creation": True})
+        config.set_inference_dtype(dtype, None)
+        super().__init__(config, device=device)
+        self.diffusion_model = NativeDiT(dit, dtype, positions)
+        self.last_workload = DiTWorkload(compute_bytes=dtype.itemsize, fp16=dtype == torch.float16)
+
+    def extra_conds(self, **kwargs):
+        for key in kwargs:
+            if key not in SAMPLER_KEYS | MODEL_KEYS | SILENT_KEYS:
+                notices.warn(f"conditioning key '{key}' is not used by the Qwen-Image model; it has no effect")
+        out = super().extra_conds(**kwargs)
+        tokens = kwargs.get("cross_attn")
+        if tokens is not None:
+            mask = kwargs.get("attention_mask")
+            mask = torch.ones(tokens.shape[:2], dtype=torch.bool) if mask is None else mask.reshape(tokens.shape[:2])
+            out["c_crossattn"] = CONDPaddedTokens(tokens)
+            out["attention_mask"] = CONDPaddedMask(mask.to(device=tokens.device, dtype=torch.bool))
+        return out
+
+    def memory_required(self, input_shape, cond_shapes=None):
+        """Working memory of one call on `input_shape` rows, from qwen_image_core's activation estimate."""
+        cond_shapes = cond_shapes or {}
+        rows, h, w = input_shape[0], input_shape[-2], input_shape[-1]
+        text = max((s[1] for s in cond_shapes.get("c_crossattn", []) if len(s) > 1), default=256)
+        ref_pixels = max((s[-1] for s in cond_shapes.get("ref_latents", []) if len(s) > 1), default=0)
+        ref_tokens = -(-ref_pixels // 4)  # latent pixels / 2x2 patches
+        wl = DiTWorkload(w * 8, h * 8, rows, False, text, ((16 * ref_tokens, 16),) if ref_tokens else (),
+                         self.last_workload.compute_bytes, self.last_workload.fp16)  # fmt: skip
+        self.last_workload = wl
+        return sampling_bytes(wl, self.diffusion_model.config.hidden, self.diffusion_model.config.mlp_dim)
+
+
+def dit_model(dit: MMDiT, dtype: torch.dtype, positions: str = "official") -> comfy.model_patcher.ModelPatcher:
+    """A native MODEL of `dit` computing in `dtype` with the `positions` convention.
+
+    One base patcher (and placement) per DiT; each call returns a clone with its own settings as object
+    patches, so LoRA'd or differently configured MODELs of one file share the weights on the device.
+    """
+    base = getattr(dit, "native_patcher", None)  # kept on the DiT: it lives exactly as long as the weights
+    if base is None:
+        model = QwenPixModel(dit, dtype, device=comfy.model_management.unet_offload_device())
+
+        def plan_for(card, budget, max_resident):
+            return plan_dit(dit, budget, card, model.last_workload, 0, max_resident, activation_bytes=0)
+
+        base = placed_patcher(model, model.diffusion_model, model.diffusion_model.transformer_blocks, plan_for)
+        dit.native_patcher = base
+    m = base.clone()
+    if dtype != base.model.get_dtype():
+        m.set_model_compute_dtype(dtype)
+    m.add_object_patch("diffusion_model.positions", positions)
+    return m

@@ -1,0 +1,300 @@
+"""ComfyUI's ModelPatcher for QwenPix models: registered with ComfyUI's model management at their true size,
+placed on the GPU by qwen_image_core's planner and executor, patched exactly.
+
+Placement. ComfyUI decides how many bytes a model may hold on its device (`load_models_gpu`): all of it,
+a budget (`lowvram_model_memory`), more later (`partially_load`), less when another model needs the room
+(`partially_unload`, from `free_memory`), or nothing (`detach`). `Placement` turns each budget into a plan
+(resident blocks plus a staging ring that streams the others from pinned host memory) and moves only what
+changed between plans. ComfyUI's budget already leaves room for the activations it asked
+`memory_required` about and for its reserve, so plans here keep no reserve of their own. On the CPU
+nothing moves. A step that runs out of memory re-plans with half the resident blocks and runs once more.
+
+Patches. ComfyUI keeps weight patches (LoRAs, merges, diffs) in `ModelPatcher.patches` and merges them into
+the weights when it loads a model, re-quantising float8 bases. Here they are applied at each layer's weight
+cast instead, in float32, from the untouched stored weights: plain LoRAs as low-rank factors, every other
+patch through ComfyUI's own `comfy.lora.calculate_weight`. Exact on float8 and bf16 bases; unpatching
+restores the base bit for bit because it was never written. (`force_patch_weights`, used when saving or
+merging a model, does merge, with ComfyUI's own code.)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import comfy.lora
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.patcher_extension
+import comfy.utils
+import comfy.weight_adapter
+import torch
+from torch import nn
+
+from ..qwen_image_core.offload_plan import Card, Plan, PlanError, detect_card
+from ..qwen_image_core.placement import OOM_ERRORS, Offloaded
+from ..qwen_image_core.transfer import Transfer, default_transfer
+
+WRAPPER_KEY = "qwenpix_oom_replan"
+
+
+@dataclass
+class DeviceSeam:
+    """How placements reach a device; tests swap in a CPU stand-in that accounts the bytes of a fake GPU."""
+
+    transfer: Callable[[torch.device], Transfer] = default_transfer
+    card: Callable[[torch.device], Card] = detect_card
+
+
+SEAM = DeviceSeam()  # the host seam's one instance
+
+
+class Placement:
+    """Where one model's blocks live for a device budget, shared by every clone of its patcher.
+
+    plan_for(card, budget bytes, max_resident) -> Plan.
+    """
+
+    def __init__(self, module: nn.Module, blocks: Sequence[nn.Module], plan_for: Callable[..., Plan]):
+        self.module, self.blocks, self.plan_for = module, blocks, plan_for
+        self.offloaded: Offloaded | None = None
+        self.placed_bytes = 0  # bytes moved to the device by placements so far (tests assert on it)
+        self.last_plan = ""
+
+    @property
+    def streams(self) -> bool:
+        """Whether some blocks stream (ComfyUI's "lowvram" state)."""
+        return self.offloaded is not None and self.offloaded.attached and bool(self.offloaded.plan.streamed)
+
+    @property
+    def held(self) -> int:
+        """Device bytes held now (resident weights and the staging ring)."""
+        return self.offloaded.plan.device_bytes if self.offloaded is not None and self.offloaded.attached else 0
+
+    def place(self, device: torch.device | None, budget: float | None, max_resident: int | None = None) -> int:
+        """Hold at most `budget` bytes on `device` (None: no limit); returns the bytes held."""
+        if device is None or torch.device(device).type == "cpu":
+            return 0
+        if self.offloaded is None:
+            self.offloaded = Offloaded(self.module, self.blocks, None, SEAM.transfer(torch.device(device)))
+        card, limit = SEAM.card(torch.device(device)), 1 << 62 if budget is None else max(0, int(budget))
+
+        def planner(free, mr):
+            try:
+                return self.plan_for(card, limit, mr)
+            except PlanError:  # not even the streaming minimum fits: take the minimum, ComfyUI's budget is soft
+                return self.plan_for(card, 1 << 62, 0)
+
+        self.offloaded.planner = planner
+        before = self.offloaded.streamer.stats.load_bytes if self.offloaded.attached else 0
+        was = id(self.offloaded.streamer) if self.offloaded.attached else None
+        plan = self.offloaded.replan(max_resident)
+        if id(self.offloaded.streamer) != was:
+            before = 0
+        self.placed_bytes += self.offloaded.streamer.stats.load_bytes - before
+        self.last_plan = plan.explain()
+        return self.held
+
+    def release(self) -> None:
+        """Give the device memory back (host copies stay for the next placement)."""
+        if self.offloaded is not None:
+            self.offloaded.detach()
+            self.offloaded.transfer.empty_cache()
+
+    @property
+    def can_shrink(self) -> bool:
+        return self.offloaded is not None and self.offloaded.attached and bool(self.offloaded.plan.resident)
+
+    def shrink(self) -> None:
+        """After an out-of-memory error: keep half the resident blocks (at the next placement too)."""
+        if self.offloaded is not None and self.offloaded.attached:
+            self.offloaded.transfer.empty_cache()
+            self.offloaded.replan(max_resident=len(self.offloaded.plan.resident) // 2)
+            self.last_plan = self.offloaded.plan.explain()
+
+
+def oom_replan_wrapper(placement: Placement):
+    """An APPLY_MODEL wrapper: a model call that runs out of memory re-plans once and is repeated (the retry
+    runs after the failed call's tensors are gone, outside the exception handler)."""
+
+    def wrapper(executor, *args, **kwargs):
+        failed = None
+        try:
+            return executor(*args, **kwargs)
+        except OOM_ERRORS as e:
+            if not placement.can_shrink:  # nothing of ours to move off the device: ComfyUI reports it
+                raise
+            failed = f"{type(e).__name__}"
+        before = placement.last_plan
+        placement.shrink()
+        logging.warning("QwenPix: out of memory in a model call (%s); re-planned (%s -> %s), retrying once",
+                        failed, before, placement.last_plan)  # fmt: skip
+        return executor(*args, **kwargs)
+
+    return wrapper
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Patches applied at the weight cast
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _lora_factors(entries) -> list | None:
+    """[(down, up, scale)] when every patch of a key is a plain LoRA (no DoRA, mid, reshape, offset,
+    function, base-strength change), else None."""
+    out = []
+    for strength, adapter, strength_model, offset, function in entries:
+        if not isinstance(adapter, comfy.weight_adapter.LoRAAdapter) or strength_model != 1.0:
+            return None
+        up, down, alpha, mid, dora, reshape = adapter.weights
+        if mid is not None or dora is not None or reshape is not None or offset is not None or function is not None:
+            return None
+        if up.ndim != 2 or down.ndim != 2:
+            return None
+        out.append((down, up, strength * (1.0 if alpha is None else float(alpha) / down.shape[0])))
+    return out
+
+
+def _calculate(entries, key: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda w: comfy.lora.calculate_weight(entries, w, key, intermediate_dtype=torch.float32)
+
+
+def install_patches(root: nn.Module, patches: dict[str, list]) -> int:
+    """Make exactly `patches` ({state-dict key: ComfyUI patch list}) active at the weight casts under
+    `root`; returns how many keys were installed. Raises if a key names no patchable tensor."""
+    clear_patches(root)
+    for key, entries in patches.items():
+        if not entries:
+            continue
+        path, attr = key.rsplit(".", 1)
+        module = comfy.utils.get_attr(root, path)
+        slot = {"weight": "weight_fns", "bias": "bias_fns"}.get(attr)
+        if slot is None or not hasattr(module, slot):
+            raise ValueError(f"cannot patch {key}: not a weight or bias of a QwenPix layer")
+        factors = _lora_factors(entries) if slot == "weight" and hasattr(module, "lora") else None
+        if factors is not None:
+            module.lora = tuple(factors)
+        else:
+            setattr(module, slot, (_calculate(entries, key),))
+    return sum(1 for e in patches.values() if e)
+
+
+def lora_patches(lora, prefix: str = "diffusion_model.") -> dict:
+    """A qwen_image_core `Lora` as ComfyUI weight patches ({key: LoRAAdapter}) for `ModelPatcher.add_patches`:
+    the same patches LoraLoaderModelOnly makes, so they apply to our MODEL and to ComfyUI's own alike."""
+    out = {}
+    for f in lora.factors:
+        rank = f.down.shape[0]
+        alpha = None if f.scale == 1.0 else f.scale * rank
+        key = f"{prefix}{f.module}.weight"
+        out[key] = comfy.weight_adapter.LoRAAdapter({key}, (f.up, f.down, alpha, None, None, None))
+    return out
+
+
+def clear_patches(root: nn.Module) -> None:
+    for m in root.modules():
+        for slot in ("lora", "weight_fns", "bias_fns"):
+            if getattr(m, slot, None):
+                setattr(m, slot, ())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The patcher
+# ---------------------------------------------------------------------------------------------------------
+
+
+class QwenPixPatcher(comfy.model_patcher.ModelPatcher):
+    """A ModelPatcher whose `load` places through `Placement` and installs patches at the weight cast.
+
+    `model.qwenpix_placement` (set by `placed_patcher`) is shared by all clones: a clone with other LoRAs
+    reuses the weights already on the device.
+    """
+
+    def __repr__(self) -> str:  # ComfyUI sends str(input) with an error; the default repr names the pack's path
+        return f"QwenPixPatcher({self.get_attachment('qwenpix_name')!r}, {len(self.patches)} patched weights)"
+
+    @property
+    def placement(self) -> Placement:
+        return self.model.qwenpix_placement
+
+    def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False):
+        full = full_load or not lowvram_model_memory or lowvram_model_memory >= 1e30  # ComfyUI: 0 = everything
+        self._load(device_to, None if full else lowvram_model_memory, force_patch_weights, full_load)
+
+    def _load(self, device_to, budget: float | None, force_patch_weights=False, full_load=False):
+        """Install this patcher's patches and hold at most `budget` bytes (None: all) on `device_to`."""
+        with self.use_ejected():
+            self.unpatch_hooks()
+            if force_patch_weights:  # saving / merging: real merged weights, as ComfyUI makes them
+                self.placement.release()
+                clear_patches(self.model)
+                for key in self.patches:
+                    self.patch_weight_to_device(key)
+            else:
+                install_patches(self.model, self.patches)
+            max_resident = 0 if mm.vram_state == mm.VRAMState.NO_VRAM else None
+            held = self.placement.place(device_to, budget, max_resident)
+            on_cpu = device_to is None or torch.device(device_to).type == "cpu"
+            self.model.model_loaded_weight_memory = self.model_size() if on_cpu else held
+            self.model.model_lowvram = self.placement.streams
+            self.model.model_offload_buffer_memory = 0
+            self.model.lowvram_patch_counter = 0
+            self.model.device = device_to
+            self.model.current_weight_patches_uuid = self.patches_uuid
+            for callback in self.get_all_callbacks(comfy.patcher_extension.CallbacksMP.ON_LOAD):
+                callback(self, device_to, 0 if budget is None else budget, force_patch_weights, full_load)
+            self.apply_hooks(self.forced_hooks, force_apply=True)
+
+    def partially_load(self, device_to, extra_memory=0, force_patch_weights=False):
+        with self.use_ejected(skip_and_inject_on_exit_only=True):
+            used = self.loaded_size()
+            self.patch_model(load_weights=False)
+            budget = None if extra_memory >= 1e30 else max(0, used + extra_memory)
+            self._load(device_to, budget, force_patch_weights, full_load=budget is None)
+            return max(0, self.loaded_size() - used)
+
+    def partially_unload(self, device_to, memory_to_free=0, force_patch_weights=False):
+        used = self.loaded_size()
+        device = self.model.device
+        if device is None or torch.device(device).type == "cpu":
+            return 0
+        held = self.placement.place(device, max(0, used - memory_to_free))
+        self.model.model_loaded_weight_memory = held
+        self.model.model_lowvram = True
+        logging.info("QwenPix: shrank to a streaming plan, %.0f MB freed: %s", (used - held) / 2**20,
+                     self.placement.last_plan)  # fmt: skip
+        return used - held
+
+    def unpatch_model(self, device_to=None, unpatch_weights=True):
+        self.eject_model()
+        if unpatch_weights:
+            self.unpatch_hooks()
+            clear_patches(self.model)
+            for key, bk in self.backup.items():  # only after force_patch_weights
+                comfy.utils.set_attr_param(self.model, key, bk.weight)
+            self.backup.clear()
+            self.model.current_weight_patches_uuid = None
+            if device_to is not None:
+                self.placement.release()
+                self.model.device = device_to
+                self.model.model_loaded_weight_memory = 0
+        for key, old in self.object_patches_backup.items():
+            comfy.utils.set_attr(self.model, key, old)
+        self.object_patches_backup.clear()
+
+
+def placed_patcher(model: nn.Module, placed: nn.Module, blocks: Sequence[nn.Module], plan_for: Callable[..., Plan],
+                   load_device=None, offload_device=None) -> QwenPixPatcher:  # fmt: skip
+    """A QwenPixPatcher for `model` (a ComfyUI BaseModel, or a holder module) whose module `placed` (the one
+    ComfyUI calls; its `blocks` planned by `plan_for`) is placed on the device."""
+    model.qwenpix_placement = Placement(placed, blocks, plan_for)
+    patcher = QwenPixPatcher(
+        model,
+        load_device=mm.get_torch_device() if load_device is None else load_device,
+        offload_device=mm.unet_offload_device() if offload_device is None else offload_device,
+    )
+    patcher.add_wrapper_with_key(
+        comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, oom_replan_wrapper(model.qwenpix_placement)
+    )
+    return patcher
