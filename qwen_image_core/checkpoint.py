@@ -161,8 +161,9 @@ def _entry(name: str, info, bad) -> tuple:
     return dtype, tuple(shape), begin, end
 
 
-def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+def _identity(st: os.stat_result) -> tuple[int, ...]:
+    """What changes when a file is rewritten, cut or replaced: any write updates ctime, even when mtime is put back."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 class SafetensorsFile:
@@ -177,7 +178,7 @@ class SafetensorsFile:
             raise CheckpointError(f"{self.path}: no such file (was it moved or deleted?)") from None
         with f:
             st = os.fstat(f.fileno())
-            self.identity = _identity(st)  # (device, inode, size, mtime): reads check the file is still this one
+            self.identity = _identity(st)  # reads check that the file is still this one
             size = st.st_size
             head = f.read(8)
             if len(head) < 8:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import time
 
 import pytest
 import torch
@@ -238,12 +239,14 @@ def test_a_file_that_changes_while_it_is_read_is_refused(tmp_path, change):
     if change == "truncate":
         with open(path, "r+b") as h:
             h.truncate(os.path.getsize(path) - 3)
-    elif change == "overwrite":  # same size, new bytes and mtime
+    elif change == "overwrite":  # same size, in place, new bytes, the old mtime put back (ctime still changes)
+        time.sleep(0.05)  # file timestamps advance by clock ticks of a few ms
         data = bytearray(path.read_bytes())
         data[-1] ^= 0xFF
         st = path.stat()
-        path.write_bytes(bytes(data))
-        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+        with open(path, "r+b") as h:
+            h.write(bytes(data))
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
     elif change == "rename":
         good_file(tmp_path / "other.safetensors")
         os.replace(tmp_path / "other.safetensors", path)
