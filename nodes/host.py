@@ -5,6 +5,7 @@ Every ComfyUI import of the pack's runtime goes through here, so the node classe
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -159,9 +160,10 @@ def file_identity(path: Path) -> tuple:
 def model_fingerprint(folder: str, name: str, repo_part: str):
     """A loader's IS_CHANGED value: the identity of the file behind `name`, so ComfyUI runs the loader again
     (instead of reusing its cached output) when the file changed on disk; NaN (never equal, always run: the
-    loader then reports the problem) when the name does not resolve to an existing file."""
+    loader then reports the problem) when the name does not resolve to an existing file. Hashed: a short value
+    that names no server path."""
     try:
-        return repr(file_identity(model_path(folder, name, repo_part)))
+        return hashlib.sha256(repr(file_identity(model_path(folder, name, repo_part))).encode()).hexdigest()
     except Exception:  # the loader itself turns every such case into a clear error
         return float("nan")
 
