@@ -101,7 +101,7 @@ def test_interrupt_between_vision_blocks_and_in_the_edit_vae_encodes(comfy, clie
     assert good.outputs["out"]["sink"][0]["shape"] == [1, 16, 1, 14, 14]
 
 
-def decode(files, tiling, counted=None, width=512):
+def decode(files, tiling, counted=None, width=256):
     lat = {"aspect": "custom", "width": width, "height": width, "batch_size": 1}
     src = ["c", 0] if counted else ["vae", 0]
     nodes = {
@@ -121,7 +121,7 @@ def decode(files, tiling, counted=None, width=512):
 def test_interrupt_between_vae_tiles_and_stages(comfy, client, files):
     base = report(client, vae_loader(files), "vae_decoder")
     run(client, decode(files, "on", ("vae_decoder", 2)), "interrupted")
-    assert report(client, vae_loader(files), "vae_decoder")["calls"] == 2  # of 25 tiles (512 px, 128 px tiles)
+    assert report(client, vae_loader(files), "vae_decoder")["calls"] == 2  # of 9 tiles (256 px in 128 px tiles)
     run(client, decode(files, "off", ("vae_decoder_stages", 1)), "interrupted")
     assert report(client, vae_loader(files), "vae_decoder_stages")["calls"] == 1  # of 4 decoder stages
     img = {"img": image_node(256, 256)}
