@@ -11,6 +11,8 @@ honour is reported with `notices.warn`, never dropped silently.
 
 from __future__ import annotations
 
+import comfy.conds
+import comfy.ldm.modules.attention
 import comfy.model_base
 import comfy.model_management
 import comfy.model_patcher
@@ -88,12 +90,32 @@ class NativeDiT(nn.Module):
         img = x[:, :, 0] if frames else x
         refs = [r[:, :, 0] if r.ndim == 5 else r for r in ref_latents or []]
         mask = None if attention_mask is None else attention_mask.to(img.device) != 0
-        hook = block_hook(x, transformer_options or {}, control, len(self.transformer_blocks))
+        options = transformer_options or {}
+        hook = block_hook(x, options, control, len(self.transformer_blocks))
         out = self.core_forward(
             img, timestep, context, mask, refs or None, zero_cond_t,
-            positions=self.positions, ref_layout=layout, block_hook=hook,
+            positions=self.positions, ref_layout=layout, block_hook=hook, attention_fn=host_attention(options),
         )  # fmt: skip
         return out.unsqueeze(2) if frames else out
+
+
+def host_attention(options: dict):
+    """Attention through ComfyUI's own dispatch (its --use-*-attention flags, attention overrides in the
+    transformer options, its CPU kernels): the core's `attention` signature on [B, H, L, D] tensors."""
+    dispatch = comfy.ldm.modules.attention.optimized_attention_masked
+
+    def attend(q, k, v, key_mask=None, causal=False):
+        mask = None
+        if key_mask is not None:  # additive, broadcast over heads and (for SDPA) over queries
+            mask = torch.zeros(key_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~key_mask, float("-inf"))
+            mask = mask[:, None, None, :]
+            if dispatch is not comfy.ldm.modules.attention.attention_pytorch:  # the others want every query row
+                mask = mask.expand(-1, -1, q.shape[2], -1)
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        return dispatch(q, k, v, q.shape[1], mask, skip_reshape=True, skip_output_reshape=True,
+                        transformer_options=options)  # fmt: skip
+
+    return attend
 
 
 def interrupted() -> None:
@@ -154,8 +176,6 @@ def check_options(options: dict) -> None:
                 notices.warn(f"block replacement {group}/{key} does not exist in the Qwen-Image model; ignored")
     if "rope_options" in options:
         notices.warn("RoPE options (set_model_rope_options) are not supported by the Qwen-Image model; ignored")
-    if "optimized_attention_override" in options:
-        notices.warn("an attention override (e.g. a Sage/Flash attention switch) is not used: QwenPix runs SDPA")
 
 
 class QwenPixModel(comfy.model_base.QwenImage):
@@ -173,12 +193,18 @@ class QwenPixModel(comfy.model_base.QwenImage):
             if key not in SAMPLER_KEYS | MODEL_KEYS | SILENT_KEYS:
                 notices.warn(f"conditioning key '{key}' is not used by the Qwen-Image model; it has no effect")
         out = super().extra_conds(**kwargs)
-        tokens = kwargs.get("cross_attn")
-        if tokens is not None:
-            mask = kwargs.get("attention_mask")
-            mask = torch.ones(tokens.shape[:2], dtype=torch.bool) if mask is None else mask.reshape(tokens.shape[:2])
-            out["c_crossattn"] = CONDPaddedTokens(tokens)
-            out["attention_mask"] = CONDPaddedMask(mask.to(device=tokens.device, dtype=torch.bool))
+        tokens, mask = kwargs.get("cross_attn"), kwargs.get("attention_mask")
+        if tokens is None:
+            return out
+        if mask is not None:
+            mask = mask.reshape(tokens.shape[:2]).to(device=tokens.device, dtype=torch.bool)
+        if self.diffusion_model.positions == "comfyui":  # ComfyUI's own batching too: native results to the bit
+            if mask is not None:
+                out["attention_mask"] = comfy.conds.CONDRegular(mask)
+            return out
+        mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device) if mask is None else mask
+        out["c_crossattn"] = CONDPaddedTokens(tokens)
+        out["attention_mask"] = CONDPaddedMask(mask)
         return out
 
     def memory_required(self, input_shape, cond_shapes=None):

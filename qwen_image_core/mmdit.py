@@ -173,7 +173,7 @@ class JointAttention(nn.Module):
         self.to_out = nn.ModuleList([Linear(d, d), nn.Identity()])  # `to_out.1` is the reference's dropout
         self.to_add_out = Linear(d, d)
 
-    def forward(self, img, txt, pe, key_mask):
+    def forward(self, img, txt, pe, key_mask, attend=attention):
         def heads(t):  # [B, N, H*hd] -> [B, N, H, hd]
             return t.unflatten(-1, (-1, self.head_dim))
 
@@ -181,7 +181,7 @@ class JointAttention(nn.Module):
         k = torch.cat([self.norm_added_k(heads(self.add_k_proj(txt))), self.norm_k(heads(self.to_k(img)))], dim=1)
         v = torch.cat([heads(self.add_v_proj(txt)), heads(self.to_v(img))], dim=1)
         q, k = rope.apply_rope(q, pe), rope.apply_rope(k, pe)  # [B, L + N, H, hd]
-        out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), key_mask)  # [B, H, L + N, hd]
+        out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), key_mask)  # [B, H, L + N, hd]
         out = out.transpose(1, 2).flatten(2)  # [B, L + N, H*hd]
         n_txt = txt.shape[1]
         return self.to_out[0](out[:, n_txt:]), self.to_add_out(out[:, :n_txt])
@@ -204,9 +204,13 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return torch.addcmul(shift, x, 1 + scale)
 
 
-def gated(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Gated residual x + gate * y, in the residual stream's dtype (float32 when computing in float16)."""
-    return torch.addcmul(x, gate.to(x.dtype), fp16_safe(y).to(x.dtype))
+def gated(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, fused: bool = True) -> torch.Tensor:
+    """Gated residual x + gate * y, in the residual stream's dtype (float32 when computing in float16).
+
+    fused: one addcmul (the MLP residual, as ComfyUI), else a product then a sum (the attention residual, as
+    ComfyUI and diffusers): the same value up to rounding, kept apart so float32 results match ComfyUI's bits."""
+    gate, y = gate.to(x.dtype), fp16_safe(y).to(x.dtype)
+    return torch.addcmul(x, gate, y) if fused else x + gate * y
 
 
 class DoubleStreamBlock(nn.Module):
@@ -221,8 +225,9 @@ class DoubleStreamBlock(nn.Module):
         self.img_mlp = MLP(cfg.hidden, cfg.mlp_dim)
         self.txt_mlp = MLP(cfg.hidden, cfg.mlp_dim)
 
-    def forward(self, img, txt, temb, pe, key_mask, n_target):
-        """img [B, N, D] and txt [B, L, D] residual streams; temb [B or 2B, D] in the compute dtype."""
+    def forward(self, img, txt, temb, pe, key_mask, n_target, attend=attention):
+        """img [B, N, D] and txt [B, L, D] residual streams; temb [B or 2B, D] in the compute dtype;
+        attend: the attention function (`attention.attention`'s signature)."""
         dt, b = temb.dtype, txt.shape[0]
         ish1, isc1, ig1, ish2, isc2, ig2 = modulation(self.img_mod(temb), b, n_target, img.shape[1])
         tsh1, tsc1, tg1, tsh2, tsc2, tg2 = modulation(self.txt_mod(temb[:b]), b, None, txt.shape[1])
@@ -232,8 +237,9 @@ class DoubleStreamBlock(nn.Module):
             modulate(layer_norm(txt, self.eps).to(dt), tsh1, tsc1),
             pe,
             key_mask,
+            attend,
         )
-        img, txt = gated(img, ig1, img_a), gated(txt, tg1, txt_a)
+        img, txt = gated(img, ig1, img_a, fused=False), gated(txt, tg1, txt_a, fused=False)
         img = gated(img, ig2, self.img_mlp(modulate(layer_norm(img, self.eps).to(dt), ish2, isc2)))
         txt = gated(txt, tg2, self.txt_mlp(modulate(layer_norm(txt, self.eps).to(dt), tsh2, tsc2)))
         return img, txt
@@ -311,6 +317,7 @@ class MMDiT(nn.Module):
         positions: str = "official",
         ref_layout: str = "index",
         block_hook: BlockHook | None = None,
+        attention_fn: Callable | None = None,
     ) -> torch.Tensor:
         """Velocity [B, 16, H, W] of the target latent.
 
@@ -320,6 +327,7 @@ class MMDiT(nn.Module):
         positions / ref_layout: the RoPE conventions (rope.CONVENTIONS, rope.REF_LAYOUTS). block_hook: called
         as `block_hook(i, run, img, txt, temb, pe)` in place of block i, where `run(img, txt, temb, pe)`
         runs the block; it returns (img, txt) (a host's patches and control residuals enter here).
+        attention_fn: replaces `attention.attention` (a host's attention dispatch), same signature.
         """
         cfg, dt, p = self.config, img.dtype, self.config.patch_size  # compute in the input latent's dtype
         b, size = img.shape[0], tuple(img.shape[-2:])
@@ -351,12 +359,12 @@ class MMDiT(nn.Module):
 
         h = self.img_in(x).to(stream_dt)  # [B, N, D]
         c = self.txt_in(self.txt_norm(txt.to(dt))).to(stream_dt)  # [B, L, D]
-        n_zero = n_target if zero_cond else None
+        n_zero, attend = n_target if zero_cond else None, attention_fn or attention
         for i, block in enumerate(self.transformer_blocks):
             if block_hook is None:
-                h, c = block(h, c, temb, pe, key_mask, n_zero)
+                h, c = block(h, c, temb, pe, key_mask, n_zero, attend)
             else:
-                run = lambda img_, txt_, temb_, pe_, block=block: block(img_, txt_, temb_, pe_, key_mask, n_zero)
+                run = lambda img_, txt_, temb_, pe_, b=block: b(img_, txt_, temb_, pe_, key_mask, n_zero, attend)
                 h, c = block_hook(i, run, h, c, temb, pe)
 
         out = self.proj_out(self.norm_out(h[:, :n_target], temb[:b]))  # [B, N_target, C*p*p]
