@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from tools.run_workflows import SAMPLERS
+
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parent.parent
 API = sorted((ROOT / "workflows" / "api").glob("*.json"))
@@ -26,6 +28,7 @@ EXPECTED_SIZE = {
     "qwen_image_edit": (1248, 832),
     "qwen_image_edit_2509_two_images": (1248, 832),
     "qwen_image_edit_2511_three_images": (384, 256),
+    "qwen_image_native_ksampler": (1328, 1328),
 }
 
 
@@ -34,14 +37,14 @@ def models(example_models):
     return example_models
 
 
-def _node(prompt: dict, cls: str) -> tuple[str, dict]:
-    return next((k, n) for k, n in prompt.items() if n["class_type"] == cls)
+def _node(prompt: dict, *classes: str) -> tuple[str, dict]:
+    return next((k, n) for k, n in prompt.items() if n["class_type"] in classes)
 
 
 def _prepared(path: Path, tag: str, steps: int = 2) -> dict:
     prompt = json.loads(path.read_text())
     for node in prompt.values():
-        if node["class_type"] == "QwenPixSampler":
+        if node["class_type"] in SAMPLERS:  # ours or the native KSampler
             node["inputs"]["steps"] = steps
         if node["class_type"] == "SaveImage":
             node["inputs"]["filename_prefix"] = f"test/{path.stem}_{tag}"
@@ -60,9 +63,11 @@ def test_api_workflow_runs_and_reports_progress(models, client, path):
     (img,) = res.images()
     with Image.open(models.output_dir / img["subfolder"] / img["filename"]) as im:
         assert im.size == EXPECTED_SIZE[path.stem]
-    sampler_id, _ = _node(prompt, "QwenPixSampler")
+    sampler_id, _ = _node(prompt, *SAMPLERS)
     progress = [e["data"] for e in res.events if e["type"] == "progress" and e["data"]["node"] == sampler_id]
     assert [(p["value"], p["max"]) for p in progress][-2:] == [(1, 2), (2, 2)]
+    # the examples use every input as intended: no warning for the user
+    assert [e["data"]["message"] for e in res.events if e["type"] == "qwenpix.warning"] == []
 
 
 def test_interrupt_mid_sampling_then_next_prompt_succeeds(models, client):

@@ -2,9 +2,12 @@
 
     python -m tools.make_workflows
 
-The graphs are described below as data; the node specs (which inputs are widgets, their order, the
-socket types) come from a running ComfyUI's /object_info, so the UI files are what the frontend itself
-would save. The end-to-end tests check that the frontend turns each UI file back into its API twin.
+The graphs are described below as data; the node specs (which inputs are widgets, their order, their
+defaults, the socket types: MODEL for the diffusion model, the pack's own types for the text encoder and
+VAE) come from a running ComfyUI's /object_info, so the UI files are what the frontend itself would save.
+Widgets a description leaves out (optional ones such as the loader's `positions`) get the node's default
+in both formats, as the frontend sends them. The end-to-end tests check that the frontend turns each UI
+file back into its API twin.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ EXAMPLE_IMAGES = ("qwenpix_example_1.png", "qwenpix_example_2.png", "qwenpix_exa
 
 def _loaders(dit: str) -> dict:
     return {
-        "dit": ("QwenPixDiTLoader", {"dit_name": dit, "compute_dtype": "auto"}),
+        "dit": ("QwenPixDiTLoader", {"dit_name": dit, "compute_dtype": "auto", "positions": "official (diffusers)"}),
         "te": ("QwenPixTextEncoderLoader", {"text_encoder_name": "qwen_2.5_vl_7b_fp8_scaled.safetensors"}),
         "vae": ("QwenPixVAELoader", {"vae_name": "qwen_image_vae.safetensors"}),
     }
@@ -148,12 +151,14 @@ def graphs() -> dict[str, tuple[str, dict]]:
         4.0,
         3.1,
     )
+    native = _native_ksampler(t2i)
     for g, prefix in (
         (t2i, "t2i"),
         (lightning, "lightning"),
         (edit, "edit"),
         (e2509, "edit_2509"),
         (e2511, "edit_2511"),
+        (native, "native_ksampler"),
     ):
         g.update(_tail(prefix))
     official = "Text to image, 20 steps, true CFG 4, shift 3.1 (the official ComfyUI settings)."
@@ -179,7 +184,56 @@ def graphs() -> dict[str, tuple[str, dict]]:
             note(e2511, "Edit-2511 with three references, keeping the first image's size (the canvas is Picture 1)."),
             e2511,
         ),
+        "qwen_image_native_ksampler": (note(native, NATIVE_USAGE), native),
     }
+
+
+NATIVE_USAGE = """\
+The QwenPix loaders driving ComfyUI's own KSampler: ModelSamplingAuraFlow shift 3.1, euler / simple, 20 steps,
+cfg 4, 1328x1328 (the settings of the Comfy-Org Qwen-Image workflow).
+
+### Which sampler?
+
+- **KSampler** (this workflow): the QwenPix diffusion model is a native MODEL, so KSampler, KSamplerAdvanced,
+  SamplerCustomAdvanced and ComfyUI's other sampling nodes work on it, as do model patches (CFGNorm,
+  EasyCache, LazyCache) and LoRA stacks (LoraLoaderModelOnly or Qwen-Image LoRA) between the loader and the
+  sampler. Use it to combine QwenPix with the rest of a ComfyUI workflow.
+- **Qwen-Image Sampler** (the other examples): the same ComfyUI samplers and schedulers, plus in one node the
+  official resolution-dependent (dynamic) schedule, diffusers' per-token CFG rescale and the Lightning
+  schedule.
+
+Both samplers run cond and uncond as one batched pass on a QwenPix model, even when the prompts differ in
+length (ComfyUI's own Qwen-Image model, from UNETLoader, runs them one after the other then).
+
+### Seeds from native workflows
+
+Set **positions** on the diffusion-model loader to "ComfyUI native" to reproduce an image of a native
+ComfyUI Qwen-Image workflow from its seed: ComfyUI's model places odd token grids (1328 px = 83 tokens) and
+edit text tokens differently from the official code, which the default "official (diffusers)" follows.
+"ComfyUI native" also batches as ComfyUI does (prompts of different lengths in separate passes)."""
+
+
+def _native_ksampler(t2i: dict) -> dict:
+    """Our loaders and text encoders, ComfyUI's ModelSamplingAuraFlow + KSampler + EmptySD3LatentImage."""
+    g = {key: t2i[key] for key in ("dit", "te", "vae", "pos", "neg")}
+    g["shift"] = ("ModelSamplingAuraFlow", {"model": ("dit", 0), "shift": 3.1})
+    g["latent"] = ("EmptySD3LatentImage", {"width": 1328, "height": 1328, "batch_size": 1})
+    g["sampler"] = (
+        "KSampler",
+        {
+            "model": ("shift", 0),
+            "seed": 42,
+            "steps": 20,
+            "cfg": 4.0,
+            "sampler_name": "euler",
+            "scheduler": "simple",
+            "positive": ("pos", 0),
+            "negative": ("neg", 0),
+            "latent_image": ("latent", 0),
+            "denoise": 1.0,
+        },
+    )
+    return g
 
 
 def note(graph: dict, usage: str) -> str:
@@ -198,11 +252,37 @@ def note(graph: dict, usage: str) -> str:
     return "\n".join(lines)
 
 
+def _default(spec: list):
+    """The value the frontend gives a widget the workflow does not set."""
+    kind, opts = spec[0], (spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {})
+    if "default" in opts:
+        return opts["default"]
+    if isinstance(kind, list):
+        return kind[0]
+    if kind == "COMBO":
+        return opts["options"][0]
+    return {"INT": opts.get("min", 0), "FLOAT": opts.get("min", 0.0), "STRING": "", "BOOLEAN": False}[kind]
+
+
+def complete(graph: dict, info: dict) -> dict:
+    """The graph with every widget input of each node: the description's values, else the node's default."""
+    out = {}
+    for key, (cls, inputs) in graph.items():
+        full = dict(inputs)
+        for group in ("required", "optional"):
+            for name, spec in info[cls]["input"].get(group, {}).items():
+                if _is_widget(spec) and name not in full:
+                    full[name] = _default(spec)
+        out[key] = (cls, full)
+    return out
+
+
 # -- serialisation
 # layout: one column per dependency depth, nodes stacked with at least the height the frontend gives them
 # (its minimum is a title bar plus one row per slot and per widget; a multiline text box and an image preview
 # need more). Rows in LiteGraph's units (ComfyUI frontend 1.32).
 NODE_W, GAP_X, GAP_Y, TITLE_H = 340, 60, 50, 30
+NOTE_W, NOTE_LINE_H = 760, 21  # the note above the graph, as tall as its text
 SLOT_H, WIDGET_H, MARGIN_H, MULTILINE_H, PREVIEW_H = 20, 24, 14, 110, 200
 
 
@@ -304,12 +384,13 @@ def to_ui(graph: dict, info: dict, note_text: str) -> dict:
             }
         )
     note_id = len(graph) + 1
+    note_h = max(380, NOTE_LINE_H * (note_text.count("\n") + 1) + 60)
     nodes.append(
         {
             "id": note_id,
             "type": "MarkdownNote",
-            "pos": [40, -420],
-            "size": [760, 380],
+            "pos": [40, -note_h - 40],
+            "size": [NOTE_W, note_h],
             "flags": {},
             "order": len(graph),
             "mode": 0,
@@ -367,6 +448,7 @@ def main() -> None:
         info = ComfyClient(server.url).object_info()
     (OUT / "api").mkdir(parents=True, exist_ok=True)
     for name, (text, graph) in graphs().items():
+        graph = complete(graph, info)
         (OUT / "api" / f"{name}.json").write_text(json.dumps(to_api(graph), indent=2) + "\n")
         (OUT / f"{name}.json").write_text(json.dumps(to_ui(graph, info, text), indent=2) + "\n")
         print(f"wrote workflows/{name}.json and workflows/api/{name}.json")

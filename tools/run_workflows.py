@@ -34,6 +34,9 @@ LOADER_INPUTS: dict[str, tuple[str, str]] = {
     "QwenPixLoraLoader": ("lora_name", "loras"),
 }
 
+# sampler nodes whose `steps` the job lowers on smoke-test weights
+SAMPLERS = ("QwenPixSampler", "KSampler")
+
 # what the job runs while the pack has no example workflows yet: an empty latent decoded to a PNG
 BUILTIN_SMOKE = {
     "1": {
@@ -107,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         if smoke:  # noise in, noise out: a couple of steps prove the graph as well as the shipped count
             for _, prompt in jobs:
                 for node in prompt.values():
-                    if node["class_type"] == "QwenPixSampler":
+                    if node["class_type"] in SAMPLERS:
                         node["inputs"]["steps"] = min(node["inputs"]["steps"], args.smoke_steps)
             print(
                 f"NOTE: no real weights for {', '.join(smoke)} in {args.models}: generated tiny random smoke-test "
