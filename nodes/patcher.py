@@ -172,7 +172,7 @@ def install_patches(root: nn.Module, patches: dict[str, list]) -> int:
         slot = {"weight": "weight_fns", "bias": "bias_fns"}.get(attr)
         if slot is None or not hasattr(module, slot):
             raise ValueError(f"cannot patch {key}: not a weight or bias of a QwenPix layer")
-        factors = _lora_factors(entries) if slot == "weight" and hasattr(module, "lora") else None
+        factors = _lora_factors(entries) if attr == "weight" and hasattr(module, "lora") else None
         if factors is not None:
             module.lora = tuple(factors)
         else:
@@ -279,6 +279,7 @@ class QwenPixPatcher(comfy.model_patcher.ModelPatcher):
                 self.placement.release()
                 self.model.device = device_to
                 self.model.model_loaded_weight_memory = 0
+                self.model.model_lowvram = False
         for key, old in self.object_patches_backup.items():
             comfy.utils.set_attr(self.model, key, old)
         self.object_patches_backup.clear()

@@ -151,12 +151,18 @@ class BlockStreamer:
     # -- placement
     def attach(self, reuse: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None) -> BlockStreamer:
         """Place the plan. `reuse`: {id(tensor): (host data, device copy)} kept from a previous plan's
-        `detach(keep=...)`; those tensors are not copied again (re-planning without a full re-upload)."""
+        `detach(keep=...)`; those tensors are not copied again (re-planning without a full re-upload). The dict
+        is consumed: kept copies this plan streams are dropped (their memory given back) before any tensor is
+        placed, so re-planning never holds more than the larger of the two plans."""
         if self._attached:
             return self
         t, streamed = self.transfer, {id(x) for i in self.plan.streamed for x in _tensors(self.blocks[i])}
-        reuse = dict(reuse or {})
-        self._originals = [(x, reuse[id(x)][0] if id(x) in reuse else x.data) for x in _tensors(self.model)]
+        reuse = {} if reuse is None else reuse
+        tensors = _tensors(self.model)
+        self._originals = [(x, reuse[id(x)][0] if id(x) in reuse else x.data) for x in tensors]
+        ids = {id(x) for x in tensors}
+        for key in [k for k in reuse if k in streamed or k not in ids]:
+            t.free(reuse.pop(key)[1])  # the last reference to that device copy goes with it
         self._resident = {}  # id(tensor) -> its device copy
         for x, data in self._originals:
             if id(x) not in streamed:
@@ -166,10 +172,8 @@ class BlockStreamer:
                 self._resident[id(x)] = dev
                 if kept is None:
                     self.stats.load_bytes += data.numel() * data.element_size()
-            elif id(x) in reuse:
+            else:
                 x.data = data
-        for _, dev in reuse.values():  # kept copies this plan streams instead: give their memory back
-            t.free(dev)
         self._packed = self.host.get(self.blocks, self.plan.streamed, t)
         self.stats.host_bytes = self.host.nbytes
         k = self.plan.buffers if self._packed else 0
