@@ -14,16 +14,11 @@ import numpy as np
 import pytest
 import torch
 
+from native_graphs import JOINT_DIM, TOL, close, common, cond, differs, ksampler, load, models, node, run, twin
 from tools.checkpoints import dit as D
-from tools.checkpoints import lora as L
 
 pytestmark = pytest.mark.e2e
 WIDE = "qp_native_wide_f32.safetensors"
-WIDE_FP8 = "qp_native_wide_fp8.safetensors"  # the same weights rounded to float8 ...
-WIDE_FP8_DEQ = "qp_native_wide_fp8_dequantised_f32.safetensors"  # ... and those float8 values in float32
-LORAS = ("qp_native_lora_a.safetensors", "qp_native_lora_b.safetensors")
-JOINT_DIM = 3584
-TOL = 1e-4
 SAMPLERS = (
     "euler",
     "euler_cfg_pp",
@@ -75,98 +70,8 @@ SCHEDULERS = ("simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", 
 @pytest.fixture(scope="module")
 def files(comfy):
     d = comfy.models_dir / "diffusion_models"
-    cfg = D.config(num_layers=1)
-    D.write_comfy(d / WIDE, cfg, dtype=torch.float32)
-    D.write_fp8(d / WIDE_FP8, cfg)
-    from safetensors.torch import load_file, save_file
-
-    save_file({k: v.float() for k, v in load_file(str(d / WIDE_FP8)).items()}, str(d / WIDE_FP8_DEQ))
-    for seed, (name, fmt) in enumerate(zip(LORAS, ("kohya", "lightx2v"), strict=True)):
-        L.write_lora(comfy.models_dir / "loras" / name, cfg, fmt, rank=4, alpha=8.0, seed=seed + 1)
+    D.write_comfy(d / WIDE, D.config(num_layers=1), dtype=torch.float32)
     return comfy
-
-
-# -- graph pieces (API format; links are [node id, slot])
-def node(class_type, **inputs):
-    return {"class_type": class_type, "inputs": inputs}
-
-
-def cond(seed, tokens):
-    return node("QwenPixTestConditioning", seed=seed, tokens=tokens, dim=JOINT_DIM)
-
-
-def ksampler(model, sampler="euler", scheduler="simple", steps=2, cfg=4.0, seed=5, denoise=1.0, pos="pos",
-             neg="neg", lat="lat"):  # fmt: skip
-    return node("KSampler", model=[model, 0], seed=seed, steps=steps, cfg=cfg, sampler_name=sampler,
-                scheduler=scheduler, positive=[pos, 0], negative=[neg, 0], latent_image=[lat, 0],
-                denoise=denoise)  # fmt: skip
-
-
-def models(file=WIDE, shift=3.1, positions="ComfyUI native"):
-    """Our loader and UNETLoader on one file, each behind ModelSamplingAuraFlow(shift): nodes o_ms, n_ms."""
-    return {
-        "o_load": node("QwenPixDiTLoader", dit_name=file, compute_dtype="fp32", positions=positions),
-        "n_load": node("UNETLoader", unet_name=file, weight_dtype="default"),
-        "o_ms": node("ModelSamplingAuraFlow", model=["o_load", 0], shift=shift),
-        "n_ms": node("ModelSamplingAuraFlow", model=["n_load", 0], shift=shift),
-    }
-
-
-def common(width=64, height=64):
-    return {"pos": cond(1, 9), "neg": cond(2, 4), "lat": node("EmptySD3LatentImage", width=width, height=height,
-                                                              batch_size=1)}  # fmt: skip
-
-
-def twin(graph: dict, name: str, build) -> None:
-    """Add `build(side)` for both sides (side "o" = ours, "n" = native), each dumped as <name>_<side>."""
-    for side in ("o", "n"):
-        nodes = build(side)
-        last = None
-        for key, value in nodes.items():
-            graph[f"{name}_{side}_{key}"] = _prefixed(value, f"{name}_{side}_", nodes)
-            last = f"{name}_{side}_{key}"
-        graph[f"{name}_{side}_dump"] = node("QwenPixTestDumpLatent", samples=[last, 0], name=f"{name}_{side}")
-
-
-def _prefixed(value: dict, prefix: str, local: dict) -> dict:
-    """A node whose links to other nodes of the same build get the build's prefix."""
-    inputs = {k: ([prefix + v[0], v[1]] if isinstance(v, list) and v and v[0] in local else v)
-              for k, v in value["inputs"].items()}  # fmt: skip
-    return {"class_type": value["class_type"], "inputs": inputs}
-
-
-def load(comfy, name):
-    return np.load(comfy.output_dir / f"{name}.npy")
-
-
-def close(comfy, name) -> float:
-    """Relative max difference of ours vs native for a case (asserted <= TOL)."""
-    a, b = load(comfy, f"{name}_o"), load(comfy, f"{name}_n")
-    assert a.shape == b.shape, (a.shape, b.shape)
-    assert np.isfinite(a).all() and np.isfinite(b).all()
-    err = float(np.abs(a - b).max() / max(1.0, float(np.abs(b).max())))
-    print(f"\n{name}: ours vs native max rel diff {err:.2e}")
-    return err
-
-
-def differs(comfy, a, b, at_least=1e-3) -> float:
-    x, y = load(comfy, a), load(comfy, b)
-    d = float(np.abs(x - y).max())
-    assert d > at_least, f"{a} and {b} should differ, max diff {d:.2e}"
-    return d
-
-
-def run(comfy, prompt):
-    """Run a prompt on a client of its own (module fixtures cannot use the per-test `client`)."""
-    from tools.comfy_harness import ComfyClient
-
-    client = ComfyClient(comfy.url).connect()
-    try:
-        res = client.run(prompt, timeout=1500)
-    finally:
-        client.close()
-    assert res.status == "success", res.error()
-    return res
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -176,7 +81,7 @@ def run(comfy, prompt):
 
 @pytest.fixture(scope="module")
 def ksampler_matrix(files):
-    graph = {**models(), **common()}
+    graph = {**models(WIDE), **common()}
     for s in SAMPLERS:
         twin(graph, f"ks_{s}", lambda side, s=s: {"k": ksampler(f"{side}_ms", sampler=s)})
     for sch in SCHEDULERS:
@@ -316,7 +221,7 @@ ADVANCED = {
 
 @pytest.fixture(scope="module")
 def advanced(files):
-    graph = {**models(), **common(), "pos2": cond(3, 6), "clip": node("QwenPixTestFakeClip", dim=JOINT_DIM),
+    graph = {**models(WIDE), **common(), "pos2": cond(3, 6), "clip": node("QwenPixTestFakeClip", dim=JOINT_DIM),
              "ref_a": node("QwenPixTestLatent", seed=21, width=48, height=32),
              "ref_b": node("QwenPixTestLatent", seed=22, width=32, height=64),
              "img": node("QwenPixTestLatent", seed=23, width=64, height=64),

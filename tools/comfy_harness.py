@@ -297,12 +297,18 @@ class ComfyClient:
 
     # -- prompts
     def queue(self, prompt: dict) -> str:
+        return self.queue_checked(prompt)[0]
+
+    def queue_checked(self, prompt: dict) -> tuple[str, dict]:
+        """(prompt id, node_errors): ComfyUI queues a prompt whose other outputs are valid and reports (then
+        skips) the outputs it refused in node_errors."""
         try:
-            return self.post("/prompt", {"prompt": prompt, "client_id": self.client_id})["prompt_id"]
+            answer = self.post("/prompt", {"prompt": prompt, "client_id": self.client_id})
         except urllib.error.HTTPError as e:
             if e.code == 400:
                 raise PromptRejected(json.loads(e.read() or b"{}")) from None
             raise
+        return answer["prompt_id"], answer.get("node_errors") or {}
 
     def wait(self, prompt_id: str, timeout: float = 300.0) -> Result:
         deadline = time.monotonic() + timeout

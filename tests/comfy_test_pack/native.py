@@ -120,7 +120,32 @@ class QwenPixTestFakeClip:
         return (_FakeClip(dim),)
 
 
+class QwenPixTestSetCondKey:
+    """Sets one key of every conditioning entry to a string (or, with as_float, a number): values no 0.3.75 node
+    offers (e.g. reference_latents_method 'index_timestep_zero' of newer ComfyUI) or keys Qwen-Image never uses."""
+
+    CATEGORY = "testing"
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "conditioning": ("CONDITIONING",),
+                "key": ("STRING", {"default": "reference_latents_method"}),
+                "value": ("STRING", {"default": "index_timestep_zero"}),
+                "as_float": ("BOOLEAN", {"default": False}),
+            }
+        }
+
+    def apply(self, conditioning, key, value, as_float):
+        v = float(value) if as_float else value
+        return ([[c, {**extra, key: v}] for c, extra in conditioning],)
+
+
 NODE_CLASS_MAPPINGS = {
+    "QwenPixTestSetCondKey": QwenPixTestSetCondKey,
     "QwenPixTestDumpLatent": QwenPixTestDumpLatent,
     "QwenPixTestModelState": QwenPixTestModelState,
     "QwenPixTestLatent": QwenPixTestLatent,
