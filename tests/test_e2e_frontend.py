@@ -2,10 +2,12 @@
 
 One Node script (tests/frontend/drive_frontend.mjs, playwright-core driving Debian's chromium) opens the test
 server's editor and: loads the text-to-image workflow, sets 2 steps and a small custom size in its widgets and
-queues it from the page (`app.queuePrompt`); loads every UI workflow, lists node types the frontend does not
-know and converts the graph to an API prompt (`app.graphToPrompt`); and changes the aspect preset of a new
-Empty Latent node. The tests below check its report against the API twins in workflows/api/ and the server's
-/history.
+queues it from the page (`app.queuePrompt`); queues it again with a native BasicScheduler into the sampler's
+`sigmas` (the sampler then warns that its own steps and schedule are unused), waits for the extension's toast
+with that warning and checks the fallback banner for frontends without toasts; loads every UI workflow, lists
+node types the frontend does not know and converts the graph to an API prompt (`app.graphToPrompt`); and
+changes the aspect preset of a new Empty Latent node. The tests below check its report against the API twins
+in workflows/api/ and the server's /history.
 
 The browser comes from tools/setup_browser.sh (run by this module if it has not been run); the tests skip only
 when that script could not install it.
@@ -41,6 +43,9 @@ RUN_WIDGETS = {
     "SaveImage": {"filename_prefix": RUN_PREFIX},
 }
 PRESET = "16:9 (1664x928)"
+WARNING_PREFIX = "test/frontend_page_warning"
+WARNING_WIDGETS = {**RUN_WIDGETS, "SaveImage": {"filename_prefix": WARNING_PREFIX}}
+WARNING_SCHEDULER = {"scheduler": "simple", "steps": 2, "denoise": 1.0}  # the BasicScheduler's widgets
 
 
 def _browser_missing() -> str | None:
@@ -79,11 +84,17 @@ def report(node_bin, example_models, tmp_path_factory) -> dict:
         "chromium": str(CHROMIUM),
         "workflows": {p.stem: str(p) for p in UI},
         "run": {"workflow": str(ROOT / "workflows" / f"{RUN_WORKFLOW}.json"), "widgets": RUN_WIDGETS},
+        "warning": {
+            "workflow": str(ROOT / "workflows" / f"{RUN_WORKFLOW}.json"),
+            "widgets": WARNING_WIDGETS,
+            "scheduler": WARNING_SCHEDULER,
+            "timeout_ms": 240000,
+        },
         "screenshot": str(work / "after_queue.png"),
         "result": str(work / "report.json"),
     }
     (work / "job.json").write_text(json.dumps(job))
-    proc = subprocess.run([node_bin, str(SCRIPT), str(work / "job.json")], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([node_bin, str(SCRIPT), str(work / "job.json")], capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         pytest.fail(f"{SCRIPT.name} exited with {proc.returncode}:\n{proc.stderr[-4000:]}")
     out = json.loads((work / "report.json").read_text())
@@ -148,6 +159,26 @@ def test_workflow_queued_from_the_page_runs_and_saves_an_image(report, example_m
     assert f"{img['subfolder']}/{img['filename']}".startswith(RUN_PREFIX)
     with Image.open(example_models.output_dir / img["subfolder"] / img["filename"]) as im:
         assert im.size == (256, 192)
+
+
+def test_backend_warning_is_shown_as_a_toast_naming_the_node(report, example_models):
+    warning = _ok(report["warning"])
+    assert warning["status"] == 200 and warning["response"]["node_errors"] == {}, warning["response"]
+    res = ComfyClient(example_models.url).wait(warning["prompt_id"], timeout=300)
+    assert res.status == "success", res.error()
+    sampler = warning["sampler"]
+    # the websocket event, as nodes/notices.py sends it: the sampler's node id and the sigmas message
+    (event,) = [e for e in warning["events"] if "sigmas" in e["message"]]
+    assert event["node"] == sampler["id"] and "2-step" in event["message"], event
+    # the toast: severity warn, summary QwenPix, the node's title and id, then the message
+    want = f"{sampler['title']} (#{sampler['id']}): {event['message']}"
+    toast = next((t for t in warning["toasts"] if t["detail"] == want), None)
+    assert toast, warning["toasts"]
+    assert toast["summary"] == "QwenPix" and toast["severity"].startswith("p-toast-message-warn")
+    # the node is marked (outlined) with its warnings until the next prompt starts
+    assert event["message"] in warning["marked"]
+    # without the toast API (older frontends): the banner, with the same text
+    assert warning["fallback"]["banner"] == [f"{sampler['title']} (#{sampler['id']}): fallback check: no toast API"]
 
 
 def test_aspect_preset_sets_width_and_height(report):

@@ -2,7 +2,11 @@
 // - Empty Latent (Qwen-Image): picking an aspect preset shows its size in the width/height widgets, which are
 //   only used for "custom", and greys them out otherwise.
 // - Loaders: the one-line placement/offload plan the backend reports (`ui.qwenpix_plan`) is shown on the node.
+// - Warnings: the backend's `qwenpix.warning` websocket event ({node, prompt_id, message}, nodes/notices.py) is
+//   shown as a toast naming the node (ComfyUI's new frontend), else as a small banner at the top right; the
+//   node gets an amber outline until the next prompt starts. Every warning also goes to the console.
 // User-provided or backend text is only ever set through textContent / widget values, never as HTML.
+import { api } from "../../scripts/api.js";
 import { app } from "../../scripts/app.js";
 
 const PRESET = /\((\d+)x(\d+)\)\s*$/;
@@ -38,6 +42,124 @@ function showPlan(node, text) {
   w.value = String(text ?? "");
   node.setDirtyCanvas?.(true, true);
 }
+
+const WARNING_EVENT = "qwenpix.warning";
+const WARNING_LIFE_MS = 15000;
+const WARNING_COLOR = "#f0a020";
+const BANNER_ID = "qwenpix-warnings";
+const warnedNodes = new Set(); // nodes outlined since the last prompt started
+
+function findNode(id) {
+  if (id === null || id === undefined) return null;
+  const graph = app.rootGraph ?? app.graph;
+  const key = String(id);
+  return graph?.getNodeById?.(/^\d+$/.test(key) ? Number(key) : key) ?? null;
+}
+
+// The node's outline: drawn on top of the node while it has warnings (cleared when the next prompt starts).
+function markNode(node, message) {
+  node.qwenpix_warnings = [...(node.qwenpix_warnings ?? []), message];
+  warnedNodes.add(node);
+  if (!node.__qwenpixOutline) {
+    node.__qwenpixOutline = true;
+    const onDrawForeground = node.onDrawForeground;
+    node.onDrawForeground = function (ctx, ...rest) {
+      const r = onDrawForeground?.call(this, ctx, ...rest);
+      if (this.qwenpix_warnings?.length && !this.flags?.collapsed) {
+        const title = window.LiteGraph?.NODE_TITLE_HEIGHT ?? 30;
+        ctx.save();
+        ctx.strokeStyle = WARNING_COLOR;
+        ctx.lineWidth = 3;
+        ctx.strokeRect(-3, -title - 3, this.size[0] + 6, this.size[1] + title + 6);
+        ctx.restore();
+      }
+      return r;
+    };
+  }
+  node.setDirtyCanvas?.(true, true);
+}
+
+function clearMarks() {
+  for (const node of warnedNodes) {
+    node.qwenpix_warnings = [];
+    node.setDirtyCanvas?.(true, true);
+  }
+  warnedNodes.clear();
+}
+
+// Without the new frontend's toasts: a non-blocking banner at the top right that closes itself.
+function showBanner(text) {
+  let box = document.getElementById(BANNER_ID);
+  if (!box) {
+    box = document.createElement("div");
+    box.id = BANNER_ID;
+    Object.assign(box.style, {
+      position: "fixed",
+      top: "12px",
+      right: "12px",
+      zIndex: "10000",
+      maxWidth: "420px",
+      display: "flex",
+      flexDirection: "column",
+      gap: "6px",
+    });
+    document.body.appendChild(box);
+  }
+  const item = document.createElement("div");
+  item.className = "qwenpix-warning";
+  Object.assign(item.style, {
+    background: "#3a2a05",
+    color: "#ffe2a8",
+    border: `1px solid ${WARNING_COLOR}`,
+    borderRadius: "6px",
+    padding: "8px 28px 8px 10px",
+    font: "13px sans-serif",
+    position: "relative",
+    boxShadow: "0 2px 8px rgba(0,0,0,.4)",
+  });
+  const title = document.createElement("strong");
+  title.textContent = "QwenPix: ";
+  const body = document.createElement("span");
+  body.className = "qwenpix-warning-text";
+  body.textContent = text;
+  const close = document.createElement("button");
+  close.textContent = "\u00d7";
+  close.title = "Dismiss";
+  Object.assign(close.style, {
+    position: "absolute",
+    top: "2px",
+    right: "6px",
+    background: "none",
+    border: "none",
+    color: "inherit",
+    cursor: "pointer",
+    fontSize: "16px",
+  });
+  close.onclick = () => item.remove();
+  item.append(title, body, close);
+  box.appendChild(item);
+  setTimeout(() => item.remove(), WARNING_LIFE_MS);
+}
+
+function showWarning(data) {
+  const message = String(data?.message ?? "");
+  if (!message) return;
+  const id = data?.node ?? null;
+  const node = findNode(id);
+  const where = node ? `${node.title || node.type} (#${node.id})` : id !== null ? `node #${id}` : null;
+  const text = where ? `${where}: ${message}` : message;
+  console.warn(`[QwenPix] ${text}`);
+  if (node) markNode(node, message);
+  const toast = app.extensionManager?.toast;
+  if (typeof toast?.add === "function") {
+    toast.add({ severity: "warn", summary: "QwenPix", detail: text, life: WARNING_LIFE_MS });
+  } else {
+    showBanner(text);
+  }
+}
+
+api.addEventListener(WARNING_EVENT, (event) => showWarning(event.detail));
+api.addEventListener("execution_start", clearMarks);
 
 app.registerExtension({
   name: "qwenpix.core",

@@ -1,6 +1,7 @@
 // Drives ComfyUI's own frontend in a headless Debian Chromium (playwright-core) for tests/test_e2e_frontend.py.
-// It queues the "run" workflow from the page first (the caller waits for it in /history), then loads and converts
-// each workflow, then checks the extension's aspect sync on a new Empty Latent node.
+// It queues the "run" workflow from the page first (the caller waits for it in /history), then queues the "warning"
+// graph and waits for the extension to show the backend's qwenpix.warning as a toast (and checks the fallback
+// banner), then loads and converts each workflow, then checks the extension's aspect sync on a new Empty Latent node.
 //
 //   node tests/frontend/drive_frontend.mjs JOB.json
 //
@@ -11,6 +12,9 @@
 //   "workflows": {"name": "path/to/ui.json"}, UI-format workflows to load and convert
 //   "run": {"workflow": "path", "widgets": {nodeType: {widget: value}}},  one workflow queued from the page after
 //          setting those widgets (in order) on the first node of each type
+//   "warning": {"workflow": "path", "widgets": {...}, "scheduler": {widget: value}, "timeout_ms": N}  the workflow
+//          with a BasicScheduler from its QwenPixDiTLoader into its QwenPixSampler's sigmas (the sampler warns that
+//          steps/schedule/... are unused), queued from the page; the toast it shows is recorded
 //   "screenshot": "path.png" (optional)       the editor after queueing, for debugging
 //   "result": "path.json" (optional)          where to write the result (default: stdout)
 // }
@@ -18,6 +22,9 @@
 //   {"extensions": [registered frontend extension names],
 //    "workflows": {name: {"nodes", "loaded_nodes", "missing", "overlaps", "output"}},
 //    "run": {"prompt_id", "status", "response", "output"}, "aspect": [{"step", "aspect", "width", ...}],
+//    "warning": {"prompt_id", "status", "response", "sampler": {"id", "title"}, "events": [qwenpix.warning data],
+//                "toasts": [{"summary", "detail", "severity"}], "marked": [the sampler's qwenpix_warnings],
+//                "fallback": {"banner": [texts]}},
 //    "console_errors": [...], "page_errors": [uncaught exceptions with their stacks]}
 // Each phase that fails records {"error": message} in its place instead of aborting the others.
 import { readFileSync, writeFileSync } from "node:fs";
@@ -73,8 +80,15 @@ async function loadAndConvert(page, workflow) {
   }, workflow);
 }
 
-// In the page: a helper that sets a widget the way a user's edit does (value, callback, onWidgetChanged).
+// In the page: a helper that sets a widget the way a user's edit does (value, callback, onWidgetChanged), and a
+// record of the qwenpix.warning events the websocket delivers.
 function installHelpers() {
+  window.__qwenpixEvents = []; // every qwenpix.warning the websocket delivers, as the extension receives it
+  window.comfyAPI.api.api.addEventListener("qwenpix.warning", (e) => window.__qwenpixEvents.push(e.detail));
+  window.__qwenpixDone = []; // prompts that finished (success, error or interrupted)
+  for (const type of ["execution_success", "execution_error", "execution_interrupted"]) {
+    window.comfyAPI.api.api.addEventListener(type, (e) => window.__qwenpixDone.push(e.detail?.prompt_id));
+  }
   window.__qwenpixSetWidget = (node, name, value) => {
     const w = node.widgets.find((x) => x.name === name);
     if (!w) throw new Error(`${node.type} has no widget ${name}`);
@@ -108,6 +122,93 @@ async function runFromPage(page, run) {
   const response = await posted;
   const body = await response.json();
   return { prompt_id: body.prompt_id ?? null, status: response.status(), response: body, output };
+}
+
+// Queue a graph whose sampler warns, then wait until the toast with the backend's message is on the page; then the
+// same event with no toast API (an older frontend) must show the fallback banner.
+async function warningFromPage(page, warning) {
+  const posted = page.waitForResponse(
+    (r) => r.request().method() === "POST" && new URL(r.url()).pathname.endsWith("/prompt"),
+    { timeout: 30000 },
+  );
+  const sampler = await page.evaluate(
+    async ({ wf, widgets, scheduler }) => {
+      const app = window.app;
+      await app.loadGraphData(wf, true, true, null);
+      const byType = (type) => {
+        const node = app.graph.nodes.find((n) => n.type === type);
+        if (!node) throw new Error(`the workflow has no ${type} node`);
+        return node;
+      };
+      for (const [type, values] of Object.entries(widgets)) {
+        for (const [name, value] of Object.entries(values)) window.__qwenpixSetWidget(byType(type), name, value);
+      }
+      const loader = byType("QwenPixDiTLoader");
+      const node = byType("QwenPixSampler");
+      const sigmas = window.LiteGraph.createNode("BasicScheduler");
+      sigmas.pos = [node.pos[0], node.pos[1] + node.size[1] + 80];
+      app.graph.add(sigmas);
+      for (const [name, value] of Object.entries(scheduler)) window.__qwenpixSetWidget(sigmas, name, value);
+      loader.connect(0, sigmas, sigmas.findInputSlot("model"));
+      sigmas.connect(0, node, node.findInputSlot("sigmas"));
+      if (!node.inputs[node.findInputSlot("sigmas")]?.link) throw new Error("could not connect sigmas");
+      await app.queuePrompt(0, 1);
+      return { id: String(node.id), title: node.title };
+    },
+    { wf: JSON.parse(readFileSync(warning.workflow, "utf8")), widgets: warning.widgets, scheduler: warning.scheduler },
+  );
+  const response = await posted;
+  const body = await response.json();
+  const out = { prompt_id: body.prompt_id ?? null, status: response.status(), response: body, sampler };
+  // the prompt runs to its end (its warnings come while it runs), then a toast for each of its warnings
+  await page.waitForFunction((pid) => window.__qwenpixDone.includes(pid), out.prompt_id, {
+    timeout: warning.timeout_ms ?? 120000,
+    polling: 200,
+  });
+  await page
+    .waitForFunction(
+      (pid) => {
+        const events = window.__qwenpixEvents.filter((e) => e.prompt_id === pid);
+        const details = [...document.querySelectorAll(".p-toast-message .p-toast-detail")].map((d) => d.textContent);
+        return events.length > 0 && events.every((e) => details.some((d) => d.includes(e.message)));
+      },
+      out.prompt_id,
+      { timeout: 5000, polling: 100 },
+    )
+    .catch(() => {}); // what is there is reported either way
+  Object.assign(
+    out,
+    await page.evaluate(
+      ({ pid, id }) => ({
+        events: window.__qwenpixEvents.filter((e) => e.prompt_id === pid),
+        toasts: [...document.querySelectorAll(".p-toast-message")].map((m) => ({
+          summary: m.querySelector(".p-toast-summary")?.textContent ?? null,
+          detail: m.querySelector(".p-toast-detail")?.textContent ?? null,
+          severity: [...m.classList].find((c) => /^p-toast-message-(warn|info|error|success)/.test(c)) ?? null,
+        })),
+        marked: [...(window.app.graph.getNodeById(Number(id))?.qwenpix_warnings ?? [])],
+      }),
+      { pid: out.prompt_id, id: sampler.id },
+    ),
+  );
+  out.fallback = await page.evaluate(async (id) => {
+    const app = window.app;
+    const saved = app.extensionManager;
+    app.extensionManager = {}; // as an older frontend: no toast store
+    try {
+      window.comfyAPI.api.api.dispatchCustomEvent("qwenpix.warning", {
+        node: id,
+        prompt_id: "fallback-check",
+        message: "fallback check: no toast API",
+      });
+      await new Promise((r) => setTimeout(r, 50));
+    } finally {
+      app.extensionManager = saved;
+    }
+    const banner = document.getElementById("qwenpix-warnings");
+    return { banner: banner ? [...banner.querySelectorAll(".qwenpix-warning-text")].map((e) => e.textContent) : [] };
+  }, sampler.id);
+  return out;
 }
 
 // In the page: a fresh Empty Latent node, then the aspect edits a user makes; the widgets after each one.
@@ -164,6 +265,7 @@ try {
   result.extensions = await page.evaluate(() => window.app.extensions.map((e) => e.name));
   // queue first: the server runs the prompt while the page converts the workflows
   if (job.run) result.run = await phase(() => runFromPage(page, job.run));
+  if (job.warning) result.warning = await phase(() => warningFromPage(page, job.warning));
   if (job.screenshot) await phase(() => page.screenshot({ path: job.screenshot }));
   for (const [name, path] of Object.entries(job.workflows ?? {})) {
     result.workflows[name] = await phase(() => loadAndConvert(page, JSON.parse(readFileSync(path, "utf8"))));
