@@ -155,7 +155,7 @@ class QwenPixSampler:
         check_memory(dit, inner, latent, positive)
 
         model = with_shift(dit, shift, SCHEDULES[schedule], sigmas is not None)
-        schedule_sigmas = make_sigmas(model, SCHEDULES[schedule], steps, denoise, latent, sigmas)
+        schedule_sigmas = make_sigmas(model, SCHEDULES[schedule], steps, denoise, latent, sigmas, sampler_name)
         if len(schedule_sigmas) < 2:
             return (latent_image,)
         model = with_rescale(model, RESCALES[cfg_rescale], strength)
@@ -198,21 +198,34 @@ def with_shift(model, shift: float, kind: str, explicit_sigmas: bool):
     return ModelSamplingAuraFlow().patch_aura(model, shift)[0]
 
 
-def make_sigmas(model, kind: str, steps: int, denoise: float, latent: torch.Tensor, explicit) -> torch.Tensor:
-    """The schedule: explicit sigmas, the official dynamic one, Lightning's, or a ComfyUI scheduler's on the
-    model's sampling; denoise < 1 keeps the last `steps` of int(steps / denoise) (ComfyUI's meaning)."""
+def make_sigmas(model, kind: str, steps: int, denoise: float, latent: torch.Tensor, explicit, sampler: str):
+    """The schedule: explicit sigmas, or KSampler's own computation (`comfy.samplers.KSampler`: its denoise
+    rule, and steps + 1 with the penultimate sigma dropped for the samplers that need it) of a ComfyUI
+    scheduler on the model's sampling, or of the official dynamic / Lightning schedule."""
     if explicit is not None:
         notices.warn(f"using the {len(explicit) - 1}-step sigmas connected; steps, schedule, shift, denoise unused")
         return torch.as_tensor(explicit, dtype=torch.float32).flatten().cpu()
+    device = model.load_device
+    if kind in comfy.samplers.KSampler.SCHEDULERS:
+        return comfy.samplers.KSampler(model, steps, device, sampler, kind, denoise, model.model_options).sigmas.cpu()
     h, w = latent.shape[-2], latent.shape[-1]
-    if kind == "dynamic":
-        full = lambda n: sampling.sigmas_diffusers(n, sampling.image_seq_len(h, w))
-    elif kind == "lightning":
-        full = sampling.sigmas_lightning
-    else:
-        model_sampling = model.get_model_object("model_sampling")
-        full = lambda n: comfy.samplers.calculate_sigmas(model_sampling, kind, n).float().cpu()
-    return sampling.sigmas_for_denoise(full, steps, denoise)
+    schedule = OwnSchedule(kind, sampling.image_seq_len(h, w), model, steps, device, sampler, denoise)
+    return schedule.sigmas.cpu()
+
+
+class OwnSchedule(comfy.samplers.KSampler):
+    """KSampler's sigma bookkeeping (denoise, dropped penultimate sigma) around the official dynamic schedule
+    (diffusers' resolution-dependent shift) or the Lightning one."""
+
+    def __init__(self, kind: str, seq_len: int, *args):
+        self.kind, self.seq_len = kind, seq_len
+        super().__init__(*args)
+
+    def calculate_sigmas(self, steps):
+        extra = self.sampler in self.DISCARD_PENULTIMATE_SIGMA_SAMPLERS
+        n = steps + 1 if extra else steps
+        sigmas = sampling.sigmas_diffusers(n, self.seq_len) if self.kind == "dynamic" else sampling.sigmas_lightning(n)
+        return torch.cat([sigmas[:-2], sigmas[-1:]]) if extra else sigmas
 
 
 def with_rescale(model, kind: str | None, strength: float):
