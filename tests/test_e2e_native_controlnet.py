@@ -1,0 +1,49 @@
+"""ControlNets on the native MODEL, through the real server: ComfyUI's own InstantX Qwen-Image ControlNet
+(ControlNetLoader + ControlNetApplyAdvanced, one and two stacked, with strengths and start/end percentages)
+computes its residuals and our MODEL adds them after each block as ComfyUI's model does: the same latents as on
+ComfyUI's own Qwen-Image model from the same files (bit for bit with the "ComfyUI native" positions)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from native_graphs import close, common, differs, ksampler, models, node, run, twin
+from tools.checkpoints import controlnet as C
+from tools.checkpoints import dit as D
+
+pytestmark = pytest.mark.e2e
+DIT, CNET = "qp_cnet_wide_f32.safetensors", "qp_cnet_instantx_bf16.safetensors"
+
+
+@pytest.fixture(scope="module")
+def runs(comfy, tiny_comfy_vae):
+    cfg = D.config(num_layers=1)
+    D.write_comfy(comfy.models_dir / "diffusion_models" / DIT, cfg, dtype=torch.float32, seed=5)
+    C.write_instantx(comfy.models_dir / "controlnet" / CNET, cfg, seed=6)
+    graph = {
+        **common(), **models(DIT),
+        "cn": node("ControlNetLoader", control_net_name=CNET),
+        "vae": node("VAELoader", vae_name=tiny_comfy_vae),
+        "hint": node("QwenPixTestImage", kind="rgb", width=64, height=64, seed=4),
+        "hint2": node("QwenPixTestImage", kind="rgb", width=64, height=64, seed=5),
+        "apply": node("ControlNetApplyAdvanced", positive=["pos", 0], negative=["neg", 0], control_net=["cn", 0],
+                      image=["hint", 0], strength=0.8, start_percent=0.0, end_percent=1.0, vae=["vae", 0]),
+        "apply2": node("ControlNetApplyAdvanced", positive=["apply", 0], negative=["apply", 1], control_net=["cn", 0],
+                       image=["hint2", 0], strength=0.5, start_percent=0.3, end_percent=0.8, vae=["vae", 0]),
+    }  # fmt: skip
+    twin(graph, "one_controlnet", lambda side: {"k": ksampler(f"{side}_ms", pos="apply", neg="apply", steps=3)})
+    for side in ("o", "n"):  # (the negative output of ControlNetApplyAdvanced is slot 1)
+        graph[f"one_controlnet_{side}_k"]["inputs"]["negative"] = ["apply", 1]
+    twin(graph, "two_controlnets", lambda side: {"k": ksampler(f"{side}_ms", pos="apply2", neg="apply2", steps=3)})
+    for side in ("o", "n"):
+        graph[f"two_controlnets_{side}_k"]["inputs"]["negative"] = ["apply2", 1]
+    twin(graph, "no_controlnet", lambda side: {"k": ksampler(f"{side}_ms", steps=3)})
+    run(comfy, graph)
+    return comfy
+
+
+@pytest.mark.parametrize("case", ["one_controlnet", "two_controlnets"])
+def test_controlnets_match_comfyuis_model(runs, case):
+    assert close(runs, case) == 0.0
+    differs(runs, f"{case}_o", "no_controlnet_o")
