@@ -86,6 +86,7 @@ class NativeDiT(nn.Module):
         if layout is None:
             notices.warn(f"reference_latents_method '{ref_latents_method}' is unknown; using 'index'")
             layout = "index"
+        check_inputs(x, context, self.config)
         frames = x.ndim == 5
         img = x[:, :, 0] if frames else x
         refs = [r[:, :, 0] if r.ndim == 5 else r for r in ref_latents or []]
@@ -97,6 +98,22 @@ class NativeDiT(nn.Module):
             positions=self.positions, ref_layout=layout, block_hook=hook, attention_fn=host_attention(options),
         )  # fmt: skip
         return out.unsqueeze(2) if frames else out
+
+
+def check_inputs(x: torch.Tensor, context: torch.Tensor, config) -> None:
+    """Clear errors for a latent or conditioning of another model family (else a shape error deep inside)."""
+    channels = config.in_channels // config.patch_size**2
+    if x.shape[1] != channels or x.ndim not in (4, 5) or (x.ndim == 5 and x.shape[2] != 1):
+        raise ValueError(
+            f"the latent is {list(x.shape)}; Qwen-Image samples one-frame {channels}-channel latents "
+            "[B, 16, 1, H, W]: use Empty Latent (Qwen-Image), EmptySD3LatentImage or a Qwen-Image VAE Encode"
+        )
+    if context is None or context.ndim != 3 or context.shape[-1] != config.text_dim:
+        shape = None if context is None else list(context.shape)
+        raise ValueError(
+            f"the conditioning is {shape}; this Qwen-Image model takes [B, tokens, {config.text_dim}]: encode the "
+            "prompt with the text encoder that belongs to it (Qwen2.5-VL-7B for Qwen-Image)"
+        )
 
 
 def host_attention(options: dict):

@@ -213,3 +213,67 @@ def test_torch_compile_model_applies(server):
     run(server, graph)
     a, b = load(server, "compiled"), load(server, "eager")
     assert np.abs(a - b).max() <= 1e-4 * max(1.0, float(np.abs(b).max()))
+
+
+def test_cond_and_uncond_run_as_one_pass(server, client):
+    """With prompts of different lengths (7 and 3 tokens) and CFG, each step is one call of the DiT on both rows,
+    through our sampler and through KSampler alike; cfg 1 runs the positive alone. Under the "ComfyUI native"
+    positions the batching is ComfyUI's own (the rows of different lengths run apart), as on ComfyUI's model."""
+    graph = base()
+    graph["native_pos"] = node("QwenPixDiTLoader", dit_name=DIT, compute_dtype="fp32", positions="ComfyUI native")
+    runs = {
+        "ours_cfg": ("dit", lambda m: ours(model=m)),
+        "ksampler_cfg": ("dit", lambda m: ks(model=m)),
+        "ours_cfg1": ("dit", lambda m: ours(model=m, cfg=1.0)),
+        "ours_native_positions": ("native_pos", lambda m: ours(model=m)),
+    }
+    for name, (model, sampler) in runs.items():
+        graph[f"{name}_m"] = node("QwenPixTestCountCalls", model=[model, 0], name=name)
+        if "ksampler" in name:
+            graph[f"{name}_m2"] = node("ModelSamplingAuraFlow", model=[f"{name}_m", 0], shift=3.1)
+            graph[f"{name}_s"] = sampler(f"{name}_m2")
+        else:
+            graph[f"{name}_s"] = sampler(f"{name}_m")
+        graph[f"{name}_r"] = node("QwenPixTestReportCalls", samples=[f"{name}_s", 0], name=name)
+    res = client.run(graph, timeout=600)
+    assert res.status == "success", res.error()
+    calls = {name: res.outputs[f"{name}_r"]["calls"][0] for name in runs}
+    assert calls == {
+        "ours_cfg": [2, 2],
+        "ksampler_cfg": [2, 2],
+        "ours_cfg1": [1, 1],
+        "ours_native_positions": [1, 1, 1, 1],
+    }, calls
+
+
+def test_native_qwen_edit_encode_conditioning(server, tiny_comfy_vae):
+    """TextEncodeQwenImageEditPlus (ComfyUI's own node; a stand-in CLIP gives the embeddings) with its VAE-encoded
+    reference drives our MODEL through our sampler and KSampler alike, and the reference changes the result."""
+    graph = base()
+    graph.update({
+        "clip": node("QwenPixTestFakeClip", dim=DIM),
+        "vae": node("VAELoader", vae_name=tiny_comfy_vae),
+        "image": node("QwenPixTestImage", kind="rgb", width=64, height=48, seed=9),
+        "edit": node("TextEncodeQwenImageEditPlus", clip=["clip", 0], prompt="make it blue", vae=["vae", 0],
+                     image1=["image", 0]),
+        "plain": node("TextEncodeQwenImageEditPlus", clip=["clip", 0], prompt="make it blue"),
+    })  # fmt: skip
+    add_case(graph, "edit_ours", {"s": ours(pos="edit")})
+    add_case(graph, "edit_ksampler", {"k": ks(pos="edit")})
+    add_case(graph, "edit_without_reference", {"s": ours(pos="plain")})
+    run(server, graph)
+    same(server, "edit_ours", "edit_ksampler")
+    different(server, "edit_ours", "edit_without_reference")
+
+
+def test_foreign_conditioning_in_ksampler_is_named(server, client):
+    """A conditioning of another width reaching our MODEL through KSampler: a clear error, then a good prompt."""
+    graph = base()
+    graph["wide"] = node("QwenPixTestConditioning", seed=4, tokens=5, dim=DIM + 8)
+    add_case(graph, "foreign", {"k": ks(pos="wide")})
+    res = client.run(graph, timeout=600)
+    assert res.status == "error"
+    assert f"takes [B, tokens, {DIM}]" in res.error()["exception_message"], res.error()
+    graph = base()
+    add_case(graph, "after_foreign", {"k": ks()})
+    assert client.run(graph, timeout=600).status == "success"

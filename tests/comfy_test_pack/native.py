@@ -144,7 +144,53 @@ class QwenPixTestSetCondKey:
         return ([[c, {**extra, key: v}] for c, extra in conditioning],)
 
 
+CALLS: dict[str, list[int]] = {}  # name -> batch size of each diffusion-model call (test-only state)
+
+
+class QwenPixTestCountCalls:
+    """A clone of the MODEL whose diffusion-model calls are recorded under `name` (batch rows of each call)."""
+
+    CATEGORY = "testing"
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "name": ("STRING", {"default": "calls"})}}
+
+    def apply(self, model, name):
+        import comfy.patcher_extension as pe
+
+        CALLS[name] = []
+
+        def wrapper(executor, *args, **kwargs):
+            CALLS[name].append(int(args[0].shape[0]))
+            return executor(*args, **kwargs)
+
+        m = model.clone()
+        m.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, f"qwenpix_test_count_{name}", wrapper)
+        return (m,)
+
+
+class QwenPixTestReportCalls:
+    """Reports the calls recorded under `name` (after `samples`, which orders it behind the sampler)."""
+
+    CATEGORY = "testing"
+    RETURN_TYPES = ()
+    FUNCTION = "report"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"samples": ("LATENT",), "name": ("STRING", {"default": "calls"})}}
+
+    def report(self, samples, name):
+        return {"ui": {"calls": [CALLS.pop(name, [])]}}
+
+
 NODE_CLASS_MAPPINGS = {
+    "QwenPixTestCountCalls": QwenPixTestCountCalls,
+    "QwenPixTestReportCalls": QwenPixTestReportCalls,
     "QwenPixTestSetCondKey": QwenPixTestSetCondKey,
     "QwenPixTestDumpLatent": QwenPixTestDumpLatent,
     "QwenPixTestModelState": QwenPixTestModelState,
