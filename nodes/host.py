@@ -25,7 +25,7 @@ import torch
 
 from ..qwen_image_core.checkpoint import CheckpointError
 from ..qwen_image_core.text_encoder import TextEncoder
-from ..qwen_image_core.vae import denormalize_latents, latent_preview, normalize_latents
+from ..qwen_image_core.vae import denormalize_latents, normalize_latents
 from . import placement
 from .checks import InputError, scrub_paths
 
@@ -296,31 +296,6 @@ def image_to_comfy(images: torch.Tensor) -> torch.Tensor:
     return out.to(intermediate_device())
 
 
-# -- progress, previews, interruption
-class StepReporter:
-    """A sampler callback: progress bar per step, live previews when ComfyUI has them on, interruption."""
-
-    def __init__(self, steps: int):
-        self.pbar = comfy.utils.ProgressBar(steps)
-        method = getattr(comfy.cli_args.args, "preview_method", None)
-        self.previews = method is not None and getattr(method, "value", method) != "none"
-        self.preview_size = getattr(comfy.cli_args.args, "preview_size", 512)
-
-    def __call__(self, i: int, steps: int, x: torch.Tensor, denoised: torch.Tensor) -> None:
-        comfy.model_management.throw_exception_if_processing_interrupted()
-        preview = None
-        if self.previews:
-            preview = ("JPEG", preview_image(denoised), self.preview_size)
-        self.pbar.update_absolute(i + 1, steps, preview)
-
-
-def preview_image(latents: torch.Tensor):
-    from PIL import Image
-
-    rgb = latent_preview(latents[:1].float())[0]  # [3, h, w] in [-1, 1]
-    arr = ((rgb.movedim(0, -1) + 1) * 127.5).clamp(0, 255).to(torch.uint8).cpu().numpy()
-    return Image.fromarray(arr)
-
-
+# -- interruption
 def check_interrupt() -> None:
     comfy.model_management.throw_exception_if_processing_interrupted()

@@ -66,14 +66,6 @@ class MMDiTConfig:
         return self.num_heads * self.head_dim
 
 
-def default_rope_axes(head_dim: int) -> tuple[int, int, int]:
-    """(16, 56, 56) for head_dim 128; for other (test) widths about 1/8 for frames, the rest split evenly."""
-    f = max(2, head_dim // 8 // 2 * 2)
-    while (head_dim - f) % 4:
-        f += 2
-    return (f, (head_dim - f) // 2, (head_dim - f) // 2)
-
-
 def config_from_shapes(shapes: dict[str, tuple[int, ...]], *, where="the weights", **overrides) -> MMDiTConfig:
     """The configuration from the (prefix-free) parameter shapes and `overrides` (MMDiTConfig fields, e.g. from
     config.json), which win; sizes the shapes cannot tell (the RoPE axes of heads other than the real model's
