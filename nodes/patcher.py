@@ -9,12 +9,12 @@ changed between plans. ComfyUI's budget already leaves room for the activations 
 `memory_required` about and for its reserve, so plans here keep no reserve of their own. On the CPU
 nothing moves. A step that runs out of memory re-plans with half the resident blocks and runs once more.
 
-Patches. ComfyUI keeps weight patches (LoRAs, merges, diffs) in `ModelPatcher.patches` and merges them into
-the weights when it loads a model, re-quantising float8 bases. Here they are applied at each layer's weight
-cast instead, in float32, from the untouched stored weights: plain LoRAs as low-rank factors, every other
-patch through ComfyUI's own `comfy.lora.calculate_weight`. Exact on float8 and bf16 bases; unpatching
-restores the base bit for bit because it was never written. (`force_patch_weights`, used when saving or
-merging a model, does merge, with ComfyUI's own code.)
+Patches. ComfyUI keeps weight patches (LoRAs, merges, diffs; per-conditioning weight hooks) in the
+ModelPatcher and merges them into the weights when it loads a model, re-quantising float8 bases. Here they
+are applied at each layer's weight cast instead, in float32, from the untouched stored weights: plain LoRAs
+as low-rank factors, every other patch through ComfyUI's own `comfy.lora.calculate_weight`. Exact on float8
+and bf16 bases; unpatching restores the base bit for bit because it was never written.
+(`force_patch_weights`, used when saving or merging a model, does merge, with ComfyUI's own code.)
 """
 
 from __future__ import annotations
@@ -265,6 +265,21 @@ class QwenPixPatcher(comfy.model_patcher.ModelPatcher):
         logging.info("QwenPix: shrank to a streaming plan, %.0f MB freed: %s", (used - held) / 2**20,
                      self.placement.last_plan)  # fmt: skip
         return used - held
+
+    def patch_hooks(self, hooks):
+        """ComfyUI's weight hooks (CreateHookLora... on a conditioning) for the entries being computed: their
+        patches join the MODEL's own at the weight cast, as exact as those (ComfyUI writes them into the weights)."""
+        with self.use_ejected():
+            patches = dict(self.patches)
+            for key, extra in self.get_combined_hook_patches(hooks).items() if hooks is not None else ():
+                patches[key] = [*patches.get(key, []), *extra]
+            install_patches(self.model, patches)
+            self.current_hooks = hooks
+
+    def unpatch_hooks(self, whitelist_keys_set=None) -> None:
+        if self.current_hooks is not None and self.model.current_weight_patches_uuid == self.patches_uuid:
+            install_patches(self.model, self.patches)  # back to the MODEL's own patches
+        self.current_hooks = None
 
     def unpatch_model(self, device_to=None, unpatch_weights=True):
         self.eject_model()

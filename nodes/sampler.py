@@ -35,6 +35,7 @@ OWN_SCHEDULES = {
 }
 SCHEDULES = {**OWN_SCHEDULES, **{s: s for s in comfy.samplers.KSampler.SCHEDULERS}}
 RESCALES = {"norm (diffusers)": "norm", "CFGNorm (ComfyUI)": "cfgnorm", "none": None}
+LATENT_KEYS = {"samples", "noise_mask", "batch_index"}  # what KSampler reads of a LATENT, as this node does
 SIGMAS_TOOLTIP = "Optional: an explicit schedule (e.g. from BasicScheduler or a distilled model's list)."
 
 
@@ -146,6 +147,8 @@ class QwenPixSampler:
         checks.check_conditioning("negative", negative, text_dim)
         if not isinstance(latent_image, dict) or not torch.is_tensor(latent_image.get("samples")):
             raise host.InputError("latent_image: not a LATENT\nFix: connect Empty Latent (Qwen-Image) or VAE Encode")
+        for key in sorted(set(latent_image) - LATENT_KEYS):
+            notices.warn(f"latent_image key '{key}' is not used by the Qwen-Image Sampler; it has no effect")
         latent = comfy.sample.fix_empty_latent_channels(dit, latent_image["samples"])
         if latent.shape[1] != 16:
             raise host.InputError(

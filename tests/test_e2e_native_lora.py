@@ -143,3 +143,23 @@ def test_index_timestep_zero_equals_the_2511_marker(position_runs):
     a, b = load(position_runs, "zero_method"), load(position_runs, "zero_marker")
     assert (a == b).all()
     differs(position_runs, "zero_method", "index_method", at_least=1e-3)
+
+
+# -- ComfyUI's weight hooks: a LoRA on one conditioning entry only
+@pytest.fixture(scope="module")
+def hook_runs(files):
+    graph = {**common(), **models(BF16, prefix="h_"),
+             "hook": node("CreateHookLoraModelOnly", lora_name=LORAS[0], strength_model=0.9),
+             "hooked": node("ConditioningSetProperties", cond_NEW=["pos", 0], strength=1.0, set_cond_area="default",
+                            hooks=["hook", 0])}  # fmt: skip
+    twin(graph, "hooked_lora", lambda side: {"k": ksampler(f"h_{side}_ms", pos="hooked")})
+    twin(graph, "unhooked", lambda side: {"k": ksampler(f"h_{side}_ms")})
+    run(files, graph)
+    return files
+
+
+def test_weight_hooks_equal_comfyuis(hook_runs):
+    """CreateHookLoraModelOnly + ConditioningSetProperties: the LoRA applies to the hooked entry only, at the cast."""
+    assert close(hook_runs, "hooked_lora") == 0.0
+    differs(hook_runs, "hooked_lora_o", "unhooked_o")
+    assert close(hook_runs, "unhooked") == 0.0  # and is gone again for a prompt without the hook
