@@ -19,6 +19,7 @@ from tools.checkpoints import dit as D
 
 pytestmark = pytest.mark.e2e
 WIDE = "qp_native_wide_f32.safetensors"
+WIDE_B = "qp_native_wide_b_bf16.safetensors"
 SAMPLERS = (
     "euler",
     "euler_cfg_pp",
@@ -71,6 +72,7 @@ SCHEDULERS = ("simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", 
 def files(comfy):
     d = comfy.models_dir / "diffusion_models"
     D.write_comfy(d / WIDE, D.config(num_layers=1), dtype=torch.float32)
+    D.write_comfy(d / WIDE_B, D.config(num_layers=1), dtype=torch.bfloat16, seed=1)  # a second model to merge in
     return comfy
 
 
@@ -216,6 +218,22 @@ ADVANCED = {
     },
     "set_latent_noise_mask": _noise_mask,
     "cfg_below_1": lambda side: {"k": ksampler(f"{side}_ms", cfg=0.6)},
+    "skip_layer_guidance": _with_model_patch(
+        "SkipLayerGuidanceDiT",
+        double_layers="0",
+        single_layers="",
+        scale=3.0,
+        start_percent=0.0,
+        end_percent=1.0,
+        rescaling_scale=0.0,
+    ),  # fmt: skip
+    "model_merge": lambda side: {
+        "b": node("QwenPixDiTLoader", dit_name=WIDE_B, compute_dtype="fp32", positions="ComfyUI native")
+        if side == "o"
+        else node("UNETLoader", unet_name=WIDE_B, weight_dtype="default"),
+        "m": node("ModelMergeSimple", model1=[f"{side}_ms", 0], model2=["b", 0], ratio=0.3),
+        "k": ksampler("m"),
+    },
 }
 
 
@@ -253,6 +271,8 @@ def test_native_nodes_match(advanced, case):
         ("reference_offset", "reference_index"),
         ("set_latent_noise_mask", "plain3"),
         ("cfg_below_1", "ks_euler"),
+        ("skip_layer_guidance", "plain6"),
+        ("model_merge", "ks_euler"),
     ],
 )
 def test_the_node_changes_the_result(advanced, ksampler_matrix, case, control):
