@@ -1,4 +1,4 @@
-"""Builders of API-format graph nodes shared by the end-to-end tests."""
+"""Builders of API-format graph nodes and result checks shared by the end-to-end tests."""
 
 from __future__ import annotations
 
@@ -34,3 +34,21 @@ def sampler_node(
             "denoise": denoise,
         },
     }
+
+
+def sink(value, salt=0) -> dict:
+    """A QwenPixTestSink output node on a link; `salt` changes its cache key (ComfyUI runs it again)."""
+    return {"class_type": "QwenPixTestSink", "inputs": {"value": list(value), "salt": salt}}
+
+
+def fails(client, prompt, node: str, *fragments: str) -> str:
+    """Run a prompt that must fail in `node`; the message must contain every fragment (case-insensitive)."""
+    res = client.run(prompt, timeout=300)
+    assert res.status == "error", f"expected an error, got {res.status}"
+    err = res.error()
+    assert err["node_id"] == node, err
+    msg = err["exception_message"]
+    print(f"\n[{err['node_type']}] {msg}")
+    for f in fragments:
+        assert f.lower() in msg.lower(), f"{f!r} not in: {msg}"
+    return msg

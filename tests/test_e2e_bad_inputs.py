@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from graphs import sampler_node
+from graphs import fails, sampler_node, sink
 from tools.checkpoints import dit as D
 from tools.checkpoints import lora as L
 from tools.checkpoints.smoke import dit_config, write_smoke
@@ -128,10 +128,6 @@ def sampler(dit=("dit", 0), lat=("lat", 0), pos=("pos", 0), neg=("neg", 0), seed
     return sampler_node(dit, lat, pos, neg, seed=seed, steps=steps, cfg=cfg)
 
 
-def sink(value, salt=0):
-    return {"class_type": "QwenPixTestSink", "inputs": {"value": list(value), "salt": salt}}
-
-
 def dit_loader(name=DIT, dtype="fp32"):
     return {"class_type": "QwenPixDiTLoader", "inputs": {"dit_name": name, "compute_dtype": dtype}}
 
@@ -151,19 +147,6 @@ def good_prompt(files) -> dict:
         },
         "out": sink(("dec", 0)),
     }
-
-
-def fails(client, prompt, node: str, *fragments: str) -> str:
-    """Run a prompt that must fail in `node`; the message must contain every fragment (case-insensitive)."""
-    res = client.run(prompt, timeout=300)
-    assert res.status == "error", f"expected an error, got {res.status}"
-    err = res.error()
-    assert err["node_id"] == node, err
-    msg = err["exception_message"]
-    print(f"\n[{err['node_type']}] {msg}")
-    for f in fragments:
-        assert f.lower() in msg.lower(), f"{f!r} not in: {msg}"
-    return msg
 
 
 def rejected(client, prompt, node: str, *fragments: str) -> None:

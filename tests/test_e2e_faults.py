@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import TEST_PACK
-from graphs import sampler_node
+from graphs import sampler_node, sink
 from tools.checkpoints.smoke import write_smoke
 from tools.comfy_harness import ComfyClient, ComfyServer
 
@@ -35,10 +35,6 @@ def files(comfy, tiny_comfy_vae):
     write_smoke("vae", m / "vae" / OTHER_VAE)
     write_smoke("vae", m / "vae" / VAE_A)
     return {"vae": tiny_comfy_vae}
-
-
-def sink(value, salt=0):
-    return {"class_type": "QwenPixTestSink", "inputs": {"value": list(value), "salt": salt}}
 
 
 def dit_loader(dtype="fp32"):

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from graphs import sampler_node
+from graphs import fails, sampler_node
 from tools.checkpoints import dit as D
 from tools.checkpoints import lora as L
 from tools.checkpoints import qwen_vl as Q
@@ -95,18 +95,6 @@ def image(comfy, client, names: dict | None = None, steps: int = 1) -> np.ndarra
     res = client.run(t2i(name, steps, names), timeout=300)
     assert res.status == "success", res.error()
     return np.load(comfy.output_dir / f"{name}.npy")
-
-
-def fails(client, prompt: dict, node: str, *fragments: str) -> str:
-    res = client.run(prompt, timeout=300)
-    assert res.status == "error", f"expected an error, got {res.status}"
-    err = res.error()
-    assert err["node_id"] == node, err
-    msg = err["exception_message"]
-    print(f"\n[{err['node_type']}] {msg}")
-    for f in fragments:
-        assert f.lower() in msg.lower(), f"{f!r} not in: {msg}"
-    return msg
 
 
 def logged(comfy, pattern: str) -> int:
