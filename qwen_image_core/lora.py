@@ -19,7 +19,7 @@ from torch import nn
 
 from .checkpoint import CheckpointError, open_checkpoint
 from .formats.lora import LoraFactor, parse_lora
-from .ops import Linear, cast_weight
+from .ops import Linear
 
 
 @dataclass(frozen=True)
@@ -89,4 +89,4 @@ def loras_applied(model: nn.Module, loras: Sequence[tuple[Lora, float]]) -> Iter
 
 def effective_weight(layer: Linear, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The weight a layer computes with (dequantised, LoRAs added), for inspection and tests."""
-    return cast_weight(layer.weight, layer.weight_scale, dtype, layer.lora)
+    return layer.compute_weight(dtype)

@@ -5,11 +5,17 @@ optional per-tensor scale) and casts it to the input's dtype at each call, one l
 compute dtype therefore comes from the input, never from the module. Active LoRAs (see `lora.py`) are
 added at that cast, in float32, so the stored weights are never modified; so are a host's other weight
 patches (`weight_fns` / `bias_fns`: functions of the float32 tensor, e.g. ComfyUI's LoKr or diff patches).
+
+Packed weights (int8 with scales, GGUF blocks, 4-bit formats...) are the same idea one step further: the
+`weight` parameter holds the stored bytes as they are in the file (so they stay packed in memory and on the
+bus), `quant` (a `Quant`) says how to turn them into a float weight, and the tensors it needs besides (scales,
+zero points) are buffers of the layer named in `quant.extras`. `set_packed` installs one; formats/ decides.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +26,18 @@ FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 LoraPatch = tuple[torch.Tensor, torch.Tensor, float]
 # a patch of a whole tensor: float32 tensor in, float32 tensor of the same shape out
 TensorFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+class Quant(Protocol):
+    """The format of one layer's packed weight: what it is, its logical shape, and how to dequantise it."""
+
+    name: str  # e.g. "int8_tensorwise", "gguf Q4_K" (shown in plans and errors)
+    shape: tuple[int, ...]  # the float weight's shape, e.g. [out, in]
+    extras: tuple[str, ...]  # the layer's buffers this format reads (scales, zero points, ...)
+
+    def dequantize(self, packed: torch.Tensor, extras: Mapping[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """The float weight in `dtype` (`shape`), computed on `packed`'s device."""
+        ...
 
 
 def cast_weight(
@@ -55,11 +73,37 @@ class Linear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
         super().__init__(in_features, out_features, bias=bias)
         self.register_buffer("weight_scale", None, persistent=False)
+        self.quant: Quant | None = None  # set by `set_packed`: `weight` then holds packed bytes
         self.lora: tuple[LoraPatch, ...] = ()
         self.weight_fns: tuple[TensorFn, ...] = ()
         self.bias_fns: tuple[TensorFn, ...] = ()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = cast_weight(self.weight, self.weight_scale, x.dtype, self.lora, self.weight_fns)
+        w = self.compute_weight(x.dtype)
         b = None if self.bias is None else cast_weight(self.bias, None, x.dtype, (), self.bias_fns)
         return F.linear(x, w, b)
+
+    def compute_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight this layer computes with, in `dtype`: dequantised, LoRAs and patches added."""
+        if self.quant is None:
+            return cast_weight(self.weight, self.weight_scale, dtype, self.lora, self.weight_fns)
+        patched = bool(self.lora or self.weight_fns)
+        extras = {name: getattr(self, name) for name in self.quant.extras}
+        w = self.quant.dequantize(self.weight, extras, torch.float32 if patched else dtype)
+        return cast_weight(w, None, dtype, self.lora, self.weight_fns) if patched else w
+
+
+def set_packed(layer: Linear, packed: torch.Tensor, quant: Quant, extras: Mapping[str, torch.Tensor]) -> None:
+    """Make `layer` hold a packed weight: the stored bytes as its `weight`, `quant` to dequantise them, and the
+    extra tensors as buffers (persistent: they are part of the layer's state, saved and moved with it)."""
+    if tuple(quant.shape) != (layer.out_features, layer.in_features):
+        raise ValueError(f"a packed {quant.name} weight of shape {list(quant.shape)} does not fit this layer")
+    missing = set(quant.extras) - set(extras)
+    if missing:
+        raise ValueError(f"the {quant.name} weight needs {sorted(missing)}")
+    layer.weight = nn.Parameter(packed, requires_grad=False)
+    layer.quant = quant
+    for name, t in extras.items():
+        if name in layer._buffers:
+            del layer._buffers[name]
+        layer.register_buffer(name, t, persistent=True)

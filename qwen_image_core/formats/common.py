@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import CheckpointError
+from ..ops import Linear, Quant, set_packed
 
 FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 # per-layer float8 scale spellings: ComfyUI's scaled_fp8 ("scale_weight") and the mixed-precision /
@@ -66,25 +67,57 @@ def describe_mismatch(
 
 
 def assign_weights(
-    model: nn.Module, tensors: Mapping[str, torch.Tensor], scales: Mapping[str, torch.Tensor], path, what: str
+    model: nn.Module,
+    tensors: Mapping[str, torch.Tensor],
+    scales: Mapping[str, torch.Tensor],
+    path,
+    what: str,
+    packed: Mapping[str, tuple[torch.Tensor, Quant, Mapping[str, torch.Tensor]]] | None = None,
 ) -> nn.Module:
     """Fill a meta-device model by assignment after checking key set and shapes; attach float8 scales.
 
+    packed: {"<layer>.weight": (stored bytes, Quant, {extra buffer: tensor})} for weights kept in a packed
+    format (`ops.set_packed`); their logical shape is checked like the others'.
     Raises CheckpointError naming the file on any mismatch, never loads partially.
     """
+    packed = dict(packed or {})
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    problem = describe_mismatch(path, what, expected, {k: tuple(v.shape) for k, v in tensors.items()})
+    found = {k: tuple(v.shape) for k, v in tensors.items()} | {k: tuple(p[1].shape) for k, p in packed.items()}
+    problem = describe_mismatch(path, what, expected, found)
     if problem:
         raise CheckpointError(problem)
+    modules = dict(model.named_modules())
+    for k, (data, quant, extras) in packed.items():
+        owner = modules.get(k.rsplit(".", 1)[0])
+        if not isinstance(owner, Linear) or not k.endswith(".weight"):
+            raise CheckpointError(f"{path}: {k} is stored as {quant.name}, but it is not a linear layer's weight")
+        try:
+            set_packed(owner, data, quant, extras)
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {k}: {e}") from None
+    if packed:  # the packed layers are filled; assign the rest (their meta weights are gone from the state dict)
+        model.load_state_dict({**model.state_dict(), **dict(tensors)}, strict=True, assign=True)
+        _check_not_meta(model, path, what)
+        _attach_scales(model, scales, path, what, modules)
+        return model
     uses_scales = bool(scales)
     for k, t in tensors.items():
         if t.dtype in FP8 and uses_scales and k not in scales:
             raise CheckpointError(f"{path}: float8 weight {k} has no scale, but the file stores per-layer scales")
     model.load_state_dict(dict(tensors), strict=True, assign=True)
-    modules = dict(model.named_modules())
+    _attach_scales(model, scales, path, what, modules)
+    return model
+
+
+def _attach_scales(model: nn.Module, scales: Mapping[str, torch.Tensor], path, what: str, modules: dict) -> None:
     for k, s in scales.items():
         owner = modules.get(k.rsplit(".", 1)[0])
         if owner is None or not hasattr(owner, "weight_scale"):
             raise CheckpointError(f"{path}: scale for {k}, which is not a scalable layer of the {what}")
         owner.weight_scale = s.reshape(()) if s.numel() == 1 else (None if s.numel() == 0 else s)
-    return model
+
+
+def _check_not_meta(model: nn.Module, path, what: str) -> None:
+    left = [n for n, t in model.state_dict().items() if t.is_meta]
+    if left:
+        raise CheckpointError(f"{path}: the {what} was not filled completely ({', '.join(left[:4])} ...)")
