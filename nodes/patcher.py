@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from ..qwen_image_core.offload_plan import Card, Plan, PlanError, detect_card
+from ..qwen_image_core.ops import lora_to
 from ..qwen_image_core.placement import OOM_ERRORS, Offloaded
 from ..qwen_image_core.transfer import Transfer, default_transfer
 
@@ -66,6 +67,11 @@ class Placement:
     def streams(self) -> bool:
         """Whether some blocks stream (ComfyUI's "lowvram" state)."""
         return self.offloaded is not None and self.offloaded.attached and bool(self.offloaded.plan.streamed)
+
+    @property
+    def device(self) -> torch.device | None:
+        """Where the placed weights compute (the transfer's device), or None when nothing is placed."""
+        return self.offloaded.transfer.device if self.offloaded is not None and self.offloaded.attached else None
 
     @property
     def held(self) -> int:
@@ -160,9 +166,12 @@ def _calculate(entries, key: str) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda w: comfy.lora.calculate_weight(entries, w, key, intermediate_dtype=torch.float32)
 
 
-def install_patches(root: nn.Module, patches: dict[str, list]) -> int:
+def install_patches(root: nn.Module, patches: dict[str, list], factor_loras: bool = True) -> int:
     """Make exactly `patches` ({state-dict key: ComfyUI patch list}) active at the weight casts under
-    `root`; returns how many keys were installed. Raises if a key names no patchable tensor."""
+    `root`; returns how many keys were installed. Raises if a key names no patchable tensor.
+
+    factor_loras: plain LoRAs run beside the layer as factors (fast); False merges them at the cast through
+    ComfyUI's `calculate_weight` (ComfyUI's own float32 numerics, bit for bit)."""
     clear_patches(root)
     for key, entries in patches.items():
         if not entries:
@@ -172,7 +181,7 @@ def install_patches(root: nn.Module, patches: dict[str, list]) -> int:
         slot = {"weight": "weight_fns", "bias": "bias_fns"}.get(attr)
         if slot is None or not hasattr(module, slot):
             raise ValueError(f"cannot patch {key}: not a weight or bias of a QwenPix layer")
-        factors = _lora_factors(entries) if attr == "weight" and hasattr(module, "lora") else None
+        factors = _lora_factors(entries) if factor_loras and attr == "weight" and hasattr(module, "lora") else None
         if factors is not None:
             module.lora = tuple(factors)
         else:
@@ -226,17 +235,20 @@ class QwenPixPatcher(comfy.model_patcher.ModelPatcher):
         """Install this patcher's patches and hold at most `budget` bytes (None: all) on `device_to`."""
         with self.use_ejected():
             self.unpatch_hooks()
+            lora_bytes = 0
             if force_patch_weights:  # saving / merging: real merged weights, as ComfyUI makes them
                 self.placement.release()
                 clear_patches(self.model)
                 for key in self.patches:
                     self.patch_weight_to_device(key)
             else:
-                install_patches(self.model, self.patches)
+                lora_bytes = self._install(self.patches)
             max_resident = 0 if mm.vram_state == mm.VRAMState.NO_VRAM else None
-            held = self.placement.place(device_to, budget, max_resident)
+            room = None if budget is None else max(0, budget - lora_bytes)  # the factors live there too
+            held = self.placement.place(device_to, room, max_resident)
+            self._factors_to_compute_device()
             on_cpu = device_to is None or torch.device(device_to).type == "cpu"
-            self.model.model_loaded_weight_memory = self.model_size() if on_cpu else held
+            self.model.model_loaded_weight_memory = self.model_size() if on_cpu else held + lora_bytes
             self.model.model_lowvram = self.placement.streams
             self.model.model_offload_buffer_memory = 0
             self.model.lowvram_patch_counter = 0
@@ -266,6 +278,22 @@ class QwenPixPatcher(comfy.model_patcher.ModelPatcher):
                      self.placement.last_plan)  # fmt: skip
         return used - held
 
+    def _install(self, patches: dict) -> int:
+        """Install `patches` at the weight casts; returns the bytes their LoRA factors take in the compute dtype.
+        Under "ComfyUI native" positions LoRAs are merged at the cast in float32 instead of running beside the
+        layer: ComfyUI's own arithmetic, bit for bit."""
+        inner = getattr(self.model, "diffusion_model", None)
+        install_patches(self.model, patches, factor_loras=getattr(inner, "positions", None) != "comfyui")
+        size = torch.empty((), dtype=self._compute_dtype()).element_size()
+        return sum((d.numel() + u.numel()) * size for m in self.model.modules() for d, u, _ in getattr(m, "lora", ()))
+
+    def _compute_dtype(self) -> torch.dtype:
+        return getattr(self.model, "manual_cast_dtype", None) or self.model_dtype() or torch.float32
+
+    def _factors_to_compute_device(self) -> None:
+        """The installed LoRA factors where the layers compute, in the compute dtype: moved once per load."""
+        lora_to(self.model, self.placement.device or "cpu", self._compute_dtype())
+
     def patch_hooks(self, hooks):
         """ComfyUI's weight hooks (CreateHookLora... on a conditioning) for the entries being computed: their
         patches join the MODEL's own at the weight cast, as exact as those (ComfyUI writes them into the weights)."""
@@ -273,12 +301,14 @@ class QwenPixPatcher(comfy.model_patcher.ModelPatcher):
             patches = dict(self.patches)
             for key, extra in self.get_combined_hook_patches(hooks).items() if hooks is not None else ():
                 patches[key] = [*patches.get(key, []), *extra]
-            install_patches(self.model, patches)
+            self._install(patches)
+            self._factors_to_compute_device()
             self.current_hooks = hooks
 
     def unpatch_hooks(self, whitelist_keys_set=None) -> None:
         if self.current_hooks is not None and self.model.current_weight_patches_uuid == self.patches_uuid:
-            install_patches(self.model, self.patches)  # back to the MODEL's own patches
+            self._install(self.patches)  # back to the MODEL's own patches
+            self._factors_to_compute_device()
         self.current_hooks = None
 
     def unpatch_model(self, device_to=None, unpatch_weights=True):

@@ -79,18 +79,38 @@ class Linear(nn.Linear):
         self.bias_fns: tuple[TensorFn, ...] = ()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.compute_weight(x.dtype)
+        """x W^T + b, plus each LoRA beside the layer: + s (x A^T) B^T in x's dtype (no weight-sized temporaries;
+        GEMMs accumulate in float32 on GPUs). The factors are expected on x's device in x's dtype already
+        (`lora_to`); otherwise they are converted here, per call."""
+        w = self.compute_weight(x.dtype, lora=False)
         b = None if self.bias is None else cast_weight(self.bias, None, x.dtype, (), self.bias_fns)
-        return F.linear(x, w, b)
+        y = F.linear(x, w, b)
+        for down, up, s in self.lora:
+            down, up = down.to(device=x.device, dtype=x.dtype), up.to(device=x.device, dtype=x.dtype)
+            y = y + s * F.linear(F.linear(x, down), up)
+        return y
 
-    def compute_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """The weight this layer computes with, in `dtype`: dequantised, LoRAs and patches added."""
+    def compute_weight(self, dtype: torch.dtype, lora: bool = True) -> torch.Tensor:
+        """The weight this layer computes with, in `dtype`: dequantised, patches (and, unless lora=False, the
+        LoRAs: what the weight would be if they were merged, for inspection) added in float32."""
+        factors = self.lora if lora else ()
         if self.quant is None:
-            return cast_weight(self.weight, self.weight_scale, dtype, self.lora, self.weight_fns)
-        patched = bool(self.lora or self.weight_fns)
+            return cast_weight(self.weight, self.weight_scale, dtype, factors, self.weight_fns)
+        patched = bool(factors or self.weight_fns)
         extras = {name: getattr(self, name) for name in self.quant.extras}
         w = self.quant.dequantize(self.weight, extras, torch.float32 if patched else dtype)
-        return cast_weight(w, None, dtype, self.lora, self.weight_fns) if patched else w
+        return cast_weight(w, None, dtype, factors, self.weight_fns) if patched else w
+
+
+def lora_to(model: nn.Module, device: torch.device | str, dtype: torch.dtype) -> int:
+    """Move every active LoRA factor of `model`'s linear layers to `device` in `dtype` once (a run's compute
+    device and dtype), so calls use them as they are; returns their bytes there."""
+    total = 0
+    for m in model.modules():
+        if isinstance(m, Linear) and m.lora:
+            m.lora = tuple((d.to(device, dtype), u.to(device, dtype), s) for d, u, s in m.lora)
+            total += sum(d.numel() * d.element_size() + u.numel() * u.element_size() for d, u, _ in m.lora)
+    return total
 
 
 def set_packed(layer: Linear, packed: torch.Tensor, quant: Quant, extras: Mapping[str, torch.Tensor]) -> None:

@@ -25,6 +25,7 @@ from . import sampling
 from .formats.vae import load_vae
 from .lora import Lora, loras_applied
 from .mmdit import MMDiT, load_dit
+from .ops import lora_to
 from .prompts import EditResize, calculate_dimensions, resize_for_edit, to_pil
 from .sizes import DIT_MULTIPLE, LATENT_CHANNELS, VAE_SCALE
 from .text_encoder import TextEncoder, load_text_encoder
@@ -306,6 +307,7 @@ def sample(
             callback(d["i"], steps, d["x"], d["denoised"])
 
     with loras_applied(dit, loras):
+        lora_to(dit, device, dtype)  # the factors where and as the layers compute, once for the run
         return sampling.sample_euler(denoiser, x, sigmas, extra, on_step, disable=True)
 
 
