@@ -39,6 +39,7 @@ DTYPES = {
     "BF16": torch.bfloat16,
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
+    "F8_E8M0": torch.float8_e8m0fnu,  # MXFP8 block scales (ComfyUI's comfy_quant mxfp8)
     "I64": torch.int64,
     "I32": torch.int32,
     "I16": torch.int16,
@@ -54,6 +55,12 @@ MAX_HEADER = 100_000_000  # bytes; the safetensors library's limit
 METADATA = "__metadata__"
 FIELDS = ("dtype", "shape", "data_offsets")
 CORRUPT = "corrupt safetensors header"
+# what a file that is not safetensors starts with (checked when its first 8 bytes are no valid header length):
+# (magic bytes, what it is, what to do)
+OTHER_CONTAINERS = (
+    (b"GGUF", "a GGUF file", "GGUF models are read from files named *.gguf: give it that extension"),
+    (b"PK\x03\x04", "a PyTorch (zip/pickle) checkpoint", "pickle checkpoints can run code; use a .safetensors file"),
+)
 
 
 class CheckpointError(ValueError):
@@ -184,6 +191,9 @@ class SafetensorsFile:
             if len(head) < 8:
                 raise CheckpointError(f"{self.path}: not a safetensors file (only {size} bytes)")
             (n,) = struct.unpack("<Q", head)
+            for magic, what, advice in OTHER_CONTAINERS:
+                if head.startswith(magic) and (n > size - 8 or n > MAX_HEADER):
+                    raise CheckpointError(f"{self.path}: this is {what}, not a safetensors file; {advice}")
             if n > size - 8:
                 raise CheckpointError(
                     f"{self.path}: not a safetensors file, or a truncated one (bad header length: {n} bytes "
