@@ -35,17 +35,42 @@ from torch import nn
 from ..qwen_image_core.offload_plan import Card, Plan, PlanError, detect_card
 from ..qwen_image_core.ops import lora_to
 from ..qwen_image_core.placement import OOM_ERRORS, Offloaded
-from ..qwen_image_core.transfer import Transfer, default_transfer
+from ..qwen_image_core.transfer import Transfer, default_transfer, measure_h2d_gbps
 
 WRAPPER_KEY = "qwenpix_oom_replan"
+
+
+def pin_cap() -> int:
+    """Page-locked bytes our host copies may take: what ComfyUI's own rule (MAX_PINNED_MEMORY: a share of the
+    RAM, smaller on Windows; none when pinning is disabled) leaves after ComfyUI's own pins."""
+    cap = getattr(mm, "MAX_PINNED_MEMORY", -1)
+    return max(0, int(cap) - int(getattr(mm, "TOTAL_PINNED_MEMORY", 0))) if cap > 0 else 0
+
+
+def comfy_transfer(device: torch.device) -> Transfer:
+    return default_transfer(device, max_pinned=pin_cap() if device.type == "cuda" else None)
+
+
+_BANDWIDTH: dict[str, float] = {}  # device -> measured pinned host-to-device GB/s (measured once per process)
+
+
+def measured_card(device: torch.device) -> Card:
+    """The device's Card, with the host-to-device bandwidth measured at first use (not assumed)."""
+    key = str(device)
+    if key not in _BANDWIDTH:
+        try:
+            _BANDWIDTH[key] = measure_h2d_gbps(device)
+        except (RuntimeError, AssertionError):  # no pinned memory or no timing events: the usual x16 Gen4 figure
+            _BANDWIDTH[key] = 25.0
+    return detect_card(device, _BANDWIDTH[key])
 
 
 @dataclass
 class DeviceSeam:
     """How placements reach a device; tests swap in a CPU stand-in that accounts the bytes of a fake GPU."""
 
-    transfer: Callable[[torch.device], Transfer] = default_transfer
-    card: Callable[[torch.device], Card] = detect_card
+    transfer: Callable[[torch.device], Transfer] = comfy_transfer
+    card: Callable[[torch.device], Card] = measured_card
 
 
 SEAM = DeviceSeam()  # the host seam's one instance
@@ -102,10 +127,11 @@ class Placement:
         self.last_plan = plan.explain()
         return self.held
 
-    def release(self) -> None:
-        """Give the device memory back (host copies stay for the next placement)."""
+    def release(self, host: bool = False) -> None:
+        """Give the device memory back; host=True also the pinned host copies (kept otherwise, for the next
+        placement)."""
         if self.offloaded is not None:
-            self.offloaded.detach()
+            self.offloaded.detach(release_host=host)
             self.offloaded.transfer.empty_cache()
 
     @property
@@ -320,8 +346,8 @@ class QwenPixPatcher(comfy.model_patcher.ModelPatcher):
                 comfy.utils.set_attr_param(self.model, key, bk.weight)
             self.backup.clear()
             self.model.current_weight_patches_uuid = None
-            if device_to is not None:
-                self.placement.release()
+            if device_to is not None:  # ComfyUI unloads the model: its device memory and pinned copies go
+                self.placement.release(host=True)
                 self.model.device = device_to
                 self.model.model_loaded_weight_memory = 0
                 self.model.model_lowvram = False

@@ -122,6 +122,7 @@ class HostCopies:
         return {i: self.packed[i] for i in indices}
 
     def release(self, transfer: Transfer) -> None:
+        transfer.free_host(self.slabs)
         self.packed, self.slabs = {}, []
         transfer.release_host()
 
@@ -163,23 +164,17 @@ class BlockStreamer:
         ids = {id(x) for x in tensors}
         for key in [k for k in reuse if k in streamed or k not in ids]:
             t.free(reuse.pop(key)[1])  # the last reference to that device copy goes with it
-        self._resident = {}  # id(tensor) -> its device copy
-        for x, data in self._originals:
-            if id(x) not in streamed:
-                kept = reuse.pop(id(x), None)
-                dev = t.to_device(data) if kept is None else kept[1]
-                x.data = dev
-                self._resident[id(x)] = dev
-                if kept is None:
-                    self.stats.load_bytes += data.numel() * data.element_size()
-            else:
+        self._resident, self._stage = {}, []  # id(tensor) -> its device copy; staging buffers
+        try:
+            self._place(streamed, reuse)
+        except BaseException:  # out of memory or a refused pin half-way: leave nothing placed behind
+            for x, data in self._originals:
                 x.data = data
-        self._packed = self.host.get(self.blocks, self.plan.streamed, t)
-        self.stats.host_bytes = self.host.nbytes
-        k = self.plan.buffers if self._packed else 0
-        size = max((p.nbytes for p in self._packed.values()), default=0)
-        self._stage = [t.device_buffer(size) for _ in range(k)]
-        self._views = {i: [p.views(s) for s in self._stage] for i, p in self._packed.items()}
+            for buf in self._stage + list(self._resident.values()) + [d for _, d in reuse.values()]:
+                t.free(buf)
+            self._resident, self._stage, self._originals = {}, [], []
+            raise
+        k = len(self._stage)
         for p in self._packed.values():
             p.bind(p.host_views)
         self._copy_done: list = [None] * k
@@ -194,6 +189,27 @@ class BlockStreamer:
             self._hooks.append(b.register_forward_hook(self._post_block(i), always_call=True))
         self._attached = True
         return self
+
+    def _place(self, streamed: set[int], reuse: dict) -> None:
+        """The resident copies, the packed host copies and the staging ring (attach's part that can fail)."""
+        t = self.transfer
+        for x, data in self._originals:
+            if id(x) not in streamed:
+                kept = reuse.pop(id(x), None)
+                dev = t.to_device(data) if kept is None else kept[1]
+                x.data = dev
+                self._resident[id(x)] = dev
+                if kept is None:
+                    self.stats.load_bytes += data.numel() * data.element_size()
+            else:
+                x.data = data
+        self._packed = self.host.get(self.blocks, self.plan.streamed, t)
+        self.stats.host_bytes = self.host.nbytes
+        k = self.plan.buffers if self._packed else 0
+        size = max((p.nbytes for p in self._packed.values()), default=0)
+        for _ in range(k):
+            self._stage.append(t.device_buffer(size))
+        self._views = {i: [p.views(s) for s in self._stage] for i, p in self._packed.items()}
 
     def detach(self, keep: bool = False) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """Remove the hooks and put every tensor back on its original host memory (nothing is copied).

@@ -42,6 +42,9 @@ class Transfer:
     def host_buffer(self, nbytes: int) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8)
 
+    def free_host(self, buffers: list[torch.Tensor]) -> None:
+        """Forget host buffers made by `host_buffer` (their pinned bytes go back to the budget)."""
+
     def device_buffer(self, nbytes: int) -> torch.Tensor:
         return self._account(torch.empty(nbytes, dtype=torch.uint8, device=self.device))
 
@@ -81,13 +84,19 @@ class CudaTransfer(Transfer):
         if self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.stream = torch.cuda.Stream(self.device)
-        self.max_pinned, self.pinned = max_pinned, 0  # host RAM cap for page-locked memory (None: no cap)
+        self.pins = PinBudget(max_pinned)  # host RAM cap for page-locked memory (None: no cap)
+
+    @property
+    def pinned(self) -> int:
+        return self.pins.used
 
     def host_buffer(self, nbytes: int) -> torch.Tensor:
-        """Pinned while under `max_pinned`; beyond it pageable (its copies then block the CPU, still correct)."""
-        pin = self.max_pinned is None or self.pinned + nbytes <= self.max_pinned
-        self.pinned += nbytes if pin else 0
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+        """Pinned while under the budget; beyond it, or if the driver refuses to pin, pageable (its copies then
+        block the CPU, still correct)."""
+        return self.pins.allocate(nbytes)
+
+    def free_host(self, buffers: list[torch.Tensor]) -> None:
+        self.pins.release(buffers)
 
     def device_buffer(self, nbytes: int) -> torch.Tensor:
         t = torch.empty(nbytes, dtype=torch.uint8, device=self.device)  # allocated on the compute stream
@@ -121,9 +130,14 @@ class CudaTransfer(Transfer):
         torch.cuda.empty_cache()
 
     def release_host(self) -> None:
-        accelerator = getattr(torch, "accelerator", None)  # PyTorch >= 2.8 (older ones keep it cached)
-        if torch.cuda.is_initialized() and hasattr(accelerator, "empty_host_cache"):
+        """Return PyTorch's cached free pinned memory to the system (its host allocator keeps it otherwise)."""
+        if not torch.cuda.is_initialized():
+            return
+        accelerator = getattr(torch, "accelerator", None)
+        if hasattr(accelerator, "empty_host_cache"):  # PyTorch releases of 2026
             accelerator.empty_host_cache()
+        elif hasattr(torch._C, "_host_emptyCache"):  # PyTorch >= 2.5
+            torch._C._host_emptyCache()
 
     def free_memory(self) -> int:
         """Driver-free bytes plus what PyTorch's caching allocator holds unused."""
@@ -131,6 +145,45 @@ class CudaTransfer(Transfer):
         return free + torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
 
 
-def default_transfer(device: torch.device | str) -> Transfer:
+def default_transfer(device: torch.device | str, max_pinned: int | None = None) -> Transfer:
     device = torch.device(device)
-    return CudaTransfer(device) if device.type == "cuda" else Transfer(device)
+    return CudaTransfer(device, max_pinned) if device.type == "cuda" else Transfer(device)
+
+
+class PinBudget:
+    """Page-locked host memory within a cap: buffers are pinned while they fit (and while the driver agrees),
+    else pageable. Released buffers give their bytes back. `pin` makes the buffer (swapped in CPU tests)."""
+
+    def __init__(self, max_bytes: int | None, pin=None):
+        self.max_bytes, self.used, self.refused = max_bytes, 0, 0
+        self._pinned: dict[int, int] = {}  # id(buffer) -> bytes counted
+        self._pin = pin or (lambda n: torch.empty(n, dtype=torch.uint8, pin_memory=True))
+
+    def allocate(self, nbytes: int) -> torch.Tensor:
+        if self.max_bytes is None or self.used + nbytes <= self.max_bytes:
+            try:
+                buf = self._pin(nbytes)
+            except RuntimeError:  # the driver refuses (e.g. Windows' locked-memory limit): pageable instead
+                self.refused += 1
+            else:
+                self._pinned[id(buf)] = nbytes
+                self.used += nbytes
+                return buf
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+    def release(self, buffers: list[torch.Tensor]) -> None:
+        for buf in buffers:
+            self.used -= self._pinned.pop(id(buf), 0)
+
+
+def measure_h2d_gbps(device: torch.device | str, nbytes: int = 256 << 20) -> float:
+    """Pinned host-to-device bandwidth in GB/s, measured with one copy of `nbytes` (timed with CUDA events)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst.copy_(src, non_blocking=True)  # warm-up
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    dst.copy_(src, non_blocking=True)
+    end.record()
+    end.synchronize()
+    return nbytes / (start.elapsed_time(end) / 1e3) / 1e9
