@@ -2,9 +2,10 @@
 
 ComfyUI batches the entries of a sampling step (cond and uncond, ConditioningCombine parts) into one model
 call when their conditions can be concatenated. Qwen-Image prompts rarely have the same number of tokens,
-so with ComfyUI's own `CONDRegular` every entry runs alone. These two types right-pad the prompt
-embeddings with zeros and the key mask with False instead: the padded keys are masked out of attention, so
-the batched call gives what separate calls give, and CFG costs one pass over the weights, not two.
+so with ComfyUI's own `CONDRegular` every entry runs alone. `CONDPaddedTokens` right-pads the prompt
+embeddings with zeros instead, and `CONDTextLengths` carries each row's real length as host integers: the
+model lets each row attend to its real keys only (no key mask, nothing to read back from the device), so the
+batched call gives what separate calls give, and CFG costs one pass over the weights, not two.
 """
 
 from __future__ import annotations
@@ -32,10 +33,18 @@ class CONDPaddedTokens(comfy.conds.CONDRegular):
         return F.pad(c, (0, 0, 0, length - c.shape[1]), value=self.pad)
 
 
-class CONDPaddedMask(CONDPaddedTokens):
-    """[B, L] key mask (True = a real token), right-padded with False; pairs with `CONDPaddedTokens`."""
+class CONDTextLengths(comfy.conds.CONDRegular):
+    """The real token count of each row of a padded text batch: a list of ints, never on a device."""
 
-    pad = False
+    def process_cond(self, batch_size, **kwargs):
+        rows = self.cond if len(self.cond) == batch_size else self.cond * (batch_size // len(self.cond))
+        return self._copy_with(list(rows))
 
-    def _pad(self, c: torch.Tensor, length: int) -> torch.Tensor:
-        return F.pad(c, (0, length - c.shape[1]), value=self.pad)
+    def can_concat(self, other) -> bool:
+        return True
+
+    def concat(self, others) -> list[int]:
+        return [n for c in (self, *others) for n in c.cond]
+
+    def size(self):
+        return [len(self.cond)]

@@ -24,7 +24,7 @@ from torch import nn
 from ..qwen_image_core.mmdit import MMDiT
 from ..qwen_image_core.offload_plan import DiTWorkload, plan_dit, sampling_bytes
 from . import notices
-from .conds import CONDPaddedMask, CONDPaddedTokens
+from .conds import CONDPaddedTokens, CONDTextLengths
 from .patcher import placed_patcher
 
 POSITIONS = {"official (diffusers)": "official", "ComfyUI native": "comfyui"}
@@ -77,7 +77,8 @@ class NativeDiT(nn.Module):
         )
 
     def _forward(self, x, timestep, context, attention_mask=None, guidance=None, ref_latents=None,
-                 transformer_options=None, control=None, ref_latents_method=None, **kwargs):  # fmt: skip
+                 transformer_options=None, control=None, ref_latents_method=None, txt_lengths=None,
+                 **kwargs):  # fmt: skip
         if kwargs:
             notices.warn(f"the Qwen-Image model was given inputs it does not use: {', '.join(sorted(kwargs))}")
         if guidance is not None:
@@ -90,12 +91,13 @@ class NativeDiT(nn.Module):
         frames = x.ndim == 5
         img = x[:, :, 0] if frames else x
         refs = [r[:, :, 0] if r.ndim == 5 else r for r in ref_latents or []]
-        mask = None if attention_mask is None else attention_mask.to(img.device) != 0
+        mask = None if attention_mask is None or txt_lengths is not None else attention_mask.to(img.device) != 0
         options = transformer_options or {}
         hook = block_hook(x, options, control, len(self.transformer_blocks))
         out = self.core_forward(
             img, timestep, context, mask, refs or None, zero_cond_t,
             positions=self.positions, ref_layout=layout, block_hook=hook, attention_fn=host_attention(options),
+            txt_lengths=txt_lengths,
         )  # fmt: skip
         return out.unsqueeze(2) if frames else out
 
@@ -219,9 +221,10 @@ class QwenPixModel(comfy.model_base.QwenImage):
             if mask is not None:
                 out["attention_mask"] = comfy.conds.CONDRegular(mask)
             return out
-        mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device) if mask is None else mask
+        # each row's real tokens (a text encoder's own padding is a right-padded mask), read here on the host
+        lengths = [tokens.shape[1]] * tokens.shape[0] if mask is None else [int(n) for n in mask.sum(dim=1).tolist()]
         out["c_crossattn"] = CONDPaddedTokens(tokens)
-        out["attention_mask"] = CONDPaddedMask(mask)
+        out["txt_lengths"] = CONDTextLengths(lengths)
         return out
 
     def memory_required(self, input_shape, cond_shapes=None):

@@ -1,6 +1,9 @@
-"""The one attention entry point of the package (PyTorch SDPA)."""
+"""The one attention entry point of the package (PyTorch SDPA), and `per_row`, which runs rows whose keys are
+padded to different lengths without a key mask (a mask rules out the flash kernels on GPUs)."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -24,3 +27,24 @@ def attention(
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     mask = None if key_mask is None else key_mask[:, None, None, :].to(torch.bool)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def per_row(attend, lengths: Sequence[int], padded: int):
+    """An attention function for rows whose first `padded` keys are `lengths[b]` real ones then padding (the
+    joint [text | image] sequence of a batch of prompts): each row attends to its real keys only, as a key mask
+    would, but with no mask (its keys are gathered: the real text keys, then the rest). `lengths` are host ints,
+    so nothing waits for the device."""
+
+    def attend_rows(q, k, v, key_mask=None, causal=False):
+        outs = []
+        for b, n in enumerate(lengths):
+            rows = slice(b, b + 1)
+            if n < padded:
+                kb = torch.cat([k[rows, :, :n], k[rows, :, padded:]], dim=2)
+                vb = torch.cat([v[rows, :, :n], v[rows, :, padded:]], dim=2)
+            else:
+                kb, vb = k[rows], v[rows]
+            outs.append(attend(q[rows], kb, vb))
+        return torch.cat(outs)
+
+    return attend_rows

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import rope
-from .attention import attention
+from .attention import attention, per_row
 from .checkpoint import CheckpointError
 from .formats import dit as dit_format
 from .formats.common import assign_weights
@@ -310,6 +310,7 @@ class MMDiT(nn.Module):
         ref_layout: str = "index",
         block_hook: BlockHook | None = None,
         attention_fn: Callable | None = None,
+        txt_lengths: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """Velocity [B, 16, H, W] of the target latent.
 
@@ -320,6 +321,9 @@ class MMDiT(nn.Module):
         as `block_hook(i, run, img, txt, temb, pe)` in place of block i, where `run(img, txt, temb, pe)`
         runs the block; it returns (img, txt) (a host's patches and control residuals enter here).
         attention_fn: replaces `attention.attention` (a host's attention dispatch), same signature.
+        txt_lengths: each row's real text tokens (host ints; the rest of txt is padding), instead of txt_mask:
+        rows of different lengths then attend without a key mask (`attention.per_row`) and nothing waits on
+        the device to look at a mask.
         """
         cfg, dt, p = self.config, img.dtype, self.config.patch_size  # compute in the input latent's dtype
         b, size = img.shape[0], tuple(img.shape[-2:])
@@ -340,18 +344,24 @@ class MMDiT(nn.Module):
             timestep = torch.cat([timestep, torch.zeros_like(timestep)])
         temb = self.time_text_embed.timestep_embedder(timestep_sinusoid(timestep, cfg.timestep_dim).to(dt))
 
-        if txt_mask is not None:
+        key_mask, attend = None, attention_fn or attention
+        if txt_lengths is not None:
+            lengths = [int(n) for n in txt_lengths] * (b if len(txt_lengths) == 1 else 1)
+            if len(lengths) != b:
+                raise ValueError(f"txt_lengths has {len(txt_lengths)} entries for a batch of {b}")
+            if min(lengths) < txt.shape[1]:
+                attend = per_row(attend, lengths, txt.shape[1])
+        elif txt_mask is not None:  # a mask alone: look at it (one wait on the device) and mask if needed
             txt_mask = txt_mask.to(device=img.device, dtype=torch.bool)
-            key_mask = None if bool(txt_mask.all()) else torch.cat([txt_mask, txt_mask.new_ones(b, n_tokens)], dim=1)
-        else:
-            key_mask = None
+            if not bool(txt_mask.all()):
+                key_mask = torch.cat([txt_mask, txt_mask.new_ones(b, n_tokens)], dim=1)
         ref_sizes = [tuple(r.shape[-2:]) for r in ref_latents or []]
         pos = rope.joint_positions(grids, txt.shape[1], img.device, positions, ref_layout, ref_sizes)  # [L + N, 3]
         pe = rope.rope_table(pos, cfg.rope_axes, cfg.rope_theta, ROPE_PRECISION[positions])
 
         h = self.img_in(x).to(stream_dt)  # [B, N, D]
         c = self.txt_in(self.txt_norm(txt.to(dt))).to(stream_dt)  # [B, L, D]
-        n_zero, attend = n_target if zero_cond else None, attention_fn or attention
+        n_zero = n_target if zero_cond else None
         for i, block in enumerate(self.transformer_blocks):
             if block_hook is None:
                 h, c = block(h, c, temb, pe, key_mask, n_zero, attend)
@@ -382,7 +392,7 @@ def load_dit(path: str | os.PathLike, zero_cond_t: bool | None = None, *, mmap: 
         raise CheckpointError(f"{w.path}: inconsistent Qwen-Image DiT sizes ({e})") from None
     with torch.device("meta"):
         model = MMDiT(cfg)
-    assign_weights(model, w.tensors, w.scales, w.path, "Qwen-Image DiT")
+    assign_weights(model, w.tensors, w.scales, w.path, "Qwen-Image DiT", w.packed)
     model.storage = w.storage
     model.path = w.path
     return model.requires_grad_(False).eval()

@@ -327,9 +327,10 @@ def _batched(c: Conditioning, batch: int, device, dtype, prefix: str) -> dict:
 def _velocity(dit: MMDiT, dtype: torch.dtype, zero_cond_t: bool | None):
     """The DiT as a velocity model on float32 latents, computing in `dtype`."""
 
-    def velocity(x, sigma, txt, txt_mask=None, ref_latents=None):
+    def velocity(x, sigma, txt, txt_mask=None, ref_latents=None, txt_lengths=None):
         refs = None if ref_latents is None else [r.to(dtype) for r in ref_latents]
-        return dit(x.to(dtype), sigma, txt, txt_mask, ref_latents=refs, zero_cond_t=zero_cond_t).float()
+        out = dit(x.to(dtype), sigma, txt, txt_mask, ref_latents=refs, zero_cond_t=zero_cond_t, txt_lengths=txt_lengths)
+        return out.float()
 
     return velocity
 

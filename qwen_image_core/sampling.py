@@ -189,6 +189,9 @@ class CFGDenoiser:
         txt, mask = join_texts([cond, uncond], [cond_mask, uncond_mask])
         b = x.shape[0]
         refs = [r if r.shape[0] == 1 else torch.cat([r, r]) for r in ref_latents or []] or None
+        if cond_mask is None and uncond_mask is None:  # unpadded prompts: their lengths say it all (host ints)
+            kwargs["txt_lengths"] = [cond.shape[1]] * b + [uncond.shape[1]] * b
+            mask = None
         v_c, v_u = self.model(torch.cat([x, x]), torch.cat([s, s]), txt, mask, ref_latents=refs, **kwargs).split(b)
         if self.rescale == "norm":
             return x - sb * token_norm_rescale(v_u + self.scale * (v_c - v_u), v_c)
