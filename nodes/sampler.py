@@ -279,25 +279,53 @@ def check_memory(model, inner, latent: torch.Tensor, positive) -> None:
 
 
 class FiniteGuard:
-    """ComfyUI's preview/progress callback, first stopping sampling with the likeliest cause as soon as the
-    latents stop being finite numbers."""
+    """ComfyUI's preview/progress callback, first stopping sampling with the likeliest cause once the latents
+    stop being finite numbers. The check never waits for the device: each step's verdict is computed there
+    and copied back asynchronously; it is read at a later step when it has arrived (at most one step late on
+    a GPU, at once on the CPU) and at the end, where sampling waits for the device anyway."""
 
     def __init__(self, inner, model, latent_image: dict):
         self.inner, self.model, self.latent = inner, model, latent_image
+        self.pending: list[tuple[int, int, torch.Tensor, object]] = []  # (step, steps, host flag, copy event)
 
     def __call__(self, step: int, x0: torch.Tensor, x: torch.Tensor, total_steps: int) -> None:
-        self.check(x, step, total_steps)
+        self.pending.append((step, total_steps, *_host_flag(torch.isfinite(x).all())))
+        self._read(wait=False)
         self.inner(step, x0, x, total_steps)
 
     def check(self, x: torch.Tensor, step: int, steps: int) -> None:
-        if not bool(torch.isfinite(x).all()):
-            dtype = self.model.model_dtype() or torch.float32
-            choice = self.model.get_attachment("qwenpix_compute") or "auto"
-            raise host.InputError(
-                checks.non_finite_message(
-                    step, steps, dtype, choice, ModelSummary(self.model), {"latent_image": self.latent.get("samples")}
-                )  # fmt: skip
-            )
+        """After sampling: every step's verdict, then the final latents."""
+        self.pending.append((step, steps, *_host_flag(torch.isfinite(x).all())))
+        self._read(wait=True)
+
+    def _read(self, wait: bool) -> None:
+        while self.pending:
+            step, steps, flag, event = self.pending[0]
+            if event is not None and not wait and not event.query():
+                return
+            if event is not None:
+                event.synchronize()
+            self.pending.pop(0)
+            if not bool(flag):
+                self.pending.clear()
+                self._fail(step, steps)
+
+    def _fail(self, step: int, steps: int) -> None:
+        dtype = self.model.model_dtype() or torch.float32
+        choice = self.model.get_attachment("qwenpix_compute") or "auto"
+        inputs = {"latent_image": self.latent.get("samples")}
+        raise host.InputError(checks.non_finite_message(step, steps, dtype, choice, ModelSummary(self.model), inputs))
+
+
+def _host_flag(flag: torch.Tensor) -> tuple[torch.Tensor, object]:
+    """A device bool's copy in (pinned) host memory and the event after which it is valid (None on the CPU)."""
+    if flag.device.type != "cuda":
+        return flag, None
+    host_copy = torch.empty((), dtype=torch.bool, pin_memory=True)
+    host_copy.copy_(flag, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host_copy, event
 
 
 class ModelSummary:
