@@ -1,4 +1,6 @@
-"""Writers of random DiT LoRA files in the three real layouts (diffusers/PEFT, kohya, lightx2v Lightning)."""
+"""Writers of random DiT LoRA files in the real layouts: low-rank pairs in every key spelling Qwen-Image LoRAs
+use (diffusers/PEFT, kohya / musubi-tuner, lightx2v, ai-toolkit, DiffSynth, SimpleTuner LyCORIS, ComfyUI's other
+spellings), LyCORIS LoKr and LoHa, DoRA scales, and full diff / diff_b deltas."""
 
 from __future__ import annotations
 
@@ -23,6 +25,22 @@ BLOCK_TARGETS = (
 )
 TOP_TARGETS = ("img_in", "proj_out")
 FORMATS = ("peft", "kohya", "lightx2v")
+# spelling -> (prefix, dots written as '_', down ending, up ending); who writes it
+SPELLINGS = {
+    "peft": ("transformer.", False, ".lora_A.weight", ".lora_B.weight"),  # diffusers / PEFT
+    "kohya": ("lora_unet_", True, ".lora_down.weight", ".lora_up.weight"),  # kohya sd-scripts, musubi-tuner
+    "lightx2v": ("diffusion_model.", False, ".lora_down.weight", ".lora_up.weight"),  # Qwen-Image-Lightning
+    "ai_toolkit": ("diffusion_model.", False, ".lora_A.weight", ".lora_B.weight"),  # also musubi "other"
+    "diffsynth": ("", False, ".lora_A.default.weight", ".lora_B.default.weight"),  # DiffSynth-Studio (PEFT)
+    "peft_default": ("transformer.", False, ".lora_A.default.weight", ".lora_B.default.weight"),
+    "bare": ("", False, ".lora_down.weight", ".lora_up.weight"),  # ComfyUI's plain layer names
+    "lycoris": ("lycoris_", True, ".lora_down.weight", ".lora_up.weight"),  # SimpleTuner LyCORIS
+    "dot_lora": ("transformer.", False, ".lora.down.weight", ".lora.up.weight"),  # ComfyUI "diffusers3"
+    "processor": ("", False, "_lora.down.weight", "_lora.up.weight"),  # diffusers attention-processor LoRA
+    "linear_layer": ("transformer.", False, ".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight"),
+    "mochi": ("diffusion_model.", False, ".lora_A", ".lora_B"),  # no `.weight`
+}
+LOKR_FORMS = ("w1+w2ab", "w1ab+w2ab", "w1+w2", "w1ab+w2")  # which LoKr halves are stored whole / factored
 
 
 def _shape(cfg: MMDiTConfig, target: str) -> tuple[int, int]:
@@ -49,32 +67,54 @@ def lora_modules(cfg: MMDiTConfig) -> list[tuple[str, tuple[int, int]]]:
     return mods
 
 
+def key_base(module: str, spelling: str) -> str:
+    """The key of a layer in a spelling, without the ending: e.g. lora_unet_transformer_blocks_0_attn_to_q."""
+    prefix, underscored = SPELLINGS[spelling][:2]
+    return prefix + (module.replace(".", "_") if underscored else module)
+
+
+def _save(path: Path, sd: dict, metadata: dict | None = None) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(path), metadata=metadata)
+    return path
+
+
+def _alpha(alpha: float, shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.tensor(alpha, dtype=torch.float32).reshape(shape)
+
+
 def write_lora(
     path: Path,
     cfg: MMDiTConfig,
     fmt: str,
     rank: int = 4,
-    alpha: float = 8.0,
+    alpha: float | None = 8.0,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    alpha_shape: tuple[int, ...] = (),
+    modules: list[tuple[str, tuple[int, int]]] | None = None,
+    dora: str | None = None,
 ) -> Path:
-    """A random LoRA over `lora_modules(cfg)`; `alpha` goes to `.alpha` tensors or, for PEFT, the metadata."""
+    """A random LoRA over `modules` (default `lora_modules(cfg)`) in spelling `fmt` (a key of SPELLINGS; `fmt`
+    is a str or, for a file mixing spellings, a tuple of them used in turn). `alpha` goes to the PEFT metadata
+    for "peft", to `.alpha` tensors of `alpha_shape` ([] or [1]) otherwise (None: no alpha). `dora` "out" / "in"
+    adds DoRA `.dora_scale` magnitudes per output row ([out, 1]) or input column ([1, in])."""
     g = torch.Generator().manual_seed(seed)
     sd, metadata = {}, None
-    for module, (out_f, in_f) in lora_modules(cfg):
-        down = (torch.randn(rank, in_f, generator=g) / in_f**0.5).to(dtype)
-        up = (torch.randn(out_f, rank, generator=g) * 0.1).to(dtype)
-        if fmt == "peft":
-            sd[f"transformer.{module}.lora_A.weight"] = down
-            sd[f"transformer.{module}.lora_B.weight"] = up
-        elif fmt in ("kohya", "lightx2v"):
-            base = f"lora_unet_{module.replace('.', '_')}" if fmt == "kohya" else f"diffusion_model.{module}"
-            sd[f"{base}.lora_down.weight"] = down
-            sd[f"{base}.lora_up.weight"] = up
-            sd[f"{base}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
-        else:
-            raise ValueError(f"unknown LoRA format {fmt!r}; one of {FORMATS}")
-    if fmt == "peft":
+    spellings = (fmt,) if isinstance(fmt, str) else tuple(fmt)
+    for i, (module, (out_f, in_f)) in enumerate(modules or lora_modules(cfg)):
+        spelling = spellings[i % len(spellings)]
+        if spelling not in SPELLINGS:
+            raise ValueError(f"unknown LoRA spelling {spelling!r}; one of {list(SPELLINGS)}")
+        base, (_, _, down_end, up_end) = key_base(module, spelling), SPELLINGS[spelling]
+        sd[base + down_end] = (torch.randn(rank, in_f, generator=g) / in_f**0.5).to(dtype)
+        sd[base + up_end] = (torch.randn(out_f, rank, generator=g) * 0.1).to(dtype)
+        if alpha is not None and fmt != "peft":
+            sd[base + ".alpha"] = _alpha(alpha, alpha_shape)
+        if dora is not None:
+            sd[base + ".dora_scale"] = _dora_scale(g, out_f, in_f, dora).to(dtype)
+    if fmt == "peft" and alpha is not None:
         cfg_json = {
             "r": rank,
             "lora_alpha": alpha,
@@ -84,6 +124,86 @@ def write_lora(
             "format": "pt",
             "lora_adapter_metadata": json.dumps({f"transformer.{k}": v for k, v in cfg_json.items()}),
         }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(sd, str(path), metadata=metadata)
-    return path
+    return _save(path, sd, metadata)
+
+
+def _dora_scale(g: torch.Generator, out_f: int, in_f: int, axis: str) -> torch.Tensor:
+    """Magnitudes near the norms of the random base weights (~N(0, 1/in): rows ~1, columns ~sqrt(out/in))."""
+    if axis == "out":
+        return 1.0 + 0.05 * torch.randn(out_f, 1, generator=g)
+    if axis == "in":
+        return (out_f / in_f) ** 0.5 * (1.0 + 0.05 * torch.randn(1, in_f, generator=g))
+    raise ValueError(f"dora axis {axis!r}: 'out' or 'in'")
+
+
+def factorization(dim: int) -> tuple[int, int]:
+    """dim = m * n with m <= n as close as possible (LyCORIS' LoKr split without a factor limit)."""
+    m = max(d for d in range(1, int(dim**0.5) + 1) if dim % d == 0)
+    return m, dim // m
+
+
+def write_lycoris(
+    path: Path,
+    cfg: MMDiTConfig,
+    kind: str,
+    spelling: str = "lycoris",
+    form: str = "w1+w2ab",
+    rank: int = 4,
+    alpha: float | None = 8.0,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    dora: str | None = None,
+    modules: list[tuple[str, tuple[int, int]]] | None = None,
+) -> Path:
+    """A random LyCORIS LoKr (`kind` "lokr", halves stored as `form`) or LoHa ("loha") file, keys in `spelling`."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for module, (out_f, in_f) in modules or lora_modules(cfg):
+        base = key_base(module, spelling)
+        if kind == "loha":
+            for half in ("w1", "w2"):
+                sd[f"{base}.hada_{half}_a"] = (torch.randn(out_f, rank, generator=g) * 0.3).to(dtype)
+                sd[f"{base}.hada_{half}_b"] = (torch.randn(rank, in_f, generator=g) / in_f**0.5).to(dtype)
+        elif kind == "lokr":
+            (o1, o2), (i1, i2) = factorization(out_f), factorization(in_f)
+            w1_form, w2_form = form.split("+")
+            for half, (o, i), stored in (("w1", (o1, i1), w1_form), ("w2", (o2, i2), w2_form)):
+                if stored.endswith("ab"):
+                    sd[f"{base}.lokr_{half}_a"] = (torch.randn(o, rank, generator=g) * 0.3).to(dtype)
+                    sd[f"{base}.lokr_{half}_b"] = (torch.randn(rank, i, generator=g) / i**0.5).to(dtype)
+                else:
+                    sd[f"{base}.lokr_{half}"] = (torch.randn(o, i, generator=g) * 0.3 / i**0.5).to(dtype)
+        else:
+            raise ValueError(f"unknown LyCORIS kind {kind!r}: 'lokr' or 'loha'")
+        if alpha is not None:
+            sd[f"{base}.alpha"] = _alpha(alpha, ())
+        if dora is not None:
+            sd[f"{base}.dora_scale"] = _dora_scale(g, out_f, in_f, dora).to(dtype)
+    return _save(path, sd)
+
+
+def write_diff(
+    path: Path,
+    cfg: MMDiTConfig,
+    spelling: str = "lightx2v",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    modules: tuple[str, ...] = ("img_in", "proj_out"),
+    biases: tuple[str, ...] = ("img_in", "transformer_blocks.0.img_mod.1"),
+    norms: tuple[str, ...] = ("transformer_blocks.0.attn.norm_q", "txt_norm"),
+    norm_ending: str = ".diff",
+) -> Path:
+    """Full deltas: `.diff` of the `modules`' weights, `.diff_b` of the `biases`' biases, and `norm_ending`
+    (".diff" or LyCORIS ".w_norm") of RMSNorm scales."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = dict(lora_modules(cfg))
+    sd = {}
+    for module in modules:
+        out_f, in_f = shapes[module]
+        sd[key_base(module, spelling) + ".diff"] = (torch.randn(out_f, in_f, generator=g) * 0.02 / in_f**0.5).to(dtype)
+    for module in biases:
+        sd[key_base(module, spelling) + ".diff_b"] = (torch.randn(shapes[module][0], generator=g) * 0.02).to(dtype)
+    for module in norms:
+        dim = cfg.text_dim if module == "txt_norm" else cfg.head_dim
+        sd[key_base(module, spelling) + norm_ending] = (torch.randn(dim, generator=g) * 0.05).to(dtype)
+    return _save(path, sd)
