@@ -32,6 +32,9 @@ from .checks import InputError, scrub_paths
 PACK = "QwenPix"
 DIFFUSERS_FOLDER = "diffusers"  # ComfyUI's models/diffusers: whole diffusers repos of Qwen/Qwen-Image*
 DIFFUSERS_PREFIX = "diffusers/"  # how such a repo is listed among single files
+# GGUF files in a model folder, listed as ComfyUI-GGUF lists them: a folder key over the same paths with the .gguf
+# extension (the same key, so both packs see the same list); the folder's own key keeps its extensions
+GGUF_KEYS = {"diffusion_models": "unet_gguf"}
 
 
 # -- model handles (the pack adds two types: the text encoder and the VAE; the DiT is a native MODEL)
@@ -67,8 +70,14 @@ class TextEncoderHandle:
 
 # -- model files
 def model_names(folder: str, repo_part: str) -> list[str]:
-    """Files in a ComfyUI model folder, plus diffusers repos (models/diffusers/<name>/<repo_part>/)."""
+    """Files in a ComfyUI model folder (and its .gguf files, see GGUF_KEYS), plus diffusers repos
+    (models/diffusers/<name>/<repo_part>/)."""
     names = list(folder_paths.get_filename_list(folder))
+    gguf = GGUF_KEYS.get(folder)
+    if gguf is not None:
+        if gguf not in folder_paths.folder_names_and_paths:  # the folder's own path list, shared as ComfyUI-GGUF does
+            folder_paths.folder_names_and_paths[gguf] = (folder_paths.folder_names_and_paths[folder][0], {".gguf"})
+        names += folder_paths.get_filename_list(gguf)
     for root in (
         folder_paths.get_folder_paths(DIFFUSERS_FOLDER)
         if DIFFUSERS_FOLDER in folder_paths.folder_names_and_paths

@@ -24,8 +24,8 @@ class QwenPixDiTLoader:
     )
     FUNCTION = "load"
     DESCRIPTION = (
-        "Loads a Qwen-Image / -2512 / -Edit / -Edit-2509 / -Edit-2511 diffusion model (bf16, fp8, scaled fp8) "
-        "as a MODEL that every native node accepts."
+        "Loads a Qwen-Image / -2512 / -Edit / -Edit-2509 / -Edit-2511 diffusion model (bf16, fp8, scaled fp8, "
+        "GGUF) as a MODEL that every native node accepts."
     )
 
     @classmethod
@@ -35,8 +35,9 @@ class QwenPixDiTLoader:
                 "dit_name": (
                     host.model_names("diffusion_models", "transformer"),
                     {
-                        "tooltip": "A file from models/diffusion_models (e.g. qwen_image_fp8_e4m3fn.safetensors) or a "
-                        "diffusers repo from models/diffusers."
+                        "tooltip": "A file from models/diffusion_models or models/unet (e.g. "
+                        "qwen_image_fp8_e4m3fn.safetensors, Qwen_Image-Q4_K_M.gguf) or a diffusers repo from "
+                        "models/diffusers."
                     },
                 ),
                 "compute_dtype": (
@@ -66,7 +67,7 @@ class QwenPixDiTLoader:
         return host.model_fingerprint("diffusion_models", dit_name, "transformer")
 
     def load(self, dit_name: str, compute_dtype: str, positions: str = "official (diffusers)"):
-        fix = "choose a complete Qwen-Image diffusion model (DiT) .safetensors file from models/diffusion_models"
+        fix = "choose a complete Qwen-Image diffusion model (DiT) (.safetensors, .gguf) from models/diffusion_models"
         with host.input_problem("dit_name", dit_name, fix):
             path = host.model_path("diffusion_models", dit_name, "transformer")
             model = host.MODELS.get("DiT", path, lambda: load_dit(path))

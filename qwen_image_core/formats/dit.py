@@ -8,6 +8,9 @@ Accepted (keys as in diffusers' `QwenImageTransformer2DModel`, one naming for ev
   Edit-2511 repackages carry the empty marker `__index_timestep_zero__` that switches `zero_cond_t` on.
 * diffusers folders: `transformer/` (sharded through the index json, or one file) with `config.json`
   (`zero_cond_t`, sizes), or a whole repo folder holding `model_index.json` and `transformer/`.
+* GGUF files (`*.gguf`, city96 / QuantStack, as ComfyUI-GGUF reads them; see `formats/gguf.py`): the same key
+  names (optional `model.diffusion_model.` prefix), `general.architecture` "qwen_image" (or none); quantised
+  linear weights stay packed (`quant_gguf`), F32 / F16 / BF16 tensors load as they are.
 Sizes: explicit overrides, then config.json (or a single file's `config` metadata), then the shapes where
 they are unambiguous; the RoPE axes follow from the shapes only for the real 128-channel heads.
 float8 weights stay float8; the model dequantises them one layer at a time (`ops.Linear`).
@@ -25,6 +28,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import CheckpointError, open_checkpoint
+from . import gguf
 from .common import FP8, common_prefix, split_scales
 
 PREFIXES = ("model.diffusion_model.", "diffusion_model.")
@@ -75,6 +79,8 @@ UNSUPPORTED_FLAGS = ("use_additional_t_cond", "use_layer3d_rope", "guidance_embe
 # A single file may carry its config.json as safetensors metadata `config` = {"transformer": {...}} (the
 # convention of ComfyUI's LTX-Video files); the tiny test files do, the real Comfy-Org files need not.
 CONFIG_METADATA, CONFIG_SECTION = "config", "transformer"
+GGUF_CONFIG_KEY = "qwen_image.config"  # the same JSON as a GGUF metadata string (tiny test files)
+GGUF_ARCHITECTURES = ("qwen_image", None, "pig")  # None: stable-diffusion.cpp files; "pig": ComfyUI-GGUF's alias
 # sizes only the real model's shapes imply: 128-channel heads -> RoPE axes (16, 56, 56); 16 latent channels
 REAL_HEAD_DIM, REAL_ROPE_AXES, LATENT_CHANNELS = 128, (16, 56, 56), 16
 CONFIG_HINT = (
@@ -92,9 +98,10 @@ class DiTWeights:
     scales: dict[str, torch.Tensor]  # "<layer>.weight" -> float32 scale of a float8 weight
     config: dict = field(default_factory=dict)  # every MMDiTConfig size (see `infer_config`)
     storage: str = ""  # human-readable storage format, e.g. "bf16", "scaled fp8 (float8_e4m3fn)"
+    packed: dict = field(default_factory=dict)  # "<layer>.weight" -> (stored weight, Quant, extras)
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {k: tuple(t.shape) for k, t in self.tensors.items()}
+        return {k: tuple(t.shape) for k, t in self.tensors.items()} | {k: p[1].shape for k, p in self.packed.items()}
 
 
 def resolve(path: str | os.PathLike) -> Path:
@@ -284,6 +291,8 @@ def read_dit(path: str | os.PathLike, mmap: bool = False, overrides: Mapping | N
     file for unreadable files, sizes that cannot be known and files of other model families.
     """
     path = resolve(path)
+    if gguf.is_gguf(path):
+        return read_gguf(path, mmap, overrides)
     config = read_config_json(path)
     ckpt = open_checkpoint(path, mmap=mmap)
     prefix = common_prefix(ckpt.keys(), PREFIXES)
@@ -298,3 +307,26 @@ def read_dit(path: str | os.PathLike, mmap: bool = False, overrides: Mapping | N
     raw.pop(ZERO_COND_MARKER, None)
     tensors, scales = split_scales(raw)
     return DiTWeights(Path(ckpt.path), tensors, scales, config, storage)
+
+
+def read_gguf(path: Path, mmap: bool = False, overrides: Mapping | None = None) -> DiTWeights:
+    """A GGUF DiT: the architecture checked, the same key names, identification and sizes as a single file's
+    (config from the `qwen_image.config` metadata string if present); linear weights in a quantised type stay
+    packed, other quantised tensors (none in the published files) are dequantised to float32 at load."""
+    f = gguf.GGUFFile(path, mmap=mmap)
+    arch = f.architecture
+    if arch not in GGUF_ARCHITECTURES:
+        what = gguf.ARCHITECTURES.get(arch, f"a model of architecture {arch!r}")
+        raise CheckpointError(f"{path}: this GGUF file holds {what} (general.architecture), not a Qwen-Image DiT")
+    prefix = common_prefix(f.entries, PREFIXES)
+    names = {k.removeprefix(prefix): k for k in f.entries}
+    identify(path, [k for k in names if k != ZERO_COND_MARKER])
+    raw_config = f.metadata.get(GGUF_CONFIG_KEY)
+    if raw_config is not None and not isinstance(raw_config, str):
+        raise CheckpointError(f"{path}: metadata {GGUF_CONFIG_KEY} is not a string of JSON")
+    config = metadata_config({} if raw_config is None else {CONFIG_METADATA: raw_config}, path)
+    if names.pop(ZERO_COND_MARKER, None) is not None:
+        config.setdefault("zero_cond_t", True)
+    config = infer_config({n: f.shape(k) for n, k in names.items()}, {**config, **(overrides or {})}, path)
+    tensors, packed = gguf.load_weights(f, names, lambda name, shape: name.endswith(".weight") and len(shape) == 2)
+    return DiTWeights(Path(path), tensors, {}, config, gguf.describe(f, names.values()), packed)
