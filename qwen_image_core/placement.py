@@ -78,20 +78,22 @@ class Offloaded:
         self.detach(release_host=True)
 
     def run(self, fn: Callable, *args, **kwargs):
-        """fn(*args, **kwargs); on an out-of-memory error: fewer resident blocks, one retry, a warning."""
+        """fn(*args, **kwargs); on an out-of-memory error: fewer resident blocks, one retry, a warning. The
+        retry runs after the handler is left, so the failed attempt's tensors (held by its traceback) are freed."""
         try:
             return fn(*args, **kwargs)
         except self.errors as e:
-            before = self.plan
-            self.detach()
-            self.transfer.empty_cache()
-            self.attach(max_resident=len(before.resident) // 2)
-            self.message = (
-                f"out of memory during a step ({type(e).__name__}); re-planned from {len(before.resident)} to "
-                f"{len(self.plan.resident)} resident blocks and retrying once: {self.plan.explain()}"
-            )
-            warnings.warn(self.message, stacklevel=2)
-            return fn(*args, **kwargs)
+            failure = type(e).__name__
+        before = self.plan
+        self.detach()
+        self.transfer.empty_cache()
+        self.attach(max_resident=len(before.resident) // 2)
+        self.message = (
+            f"out of memory during a step ({failure}); re-planned from {len(before.resident)} to "
+            f"{len(self.plan.resident)} resident blocks and retrying once: {self.plan.explain()}"
+        )
+        warnings.warn(self.message, stacklevel=2)
+        return fn(*args, **kwargs)
 
     def guarded(self, fn: Callable) -> Callable:
         """fn wrapped in `run`, e.g. the DiT call of each sampling step (a failed step is retried alone)."""

@@ -114,14 +114,19 @@ class DecoderLayer(nn.Module):
 
 
 class Embedding(nn.Module):
-    """Token embeddings kept in their stored dtype; the looked-up rows are cast to the compute dtype."""
+    """Token embeddings kept in their stored dtype; the looked-up rows are cast to the compute dtype. A packed
+    table (`quant`, e.g. comfy_quant int8 / fp8, set by `formats.common.set_packed_rows`) dequantises only
+    the gathered rows."""
 
     def __init__(self, vocab: int, dim: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(vocab, dim))
         self.register_buffer("weight_scale", None, persistent=False)
+        self.quant = None
 
     def forward(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if self.quant is not None:
+            return self.quant.gather(self.weight, {n: getattr(self, n) for n in self.quant.extras}, ids, dtype)
         return cast_weight(self.weight[ids], self.weight_scale, dtype)
 
 

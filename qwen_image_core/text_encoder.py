@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CheckpointError, open_checkpoint
-from .formats.common import assign_weights, split_scales
-from .formats.qwen_vl import encoder_names, read_config
+from .formats.common import assign_weights
+from .formats.qwen_vl import encoder_markers, encoder_names, encoder_shapes, encoder_weights, read_config
 from .prompts import (
     IMAGE_PAD,
     MAX_PIXELS,
@@ -219,19 +219,21 @@ def load_text_encoder(
     path = Path(path)
     ckpt = open_checkpoint(path, mmap=mmap)
     names = encoder_names(ckpt)
+    markers = encoder_markers(ckpt, names)
     known = read_config(path, ckpt.metadata)
     known.update({k: v for k, v in sizes.items() if v is not None})
     known["vision"] = {**known.get("vision", {}), **(vision or {})}
     try:
-        cfg = QwenVLConfig.from_shapes({n: ckpt.shape(k) for n, k in names.items()}, ckpt.path, **known)
+        cfg = QwenVLConfig.from_shapes(encoder_shapes(ckpt, names, markers), ckpt.path, **known)
     except CheckpointError:
         raise
     except (KeyError, ValueError, TypeError) as e:
         raise CheckpointError(f"{ckpt.path}: inconsistent {WHAT} sizes ({e})") from None
-    weights, scales = split_scales({n: ckpt[k] for n, k in names.items()})
+    weights, scales, packed, storage = encoder_weights(ckpt, names, markers)
     with torch.device("meta"):
         model = QwenVL(cfg)
-    assign_weights(model, weights, scales, ckpt.path, WHAT)
+    assign_weights(model, weights, scales, ckpt.path, WHAT, packed)
+    model.storage, model.path = storage, ckpt.path
     model.eval().requires_grad_(False)
     if tokenizer is None:
         tokenizer = load_tokenizer(find_tokenizer(None, search=[path]))

@@ -82,6 +82,10 @@ def assign_weights(
     """
     packed = dict(packed or {})
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for k, (data, quant, extras) in list(packed.items()):  # padded formats read as the layer's own shape
+        want, refit = expected.get(k), getattr(quant, "refit", None)
+        if want is not None and tuple(quant.shape) != want and refit is not None and refit(want) is not None:
+            packed[k] = (data, refit(want), extras)
     found = {k: tuple(v.shape) for k, v in tensors.items()} | {k: tuple(p[1].shape) for k, p in packed.items()}
     problem = describe_mismatch(path, what, expected, found)
     if problem:
@@ -89,10 +93,12 @@ def assign_weights(
     modules = dict(model.named_modules())
     for k, (data, quant, extras) in packed.items():
         owner = modules.get(k.rsplit(".", 1)[0])
-        if not isinstance(owner, Linear) or not k.endswith(".weight"):
-            raise CheckpointError(f"{path}: {k} is stored as {quant.name}, but it is not a linear layer's weight")
+        rows = hasattr(owner, "quant") and hasattr(quant, "gather")  # an embedding table that gathers rows
+        if not (isinstance(owner, Linear) or rows) or not k.endswith(".weight"):
+            what = "a linear layer's or embedding's" if hasattr(quant, "gather") else "a linear layer's"
+            raise CheckpointError(f"{path}: {k} is stored as {quant.name}, but it is not {what} weight")
         try:
-            set_packed(owner, data, quant, extras)
+            (set_packed if isinstance(owner, Linear) else set_packed_rows)(owner, data, quant, extras)
         except ValueError as e:
             raise CheckpointError(f"{path}: {k}: {e}") from None
     if packed:  # the packed layers are filled; assign the rest (their meta weights are gone from the state dict)
@@ -107,6 +113,22 @@ def assign_weights(
     model.load_state_dict(dict(tensors), strict=True, assign=True)
     _attach_scales(model, scales, path, what, modules)
     return model
+
+
+def set_packed_rows(table: nn.Module, packed: torch.Tensor, quant: Quant, extras: Mapping[str, torch.Tensor]) -> None:
+    """`ops.set_packed` for an embedding table (a module with `weight` and `quant`, e.g. qwen_vl.Embedding)
+    whose format can dequantise gathered rows only (`quant.gather`)."""
+    if tuple(quant.shape) != tuple(table.weight.shape):
+        raise ValueError(f"a packed {quant.name} table of shape {list(quant.shape)} does not fit this embedding")
+    missing = set(quant.extras) - set(extras)
+    if missing:
+        raise ValueError(f"the {quant.name} table needs {sorted(missing)}")
+    table.weight = nn.Parameter(packed, requires_grad=False)
+    table.quant = quant
+    for name, t in extras.items():
+        if name in table._buffers:
+            del table._buffers[name]
+        table.register_buffer(name, t, persistent=True)
 
 
 def _attach_scales(model: nn.Module, scales: Mapping[str, torch.Tensor], path, what: str, modules: dict) -> None:

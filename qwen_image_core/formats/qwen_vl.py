@@ -6,7 +6,9 @@ transformers 5 names (`model.language_model.*`, `model.visual.*`) are renamed to
 loaded. Layouts handled:
 
 * diffusers / HF `text_encoder/` folder, sharded via `model.safetensors.index.json` (either naming)
-* ComfyUI single files, bf16 or "scaled fp8" (float8 Linear weights + float32 `scale_weight` per layer)
+* ComfyUI single files, bf16 or "scaled fp8" (float8 Linear weights + float32 `scale_weight` per layer), or
+  with ComfyUI's quantised layers (`comfy_quant`, mixed per layer: int8 / int8_convrot, fp8, ...; the token
+  embedding as int8 or fp8, dequantised per gathered row), kept packed
 * the same keys under `text_encoders.qwen25_7b.transformer.` inside a full ComfyUI checkpoint
 * files without `visual.*` (text-to-image only)
 
@@ -27,7 +29,9 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import Checkpoint, CheckpointError
+from . import comfy_quant, foreign
 from .common import split_scales
+from .dit import check_quantization
 
 # prefixes under which the encoder's keys may sit, tried in order ("" = bare keys)
 PREFIXES = ("text_encoders.qwen25_7b.transformer.", "text_encoder.", "")
@@ -88,6 +92,9 @@ def encoder_names(ckpt: Checkpoint) -> dict[str, str]:
     Raises CheckpointError naming the file when it is not a Qwen2.5-VL encoder (saying what it looks like).
     """
     keys = list(ckpt.keys())
+    other = foreign.identify(keys, ckpt.metadata)
+    if other is not None:
+        raise CheckpointError(f"{ckpt.path}: this is {other}")
     prefix = find_prefix(keys)
     if prefix is None:
         raise CheckpointError(f"{ckpt.path}: this is {describe_other(keys)}")
@@ -110,6 +117,28 @@ def encoder_names(ckpt: Checkpoint) -> dict[str, str]:
 def encoder_tensors(ckpt: Checkpoint) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The encoder's weights under legacy names and its float8 scales ({"<layer>.weight": scale})."""
     return split_scales({name: ckpt[k] for name, k in encoder_names(ckpt).items()})
+
+
+def encoder_markers(ckpt: Checkpoint, names: Mapping[str, str]) -> dict[str, comfy_quant.Marker]:
+    """The comfy_quant markers of the encoder's layers, under legacy names (`names`: legacy -> file key)."""
+    layers = {k.removesuffix(".weight"): n.removesuffix(".weight") for n, k in names.items() if n.endswith(".weight")}
+    prefix = find_prefix(list(ckpt.keys())) or ""
+    return comfy_quant.read_markers(
+        ckpt.path, names, lambda n: ckpt[names[n]], ckpt.metadata,
+        lambda k: layers.get(k, canonical_name(k.removeprefix(prefix))),
+    )  # fmt: skip
+
+
+def encoder_shapes(ckpt: Checkpoint, names: Mapping[str, str], markers) -> dict[str, tuple[int, ...]]:
+    """Legacy-named shapes, packed weights given as the float weights they stand for (for `config_fields`)."""
+    return comfy_quant.logical_shapes({n: ckpt.shape(k) for n, k in names.items()}, markers)
+
+
+def encoder_weights(ckpt: Checkpoint, names: Mapping[str, str], markers):
+    """(weights, float8 scales, packed comfy_quant layers, storage description), all under legacy names."""
+    rest, packed = comfy_quant.split(ckpt.path, {n: ckpt[k] for n, k in names.items()}, markers)
+    weights, scales = split_scales(rest)
+    return weights, scales, packed, check_quantization(rest, packed)
 
 
 def has_vision(tensors: Mapping[str, torch.Tensor]) -> bool:
