@@ -3,8 +3,9 @@
 Accepted (keys as in diffusers' `QwenImageTransformer2DModel`, one naming for every layout):
 * ComfyUI single files (Comfy-Org repackages): no prefix, or `model.diffusion_model.`; bf16/fp16/fp32;
   `float8_e4m3fn` / `float8_e5m2` weights without scales; ComfyUI "scaled fp8" (marker tensor
-  `scaled_fp8`, per-layer float32 `<layer>.scale_weight`); ComfyUI "mixed precision" (safetensors metadata
-  `_quantization_metadata`, per-layer `<layer>.weight_scale`, optional `<layer>.comfy_quant` JSON bytes).
+  `scaled_fp8`, per-layer float32 `<layer>.scale_weight`); ComfyUI's quantised layers, mixed per layer
+  (`<layer>.comfy_quant` JSON or the `_quantization_metadata` header: fp8, int8 / int8_convrot, nvfp4, mxfp8,
+  w4a8, awq, convrot_w4a4; see `comfy_quant`), kept packed in memory.
   Edit-2511 repackages carry the empty marker `__index_timestep_zero__` that switches `zero_cond_t` on.
 * diffusers folders: `transformer/` (sharded through the index json, or one file) with `config.json`
   (`zero_cond_t`, sizes), or a whole repo folder holding `model_index.json` and `transformer/`.
@@ -13,7 +14,8 @@ Accepted (keys as in diffusers' `QwenImageTransformer2DModel`, one naming for ev
   linear weights stay packed (`quant_gguf`), F32 / F16 / BF16 tensors load as they are.
 Sizes: explicit overrides, then config.json (or a single file's `config` metadata), then the shapes where
 they are unambiguous; the RoPE axes follow from the shapes only for the real 128-channel heads.
-float8 weights stay float8; the model dequantises them one layer at a time (`ops.Linear`).
+float8 weights stay float8 and packed weights packed; the model dequantises them one layer at a time
+(`ops.Linear`). Files of other quantisation tools (Nunchaku, bitsandbytes, GPTQ) are refused by name (`foreign`).
 """
 
 from __future__ import annotations
@@ -28,15 +30,13 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import CheckpointError, open_checkpoint
-from . import gguf
+from . import comfy_quant, foreign, gguf
 from .common import FP8, common_prefix, split_scales
 
 PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 # keys (prefix-free) that every Qwen-Image DiT has; ComfyUI's model detection keys off txt_norm.weight
 SIGNATURE = ("txt_norm.weight", "img_in.weight", "txt_in.weight", "proj_out.weight")
 ZERO_COND_MARKER = "__index_timestep_zero__"  # empty tensor in ComfyUI's Edit-2511 files
-QUANT_METADATA = "_quantization_metadata"  # safetensors metadata of ComfyUI's mixed-precision files
-FP8_FORMATS = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
 FOLDER_NAMES = ("transformer",)  # sub-folder of a diffusers repo holding the DiT
 CLASS_NAME = "QwenImageTransformer2DModel"  # `_class_name` of a diffusers transformer config.json
 
@@ -98,7 +98,7 @@ class DiTWeights:
     scales: dict[str, torch.Tensor]  # "<layer>.weight" -> float32 scale of a float8 weight
     config: dict = field(default_factory=dict)  # every MMDiTConfig size (see `infer_config`)
     storage: str = ""  # human-readable storage format, e.g. "bf16", "scaled fp8 (float8_e4m3fn)"
-    packed: dict = field(default_factory=dict)  # "<layer>.weight" -> (stored weight, Quant, extras)
+    packed: dict = field(default_factory=dict)  # "<layer>.weight" -> (stored bytes, Quant, extras): GGUF, comfy_quant
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: tuple(t.shape) for k, t in self.tensors.items()} | {k: p[1].shape for k, p in self.packed.items()}
@@ -220,8 +220,11 @@ def infer_config(shapes: Mapping[str, tuple[int, ...]], known: Mapping, path) ->
     return cfg
 
 
-def identify(path, keys: list[str]) -> None:
+def identify(path, keys: list[str], metadata: Mapping[str, str] | None = None) -> None:
     """Raise a clear CheckpointError unless the (prefix-free) keys look like a Qwen-Image DiT."""
+    other = foreign.identify(keys, metadata)
+    if other is not None:
+        raise CheckpointError(f"{path}: this is {other}")
     keyset = set(keys)
     for key, what in UNSUPPORTED.items():
         if key in keyset:
@@ -248,36 +251,15 @@ def guess_family(keys: list[str]) -> str | None:
     )
 
 
-def check_quantization(path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], prefix: str) -> str:
-    """Validate float8 markers against the stored dtypes; return a description of the storage format."""
+def check_quantization(tensors: Mapping[str, torch.Tensor], packed: Mapping) -> str:
+    """A description of the storage format: comfy_quant layers by format, else the float8 layout or dtypes."""
+    if packed:
+        return comfy_quant.describe(packed, tensors)
     fp8 = {k: t.dtype for k, t in tensors.items() if t.dtype in FP8}
-    declared: dict[str, str] = {}
-    if QUANT_METADATA in metadata:
-        try:
-            layers = json.loads(metadata[QUANT_METADATA])["layers"]
-        except (KeyError, TypeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path}: unreadable {QUANT_METADATA} metadata ({e})") from None
-        declared.update({name.removeprefix(prefix): spec.get("format", "") for name, spec in layers.items()})
-    for k, t in tensors.items():
-        if k.endswith(".comfy_quant") and t.numel():
-            try:
-                declared[k.removesuffix(".comfy_quant")] = json.loads(bytes(t.tolist()).decode()).get("format", "")
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise CheckpointError(f"{path}: unreadable {k} ({e})") from None
-    for layer, fmt in declared.items():
-        if layer + ".weight" not in tensors:
-            raise CheckpointError(f"{path}: quantization metadata names layer {layer}, which has no weight in the file")
-        dtype = tensors[layer + ".weight"].dtype
-        if fmt not in FP8_FORMATS:
-            raise CheckpointError(f"{path}: layer {layer} uses quantization format {fmt!r}; only float8 is supported")
-        if dtype != FP8_FORMATS[fmt]:
-            raise CheckpointError(f"{path}: layer {layer} is declared {fmt} but its weight is stored as {dtype}")
     if not fp8:
         dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values() if t.is_floating_point()})
         return "/".join(dtypes)
     kinds = "/".join(sorted({str(d).removeprefix("torch.") for d in fp8.values()}))
-    if declared:
-        return f"mixed precision ({len(declared)} {kinds} layers)"
     if "scaled_fp8" in tensors or any(k.endswith(".scale_weight") for k in tensors):
         return f"scaled fp8 ({kinds})"
     return f"{kinds} (no scales)"
@@ -297,16 +279,21 @@ def read_dit(path: str | os.PathLike, mmap: bool = False, overrides: Mapping | N
     ckpt = open_checkpoint(path, mmap=mmap)
     prefix = common_prefix(ckpt.keys(), PREFIXES)
     names = {k.removeprefix(prefix): k for k in ckpt}
-    identify(ckpt.path, [k for k in names if k != ZERO_COND_MARKER])
+    identify(ckpt.path, [k for k in names if k != ZERO_COND_MARKER], ckpt.metadata)
+    markers = comfy_quant.read_markers(
+        ckpt.path, names, lambda n: ckpt[names[n]], ckpt.metadata, lambda n: n.removeprefix(prefix)
+    )
     config = {**metadata_config(ckpt.metadata, ckpt.path), **config}
     if ZERO_COND_MARKER in names:
         config.setdefault("zero_cond_t", True)
-    config = infer_config({n: ckpt.shape(k) for n, k in names.items()}, {**config, **(overrides or {})}, ckpt.path)
+    shapes = comfy_quant.logical_shapes({n: ckpt.shape(k) for n, k in names.items()}, markers)
+    config = infer_config(shapes, {**config, **(overrides or {})}, ckpt.path)
     raw = {n: ckpt[k] for n, k in names.items()}
-    storage = check_quantization(ckpt.path, raw, ckpt.metadata, prefix)
     raw.pop(ZERO_COND_MARKER, None)
-    tensors, scales = split_scales(raw)
-    return DiTWeights(Path(ckpt.path), tensors, scales, config, storage)
+    rest, packed = comfy_quant.split(ckpt.path, raw, markers)
+    storage = check_quantization(rest, packed)
+    tensors, scales = split_scales(rest)
+    return DiTWeights(Path(ckpt.path), tensors, scales, config, storage, packed)
 
 
 def read_gguf(path: Path, mmap: bool = False, overrides: Mapping | None = None) -> DiTWeights:
