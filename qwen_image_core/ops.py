@@ -47,11 +47,13 @@ def cast_weight(
     lora: tuple[LoraPatch, ...] = (),
     fns: tuple[TensorFn, ...] = (),
 ) -> torch.Tensor:
-    """The weight in `dtype`: float8 dequantised as float32(weight) * scale, then LoRA deltas added and
-    `fns` applied, in float32."""
+    """The weight in `dtype`. Scaled float8 alone is dequantised in `dtype` as weight.to(dtype) * scale.to(dtype)
+    (ComfyUI's arithmetic, and no float32 temporary); with LoRA deltas or `fns` everything is float32 first."""
     has_scale = scale is not None and scale.numel() > 0
     if not has_scale and not lora and not fns:
         return weight.to(dtype)
+    if not lora and not fns:
+        return weight.to(dtype) * scale.to(device=weight.device, dtype=dtype)
     w = weight.to(torch.float32, copy=bool(fns))  # `fns` may work in place: never on the stored tensor
     if has_scale:
         w = w * scale.to(device=weight.device, dtype=torch.float32)

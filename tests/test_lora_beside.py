@@ -90,3 +90,14 @@ def test_factors_move_once_and_streaming_moves_no_extra_bytes(tmp_path):
                 if name in ref_layers:
                     m.weight.data, m.lora = ref_layers[name]
     assert torch.allclose(merged, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+def test_scaled_fp8_is_dequantised_in_the_compute_dtype_as_comfyui():
+    """weight.to(dtype) * scale.to(dtype): ComfyUI's scaled-fp8 arithmetic (comfy/ops.py), bit for bit in bf16."""
+    from qwen_image_core.ops import cast_weight
+
+    w = (torch.randn(12, 8) * 3).to(torch.float8_e4m3fn)
+    scale = torch.tensor(0.0173)
+    ours = cast_weight(w, scale, torch.bfloat16)
+    assert torch.equal(ours, w.to(torch.bfloat16) * scale.to(torch.bfloat16))
+    assert torch.equal(cast_weight(w, scale, torch.float32), w.float() * scale)
