@@ -8,25 +8,33 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+# PyTorch >= 2.5 computes grouped-query attention in SDPA itself (no K/V copies)
+GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+
 
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None, causal: bool = False
 ) -> torch.Tensor:
     """Scaled dot-product attention, scale 1/sqrt(head_dim).
 
-    q [B, H, Lq, D], k/v [B, Hkv, Lk, D] (Hkv divides H: grouped-query attention is expanded here);
-    key_mask [B, Lk] bool, True where a key may be attended, or None; causal: each query sees only keys
-    at or before its position (not combined with key_mask). Returns [B, H, Lq, D].
+    q [B, H, Lq, D], k/v [B, Hkv, Lk, D] (Hkv divides H: grouped-query attention, through SDPA's own support
+    where PyTorch has it (>= 2.5), else K/V expanded here); key_mask [B, Lk] bool, True where a key may be
+    attended, or None; causal: each query sees only keys at or before its position (not combined with
+    key_mask). Returns [B, H, Lq, D].
     """
+    gqa = {}
     if k.shape[1] != q.shape[1]:
-        rep = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        if GQA:
+            gqa = {"enable_gqa": True}
+        else:
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     if causal:
         if key_mask is not None:
             raise ValueError("causal attention takes no key mask (right padding needs none)")
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
     mask = None if key_mask is None else key_mask[:, None, None, :].to(torch.bool)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
 
 
 def per_row(attend, lengths: Sequence[int], padded: int):

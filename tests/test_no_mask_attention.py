@@ -5,6 +5,7 @@ attention; the text encoder's grouped-query attention uses SDPA's own GQA suppor
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from qwen_image_core.attention import attention, per_row
@@ -75,3 +76,23 @@ def test_a_given_mask_still_works():
         b = model(x, t, txt, txt_lengths=[5, 3])
     assert torch.allclose(a, b, atol=1e-5 * float(a.abs().max()))
     assert masked.masked_sdpa > 0 and masked.count == 1  # (the counter sees masks and syncs where they are)
+
+
+def test_grouped_query_attention_copies_no_keys():
+    """The text encoder's GQA (28 query heads on 4 K/V heads) through SDPA's own support: equal to expanding K/V,
+    and no repeat_interleave copy is made."""
+    import qwen_image_core.attention as A
+
+    q, k, v = torch.randn(1, 8, 10, 16), torch.randn(1, 2, 10, 16), torch.randn(1, 2, 10, 16)
+    expanded = F.scaled_dot_product_attention(q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1), is_causal=True)
+    ops = []
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Ops():
+        out = A.attention(q, k, v, causal=True)
+    assert A.GQA and torch.allclose(out, expanded, atol=1e-6)
+    assert not any("repeat_interleave" in o or "index_select" in o for o in ops), ops
