@@ -14,6 +14,14 @@ DIT, TEXT_ENCODER, VAE = "MODEL", "QWENPIX_TEXT_ENCODER", "QWENPIX_VAE"  # the D
 DTYPES = ["auto", "bf16", "fp16", "fp32"]
 
 
+def weights_line(model) -> str:
+    """The loaded file's storage format (e.g. 'int8_convrot (int8 + per-row scales): 840 layers, the rest bf16')
+    and the bytes its weights hold in memory, for the loader node."""
+    held = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    size = f"{held / 1e9:.1f} GB" if held >= 1e8 else f"{held / 1e6:.1f} MB"
+    return f"{getattr(model, 'storage', '') or 'weights'}; {size}"
+
+
 class QwenPixDiTLoader:
     DISPLAY_NAME = "Load Qwen-Image Diffusion Model"
     CATEGORY = CATEGORY
@@ -80,7 +88,7 @@ class QwenPixDiTLoader:
         native.set_attachments("qwenpix_name", dit_name)  # for messages (the NaN diagnosis)
         native.set_attachments("qwenpix_compute", compute_dtype)
         plan = placement.describe_default_plan(model)  # shown on the node by the web extension
-        return {"ui": {"qwenpix_plan": [plan]}, "result": (native,)}
+        return {"ui": {"qwenpix_plan": [weights_line(model) + " ·", plan]}, "result": (native,)}
 
 
 class QwenPixTextEncoderLoader:
@@ -120,7 +128,8 @@ class QwenPixTextEncoderLoader:
             search = [path.parent / "tokenizer", host.comfy_tokenizer_dir()]
             tokenizer = next((p for p in search if p.is_dir()), None)
             encoder = host.MODELS.get("text encoder", path, lambda: load_text_encoder(path, tokenizer))
-        return (host.TextEncoderHandle(encoder, placement.text_encoder_patcher(encoder.model)),)
+        handle = host.TextEncoderHandle(encoder, placement.text_encoder_patcher(encoder.model))
+        return {"ui": {"qwenpix_plan": [weights_line(encoder.model)]}, "result": (handle,)}
 
 
 class QwenPixVAELoader:
