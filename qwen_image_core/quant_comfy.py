@@ -137,7 +137,7 @@ class Float8:
         return str(self.fp8).removeprefix("torch.")
 
     def dequantize(self, packed, extras, dtype):
-        return (packed.to(F32) * _scale(extras["weight_scale"], packed).reshape(())).to(dtype)
+        return packed.to(F32).mul_(_scale(extras["weight_scale"], packed).reshape(())).to(dtype)
 
     def gather(self, packed, extras, ids, dtype):
         """Rows `ids` of an embedding table, only those dequantised."""
@@ -166,7 +166,7 @@ class Int8:
         return f"int8_tensorwise (convrot {self.convrot})" if self.convrot else "int8_tensorwise"
 
     def dequantize(self, packed, extras, dtype):
-        w = packed.to(F32) * _row_scale(extras["weight_scale"], packed)
+        w = packed.to(F32).mul_(_row_scale(extras["weight_scale"], packed))
         return (unrotate(w, self.convrot) if self.convrot else w).to(dtype)
 
     def gather(self, packed, extras, ids, dtype):
@@ -200,7 +200,7 @@ class NVFP4:
         vals = decode_bytes(packed, byte_lut("e2m1", packed.device))
         blocks = unswizzle(extras["weight_scale"].view(torch.float8_e4m3fn), rows, k // 16).to(F32)
         scale = _scale(extras["weight_scale_2"], packed).reshape(()) * blocks
-        w = (vals.view(rows, k // 16, 16) * scale.unsqueeze(-1)).view(rows, k)
+        w = vals.view(rows, k // 16, 16).mul_(scale.unsqueeze(-1)).view(rows, k)
         return _finish(_pre_quant(w[: self.shape[0], : self.shape[1]], extras), self.shape, dtype)
 
     def refit(self, shape):
@@ -226,7 +226,7 @@ class MXFP8:
         rows, k = packed.shape
         e = unswizzle(extras["weight_scale"].view(torch.uint8), rows, k // 32).to(torch.int32)
         scale = torch.where(e == 0, 0, e << 23).view(F32)  # e8m0: 2^(e - 127), and 0 for e = 0 (as kitchen)
-        w = (packed.to(F32).view(rows, k // 32, 32) * scale.unsqueeze(-1)).view(rows, k)
+        w = packed.to(F32).view(rows, k // 32, 32).mul_(scale.unsqueeze(-1)).view(rows, k)
         return _finish(w, self.shape, dtype)
 
     def refit(self, shape):
@@ -276,11 +276,11 @@ class W4A8:
         else:
             vals = self.codes(packed).to(F32) - (32.0 if six else 8.0)
         groups = k // self.group
-        grid = (vals.view(n, groups, self.group) * _scale(extras["weight_s_rel"], packed).unsqueeze(-1)).round()
-        w = grid.clamp_(-127, 127) * _scale(extras["weight_s_channel"], packed).view(n, 1, 1)
+        w = vals.view(n, groups, self.group).mul_(_scale(extras["weight_s_rel"], packed).unsqueeze(-1)).round_()
+        w = w.clamp_(-127, 127).mul_(_scale(extras["weight_s_channel"], packed).view(n, 1, 1))
         corr = extras.get("weight_correction")
         if corr is not None:
-            w = w + _scale(corr, packed).t().unsqueeze(-1)
+            w = w.add_(_scale(corr, packed).t().unsqueeze(-1))
         return unrotate(w.view(n, k), self.convrot).to(dtype)
 
     def parts(self, packed, extras):
@@ -304,7 +304,7 @@ class AWQ:
         vals = decode_bytes(packed, byte_lut("uint4-8", packed.device)).view(n, k // self.group, self.group)
         scale = _scale(extras["weight_scale"], packed).t().unsqueeze(-1)
         zeros = _scale(extras["weight_zeros"], packed).t().unsqueeze(-1)
-        return (vals * scale + zeros).view(n, k).to(dtype)
+        return vals.mul_(scale).add_(zeros).view(n, k).to(dtype)
 
     def parts(self, packed, extras):
         return {
@@ -329,7 +329,7 @@ class ConvRotW4A4:
     kind = "w4a4"
 
     def dequantize(self, packed, extras, dtype):
-        w = decode_bytes(packed, byte_lut("int4", packed.device)) * _row_scale(extras["weight_scale"], packed)
+        w = decode_bytes(packed, byte_lut("int4", packed.device)).mul_(_row_scale(extras["weight_scale"], packed))
         return unrotate(w, self.convrot).to(dtype)
 
     def parts(self, packed, extras):
