@@ -47,14 +47,21 @@ def tensor_bytes(module: nn.Module) -> int:
 
 
 def storage_label(module: nn.Module) -> str:
-    """The storage dtype holding most of a module's bytes, as a short name (fp8, bf16, fp16, fp32)."""
-    by_dtype: dict[torch.dtype, int] = {}
-    for p in module.parameters():
-        by_dtype[p.dtype] = by_dtype.get(p.dtype, 0) + p.numel() * p.element_size()
-    if not by_dtype:
+    """The storage holding most of a module's bytes, as a short name (fp8, bf16, fp16, fp32; for packed weights
+    their format's kind or name: int8, nvfp4, gguf Q4_K, ...)."""
+    names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+    by_label: dict[str, int] = {}
+    for m in module.modules():
+        quant = getattr(m, "quant", None)
+        for name, p in m.named_parameters(recurse=False):
+            if quant is not None and name == "weight":
+                label = getattr(quant, "kind", None) or quant.name
+            else:
+                label = names.get(p.dtype, "fp8")
+            by_label[label] = by_label.get(label, 0) + p.numel() * p.element_size()
+    if not by_label:
         return "-"
-    dt = max(by_dtype, key=lambda d: (by_dtype[d], str(d)))
-    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dt, "fp8")
+    return max(by_label, key=lambda k: (by_label[k], k))
 
 
 # ---------------------------------------------------------------------------------------------------------
