@@ -64,7 +64,8 @@ def kitchen_weight(conf: dict, t: dict[str, torch.Tensor], shape) -> torch.Tenso
     if fmt.startswith("float8"):
         p = {"scale": t["weight_scale"].float()}
     elif fmt == "int8_tensorwise":
-        p = {"scale": t["weight_scale"]}
+        s = t["weight_scale"]  # per row as [N] or [N, 1] (kitchen's int8_linear reads both as per row)
+        p = {"scale": s.reshape(-1, 1) if s.ndim == 1 and s.numel() > 1 else s}
         if flag("convrot", False):
             p.update(convrot=True, convrot_groupsize=int(flag("convrot_groupsize", 256)))
     elif fmt == "nvfp4":
@@ -134,6 +135,7 @@ CASES = {  # id: (format, quantise options, write_dit options)
     "fp8-input_scale-legacy_u8": ("float8_e4m3fn", {"input_scale": True, "legacy_u8": True}, {}),
     "fp8-header": ("float8_e4m3fn", {}, {"header": True}),
     "int8-scalar": ("int8_tensorwise", {"per_channel": False}, {}),
+    "int8_convrot-scale-1d": ("int8_convrot", {"flat_scale": True}, {}),
     "int8_convrot-params-2511": ("int8_convrot", {"in_params": True, "full_precision": True}, {"zero_cond_t": True}),
     "nvfp4-pre_quant-input_scale": ("nvfp4", {"pre_quant": True, "input_scale": True}, {}),
     "mxfp8-input_scale": ("mxfp8", {"input_scale": True}, {}),

@@ -12,6 +12,7 @@ import torch
 from test_comfy_quant import kitchen_weights
 from test_qwen_vl import image_row, noise_image, oracle_hidden, ours_hidden, pixels
 
+from qwen_image_core.checkpoint import CheckpointError
 from qwen_image_core.text_encoder import load_text_encoder
 from tools.checkpoints import comfy_quant as C
 from tools.checkpoints import qwen_vl as W
@@ -56,3 +57,15 @@ def test_quantised_text_encoder_matches_transformers_on_kitchen_weights(tmp_path
     assert (ours_hidden(model, ids, pv, grids) - expected).abs().max() <= 1e-5
     rows = torch.tensor([[3, 151000, 7]])
     assert torch.equal(table(rows, torch.float32), weights["model.embed_tokens.weight"][rows])
+
+
+def test_an_unknown_format_in_a_text_encoder_names_itself(tmp_path, ref):
+    sd = {k: v for k, v in W.legacy_state_dict(ref).items() if not k.startswith(("visual.", "lm_head."))}
+    path = C.write_text_encoder(tmp_path / "te.safetensors", sd, lambda name, t: None, embedding=None)
+    from safetensors.torch import load_file, save_file
+
+    stored = load_file(str(path))
+    stored["model.layers.1.mlp.up_proj.comfy_quant"] = C.marker({"format": "fp6_e3m2"})
+    save_file(stored, str(path))
+    with pytest.raises(CheckpointError, match=r"layer model\.layers\.1\.mlp\.up_proj .*'fp6_e3m2'"):
+        load_text_encoder(path, tokenizer=object())

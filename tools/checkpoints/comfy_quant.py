@@ -64,7 +64,8 @@ def quantise(
     input_scale: also store a static activation scale (fp8 / nvfp4 / mxfp8); pre_quant: an nvfp4 layer with
     ModelOpt's `pre_quant_scale` (the weight quantised is w / pre_quant_scale, so the layer still means w);
     legacy_u8: fp8 bytes stored as uint8; in_params: flags under `params`; full_precision: the flag
-    `full_precision_matrix_mult`. `kw` goes to kitchen's quantiser (e.g. codebook=False, bits=6 for w4a8).
+    `full_precision_matrix_mult`. `kw` goes to kitchen's quantiser (e.g. codebook=False, bits=6 for w4a8); for
+    int8, per_channel=False stores one scale, flat_scale=True per-row scales as [N] instead of kitchen's [N, 1].
     """
     from comfy_kitchen import tensor as ck  # noqa: PLC0415
 
@@ -76,7 +77,10 @@ def quantise(
     elif fmt in ("int8_tensorwise", "int8_convrot"):
         rot = fmt == "int8_convrot"
         q, p = ck.TensorWiseINT8Layout.quantize(w, per_channel=kw.get("per_channel", True) or rot, convrot=rot)
-        out, fmt = {"weight": q, "weight_scale": p.scale}, "int8_tensorwise"
+        scale = (
+            p.scale.reshape(-1) if kw.get("flat_scale") and p.scale.numel() > 1 else p.scale
+        )  # [N] or kitchen's [N, 1]
+        out, fmt = {"weight": q, "weight_scale": scale}, "int8_tensorwise"
         flags = {"convrot": True, "convrot_groupsize": 256, "per_row": True} if rot else {"convrot": False}
     elif fmt == "nvfp4":
         pqs = (torch.rand(w.shape[1], generator=torch.Generator().manual_seed(w.shape[0])) + 0.5) if pre_quant else None
