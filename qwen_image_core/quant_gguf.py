@@ -79,12 +79,18 @@ def _half(b: torch.Tensor, t: GGMLType, name: str) -> torch.Tensor:
     return _raw(b, t, name).contiguous().view(torch.float16).to(torch.float32)
 
 
-def _split(x: torch.Tensor, shifts, mask: int, dim: int = -2) -> torch.Tensor:
-    """(x >> s) & mask for each shift s, stacked at `dim`: uint8 [..., k] -> [..., len(shifts), k] (dim=-2)."""
-    return torch.stack([(x >> s) & mask for s in shifts], dim=dim)
-
-
 NIBBLES, CRUMBS, BITS = (0, 4), (0, 2, 4, 6), tuple(range(8))
+_SHIFTS: dict[tuple, torch.Tensor] = {}  # (device, shifts, dim) -> uint8 shift amounts shaped for broadcasting
+
+
+def _split(x: torch.Tensor, shifts: tuple[int, ...], mask: int, dim: int = -2) -> torch.Tensor:
+    """(x >> s) & mask for each shift s along a new axis: uint8 [..., k] -> [..., len(shifts), k] (dim=-2) or
+    [..., k, len(shifts)] (dim=-1). One broadcast shift and an in-place mask."""
+    key = (x.device, shifts, dim)
+    s = _SHIFTS.get(key)
+    if s is None:
+        s = _SHIFTS[key] = torch.tensor(shifts, dtype=torch.uint8, device=x.device).reshape((-1, 1)[:-dim])
+    return (x.unsqueeze(dim) >> s).bitwise_and_(mask)
 
 
 def _low_high(qs: torch.Tensor, n: int, groups: int) -> torch.Tensor:
@@ -106,56 +112,61 @@ def _k_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return scale, low
 
 
+def _float(q: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    """Small integer codes (uint8) minus `offset` as float32, the subtraction exact in int8 first."""
+    return (q.view(torch.int8) - offset if offset else q).to(torch.float32)
+
+
 # ---------------------------------------------------------------------------------------------------------
-# Dequantisers: uint8 blocks [n, nbytes] -> float32 values [n, block]
+# Dequantisers: uint8 blocks [n, nbytes] -> float32 values [n, block]. The float steps are gguf's, in its order
+# (a product, then a sum), done in place on the one float32 buffer.
 # ---------------------------------------------------------------------------------------------------------
 
 
 def _q4_0(b, t):
     q = _low_high(_raw(b, t, "qs"), b.shape[0], 1).reshape(b.shape[0], -1)
-    return _half(b, t, "d") * (q.to(torch.float32) - 8)
+    return _float(q, 8).mul_(_half(b, t, "d"))
 
 
 def _q4_1(b, t):
     q = _low_high(_raw(b, t, "qs"), b.shape[0], 1).reshape(b.shape[0], -1)
-    return _half(b, t, "d") * q.to(torch.float32) + _half(b, t, "m")
+    return _float(q).mul_(_half(b, t, "d")).add_(_half(b, t, "m"))
 
 
 def _q5(b, t):
     low = _low_high(_raw(b, t, "qs"), b.shape[0], 1).reshape(b.shape[0], -1)
-    return low | (_bits32(_raw(b, t, "qh")) << 4)
+    return low.bitwise_or_(_bits32(_raw(b, t, "qh")).bitwise_left_shift_(4))
 
 
 def _q5_0(b, t):
-    return _half(b, t, "d") * (_q5(b, t).to(torch.float32) - 16)
+    return _float(_q5(b, t), 16).mul_(_half(b, t, "d"))
 
 
 def _q5_1(b, t):
-    return _half(b, t, "d") * _q5(b, t).to(torch.float32) + _half(b, t, "m")
+    return _float(_q5(b, t)).mul_(_half(b, t, "d")).add_(_half(b, t, "m"))
 
 
 def _q8_0(b, t):
-    return _raw(b, t, "qs").contiguous().view(torch.int8).to(torch.float32) * _half(b, t, "d")
+    return _raw(b, t, "qs").contiguous().view(torch.int8).to(torch.float32).mul_(_half(b, t, "d"))
 
 
 def _q2_k(b, t):
     n, s = b.shape[0], _raw(b, t, "scales")
     dl = (_half(b, t, "d") * (s & 0x0F).to(torch.float32)).reshape(n, 16, 1)
     ml = (_half(b, t, "dmin") * (s >> 4).to(torch.float32)).reshape(n, 16, 1)
-    q = _split(_raw(b, t, "qs").reshape(n, 2, 32), CRUMBS, 3).reshape(n, 16, 16).to(torch.float32)
-    return (dl * q - ml).reshape(n, QK)
+    q = _split(_raw(b, t, "qs").reshape(n, 2, 32), CRUMBS, 3).reshape(n, 16, 16)
+    return _float(q).mul_(dl).sub_(ml).reshape(n, QK)
 
 
 def _q3_k(b, t):
     n, s = b.shape[0], _raw(b, t, "scales")
     low = _split(s[:, :8], NIBBLES, 0x0F).reshape(n, 16)
     high = _split(s[:, 8:], CRUMBS, 3).reshape(n, 16)
-    scale = (low | (high << 4)).to(torch.float32) - 32
-    dl = (_half(b, t, "d") * scale).reshape(n, 16, 1)
+    dl = (_half(b, t, "d") * _float(low.bitwise_or_(high.bitwise_left_shift_(4)), 32)).reshape(n, 16, 1)
     ql = _split(_raw(b, t, "qs").reshape(n, 2, 32), CRUMBS, 3).reshape(n, 16, 16)
-    qh = _split(_raw(b, t, "hmask").reshape(n, 1, 32), BITS, 1).reshape(n, 16, 16) ^ 1  # set bit: no offset
-    q = ql.to(torch.float32) - (qh << 2).to(torch.float32)
-    return (dl * q).reshape(n, QK)
+    qh = _split(_raw(b, t, "hmask").reshape(n, 1, 32), BITS, 1).reshape(n, 16, 16)
+    offset = qh.bitwise_xor_(1).bitwise_left_shift_(2)  # 4 where the mask bit is clear
+    return (ql.view(torch.int8) - offset.view(torch.int8)).to(torch.float32).mul_(dl).reshape(n, QK)
 
 
 def _k_affine(b, t, q):
@@ -164,7 +175,7 @@ def _k_affine(b, t, q):
     scale, low = _k_scales(_raw(b, t, "scales"))
     d = (_half(b, t, "d") * scale.to(torch.float32)).reshape(n, 8, 1)
     dm = (_half(b, t, "dmin") * low.to(torch.float32)).reshape(n, 8, 1)
-    return (d * q.to(torch.float32) - dm).reshape(n, QK)
+    return _float(q).mul_(d).sub_(dm).reshape(n, QK)
 
 
 def _q4_k(b, t):
@@ -174,7 +185,7 @@ def _q4_k(b, t):
 def _q5_k(b, t):
     n = b.shape[0]
     high = _split(_raw(b, t, "qh").reshape(n, 1, 32), BITS, 1).reshape(n, 8, 32)
-    return _k_affine(b, t, _low_high(_raw(b, t, "qs"), n, 4) | (high << 4))
+    return _k_affine(b, t, _low_high(_raw(b, t, "qs"), n, 4).bitwise_or_(high.bitwise_left_shift_(4)))
 
 
 def _q6_k(b, t):
@@ -183,8 +194,8 @@ def _q6_k(b, t):
     d = (_half(b, t, "d") * scale).reshape(n, 16, 1)
     low = _low_high(_raw(b, t, "ql"), n, 2).reshape(n, 8, 32)
     high = _split(_raw(b, t, "qh").reshape(n, 2, 32), CRUMBS, 3).reshape(n, 8, 32)
-    q = ((low | (high << 4)).to(torch.float32) - 32).reshape(n, 16, 16)
-    return (d * q).reshape(n, QK)
+    q = low.bitwise_or_(high.bitwise_left_shift_(4)).reshape(n, 16, 16)
+    return _float(q, 32).mul_(d).reshape(n, QK)
 
 
 DEQUANTIZERS: dict[str, Callable[[torch.Tensor, GGMLType], torch.Tensor]] = {
@@ -193,13 +204,23 @@ DEQUANTIZERS: dict[str, Callable[[torch.Tensor, GGMLType], torch.Tensor]] = {
 }  # fmt: skip
 
 
+CPU_CHUNK = 1 << 20  # values per piece on the CPU: the temporaries stay small (cache-sized, reused by malloc)
+
+
 def dequantize(packed: torch.Tensor, t: GGMLType, shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The values of a stored tensor (uint8 bytes, any shape, row-major as in the file) as `dtype` in `shape`,
-    computed on `packed`'s device. Quantised types are dequantised in float32 and then cast."""
+    computed on `packed`'s device. Quantised types are dequantised in float32 and then cast (on the CPU piece by
+    piece into the output; on an accelerator in one pass)."""
     if t.plain is not None:
         return packed.reshape(-1).view(t.plain).reshape(shape).to(dtype)
-    blocks = packed.reshape(-1, t.nbytes)
-    return DEQUANTIZERS[t.name](blocks, t).reshape(shape).to(dtype)
+    blocks, fn = packed.reshape(-1, t.nbytes), DEQUANTIZERS[t.name]
+    step = max(1, CPU_CHUNK // t.block)
+    if blocks.device.type != "cpu" or blocks.shape[0] <= step:
+        return fn(blocks, t).reshape(shape).to(dtype)
+    out = torch.empty(blocks.shape[0], t.block, dtype=dtype)
+    for i in range(0, blocks.shape[0], step):
+        out[i : i + step] = fn(blocks[i : i + step], t)  # the same rounding as .to(dtype)
+    return out.reshape(shape)
 
 
 @dataclass(frozen=True)
