@@ -89,12 +89,16 @@ def main() -> None:
         nbytes = packed.numel()
         f32 = timed(lambda q=quant, p=packed: q.dequantize(p, {}, torch.float32), args.repeats, sync)
         bf16 = timed(lambda q=quant, p=packed: q.dequantize(p, {}, torch.bfloat16), args.repeats, sync)
-        row = f"{t.name:<6}{t.bytes_per_value:>12.4f}{nbytes / 1e6:>11.1f}{nbytes / f32 / 1e9:>14.2f}"
-        row += f"{params / f32 / 1e9:>10.2f}{nbytes / bf16 / 1e9:>14.2f}"
+
+        def rate(seconds, dtype, t=t, per=nbytes):  # a type already in the dtype is a view: no work to time
+            return f"{'view':>14}" if t.plain == dtype else f"{per / seconds / 1e9:>14.2f}"
+
+        row = f"{t.name:<6}{t.bytes_per_value:>12.4f}{nbytes / 1e6:>11.1f}{rate(f32, torch.float32)}"
+        row += f"{'-' if t.plain == torch.float32 else f'{params / f32 / 1e9:.2f}':>10}{rate(bf16, torch.bfloat16)}"
         if gguf is not None and device.type == "cpu":
             raw, qtype = np.ascontiguousarray(packed.numpy()), gguf.GGMLQuantizationType[t.name]
             ref = timed(lambda r=raw, q=qtype: gguf.quants.dequantize(r, q), max(1, args.repeats // 2), sync)
-            row += f"{nbytes / ref / 1e9:>17.2f}"
+            row += f"{'view' if t.plain == torch.float32 else f'{nbytes / ref / 1e9:.2f}':>17}"
         print(row)
         del packed
 

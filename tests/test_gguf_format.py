@@ -48,16 +48,33 @@ def test_the_type_table_is_ggml_s():
     assert set(Q.TYPES) == set(G.TYPES)  # every type of the published Qwen-Image GGUFs, nothing else
 
 
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("name", list(Q.TYPES))
-def test_dequantisation_is_bit_equal_to_gguf_on_random_blocks(name):
+def test_dequantisation_is_bit_equal_to_gguf_on_random_blocks(name, device):
     t = Q.TYPES[name]
-    raw = random_blocks(t, 96, seed=t.id)
+    raw = random_blocks(t, 96 if device == "cpu" else 40_000, seed=t.id)  # on a GPU: more than one launch's worth
     ref = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[name])
-    packed = torch.from_numpy(raw.copy())
+    packed = torch.from_numpy(raw.copy()).to(device)
     ours = Q.dequantize(packed, t, ref.shape)
-    assert ours.dtype == torch.float32 and np.isfinite(ref).all()
-    assert np.array_equal(packed.numpy(), raw)  # the stored bytes are never written
-    np.testing.assert_array_equal(bits(ours.numpy()), bits(ref))
+    assert ours.dtype == torch.float32 and ours.device == packed.device and np.isfinite(ref).all()
+    assert np.array_equal(packed.cpu().numpy(), raw)  # the stored bytes are never written
+    np.testing.assert_array_equal(bits(ours.cpu().numpy()), bits(ref))
+
+
+@pytest.mark.parametrize("name", [n for n, t in Q.TYPES.items() if t.plain is None])
+def test_pieces_on_the_cpu_equal_one_pass(name, monkeypatch):
+    """Large tensors are dequantised on the CPU in pieces into the output (here pieces of 1024 values, the last
+    one short), in float32 and straight into bf16: equal to one pass and its cast."""
+    t = Q.TYPES[name]
+    packed = torch.from_numpy(random_blocks(t, 4100 * 32 // t.block + 3, seed=1))
+    shape = (packed.shape[0] * t.block,)
+    whole = Q.dequantize(packed, t, shape)
+    monkeypatch.setattr(Q, "CPU_CHUNK", 1024)
+    assert torch.equal(Q.dequantize(packed, t, shape), whole)
+    assert torch.equal(Q.dequantize(packed, t, shape, torch.bfloat16), whole.to(torch.bfloat16))
 
 
 @pytest.mark.parametrize("name", G.QUANTISABLE)
