@@ -69,7 +69,7 @@ class CheckpointError(ValueError):
 
 @dataclass(frozen=True)
 class _Entry:
-    file: SafetensorsFile
+    file: TensorFile
     dtype: torch.dtype
     shape: tuple[int, ...]
     begin: int  # absolute byte offset in the file
@@ -173,40 +173,28 @@ def _identity(st: os.stat_result) -> tuple[int, ...]:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
-class SafetensorsFile:
-    """The validated header of one .safetensors file; tensors are read (or mapped, `mmap=True`) on access."""
+class TensorFile:
+    """A file of tensors with a validated header (`entries`: each tensor's byte span, dtype and shape); a tensor is
+    read into its own buffer (or mapped, `mmap=True`) when accessed, the file's identity checked at every read.
+    A format's subclass parses its header in `__init__`, from the file `_open` returns."""
 
     def __init__(self, path: str | os.PathLike, mmap: bool = False):
         self.path = Path(path)
         self.mmap = mmap
+        self.identity: tuple[int, ...] = ()
+        self.size = 0  # bytes, as the header was read
+        self.entries: dict[str, _Entry] = {}
+        self._map: mmap_module.mmap | None = None
+
+    def _open(self):
+        """The file opened for reading its header (the caller closes it); records its identity and size."""
         try:
-            f = open(self.path, "rb")  # closed below; the stat must be of this very file
+            f = open(self.path, "rb")  # the stat must be of this very file
         except FileNotFoundError:
             raise CheckpointError(f"{self.path}: no such file (was it moved or deleted?)") from None
-        with f:
-            st = os.fstat(f.fileno())
-            self.identity = _identity(st)  # reads check that the file is still this one
-            size = st.st_size
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointError(f"{self.path}: not a safetensors file (only {size} bytes)")
-            (n,) = struct.unpack("<Q", head)
-            for magic, what, advice in OTHER_CONTAINERS:
-                if head.startswith(magic) and (n > size - 8 or n > MAX_HEADER):
-                    raise CheckpointError(f"{self.path}: this is {what}, not a safetensors file; {advice}")
-            if n > size - 8:
-                raise CheckpointError(
-                    f"{self.path}: not a safetensors file, or a truncated one (bad header length: {n} bytes "
-                    f"announced, {size - 8} present); download it again"
-                )
-            if n > MAX_HEADER:
-                raise CheckpointError(f"{self.path}: {CORRUPT}: {n} bytes long, more than the {MAX_HEADER} allowed")
-            raw = f.read(n)
-        self.metadata, entries = parse_header(raw, self.path, size - 8 - n)
-        self.entries = {
-            name: _Entry(self, dtype, shape, 8 + n + b, 8 + n + e) for name, (dtype, shape, b, e) in entries.items()
-        }
-        self._map: mmap_module.mmap | None = None
+        st = os.fstat(f.fileno())
+        self.identity, self.size = _identity(st), st.st_size  # reads check that the file is still this one
+        return f
 
     def _check_same(self, fd: int, name: str) -> None:
         if _identity(os.fstat(fd)) != self.identity:
@@ -248,6 +236,34 @@ class SafetensorsFile:
         itemsize = torch.empty((), dtype=e.dtype).element_size()
         flat = torch.frombuffer(self._map, dtype=e.dtype, count=(e.end - e.begin) // itemsize, offset=e.begin)
         return flat.view(e.shape)
+
+
+class SafetensorsFile(TensorFile):
+    """The validated header of one .safetensors file; tensors are read (or mapped, `mmap=True`) on access."""
+
+    def __init__(self, path: str | os.PathLike, mmap: bool = False):
+        super().__init__(path, mmap)
+        with self._open() as f:
+            size = self.size
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{self.path}: not a safetensors file (only {size} bytes)")
+            (n,) = struct.unpack("<Q", head)
+            for magic, what, advice in OTHER_CONTAINERS:
+                if head.startswith(magic) and (n > size - 8 or n > MAX_HEADER):
+                    raise CheckpointError(f"{self.path}: this is {what}, not a safetensors file; {advice}")
+            if n > size - 8:
+                raise CheckpointError(
+                    f"{self.path}: not a safetensors file, or a truncated one (bad header length: {n} bytes "
+                    f"announced, {size - 8} present); download it again"
+                )
+            if n > MAX_HEADER:
+                raise CheckpointError(f"{self.path}: {CORRUPT}: {n} bytes long, more than the {MAX_HEADER} allowed")
+            raw = f.read(n)
+        self.metadata, entries = parse_header(raw, self.path, size - 8 - n)
+        self.entries = {
+            name: _Entry(self, dtype, shape, 8 + n + b, 8 + n + e) for name, (dtype, shape, b, e) in entries.items()
+        }
 
 
 class Checkpoint(Mapping[str, torch.Tensor]):

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from .. import quant_gguf as Q
-from ..checkpoint import CheckpointError, SafetensorsFile, _Entry, _identity
+from ..checkpoint import CheckpointError, TensorFile, _Entry
 
 MAGIC, VERSIONS, SUFFIX = b"GGUF", (2, 3), ".gguf"
 ARCH_KEY, ALIGNMENT_KEY, DEFAULT_ALIGNMENT = "general.architecture", "general.alignment", 32
@@ -111,26 +111,19 @@ class _Header:
         return [self.value(inner, f"{what}[{i}]", depth + 1) for i in range(n)]
 
 
-class GGUFFile(SafetensorsFile):
+class GGUFFile(TensorFile):
     """The validated header of one .gguf file. `metadata`: key -> value; `types`: tensor -> ggml type name;
     `shape(name)`: its torch shape. Tensors read as stored (`tensor(name)`): F32 / F16 / BF16 in their dtype and
     shape, quantised types as uint8 [rows, bytes per row] (rows = the torch shape without its last dim)."""
 
     def __init__(self, path: str | os.PathLike, mmap: bool = False):
-        # Not SafetensorsFile.__init__: the reading half (tensor(), mmap, identity checks) is shared, the header not.
-        self.path, self.mmap, self._map = Path(path), mmap, None
-        try:
-            f = open(self.path, "rb")
-        except FileNotFoundError:
-            raise CheckpointError(f"{self.path}: no such file (was it moved or deleted?)") from None
-        with f:
-            st = os.fstat(f.fileno())
-            self.identity = _identity(st)  # every read checks that the file is still this one
-            h = _Header(f, st.st_size, self.path)
+        super().__init__(path, mmap)
+        with self._open() as f:
+            h = _Header(f, self.size, self.path)
             self.metadata, infos = self._parse(h)
         self.types: dict[str, str] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
-        self.entries = self._layout(infos, h.pos, st.st_size)
+        self.entries = self._layout(infos, h.pos, self.size)
 
     def _parse(self, h: _Header) -> tuple[dict, list]:
         if h.size < 4 or h.take(4, "magic") != MAGIC:
