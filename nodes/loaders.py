@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from ..qwen_image_core.formats.vae import load_vae
-from ..qwen_image_core.lora import linear_shapes, read_lora
+from ..qwen_image_core.lora import lora_targets, read_lora
 from ..qwen_image_core.mmdit import load_dit
 from ..qwen_image_core.text_encoder import load_text_encoder
-from . import checks, host, native_model, placement
+from . import checks, host, native_model, notices, placement
 from .patcher import lora_patches
 
 CATEGORY = "QwenPix/loaders"
@@ -163,6 +163,9 @@ class QwenPixVAELoader:
             return (host.MODELS.get("VAE", path, lambda: load_vae(path)),)
 
 
+UNMATCHED = ["refuse (strict)", "skip with a warning"]
+
+
 class QwenPixLoraLoader:
     DISPLAY_NAME = "Qwen-Image LoRA"
     CATEGORY = CATEGORY
@@ -170,8 +173,9 @@ class QwenPixLoraLoader:
     OUTPUT_TOOLTIPS = ("The diffusion model with this LoRA added (chain several loaders to stack LoRAs).",)
     FUNCTION = "apply"
     DESCRIPTION = (
-        "Adds a LoRA (diffusers/PEFT, kohya or lightx2v Lightning format) to a Qwen-Image MODEL, refusing files "
-        "that do not fit it. On QwenPix models it is applied exactly, at each layer's weight cast."
+        "Adds a LoRA (diffusers/PEFT, kohya, lightx2v, ai-toolkit, musubi-tuner, DiffSynth, LyCORIS LoKr/LoHa, DoRA, "
+        "full diff/diff_b deltas) to a Qwen-Image MODEL, refusing files that do not fit it. On QwenPix models it is "
+        "applied exactly, at each layer's weight cast."
     )
 
     @classmethod
@@ -190,7 +194,17 @@ class QwenPixLoraLoader:
                         "tooltip": "How strongly the LoRA applies; 0 disables it.",
                     },
                 ),
-            }
+            },
+            "optional": {
+                "unmatched_keys": (
+                    UNMATCHED,
+                    {
+                        "default": UNMATCHED[0],
+                        "tooltip": "Keys of the file that cannot be applied to this model (no such layer, another "
+                        "size, a kind QwenPix does not read): refuse the file, or apply the rest and list them.",
+                    },
+                ),
+            },
         }
 
     @classmethod
@@ -198,21 +212,35 @@ class QwenPixLoraLoader:
         """The LoRA file's identity (size, mtime, inode): ComfyUI loads it again when the file changed on disk."""
         return host.model_fingerprint("loras", lora_name, "__none__")
 
-    def apply(self, dit, lora_name: str, strength: float):
+    def apply(self, dit, lora_name: str, strength: float, unmatched_keys: str = UNMATCHED[0]):
         strength = checks.finite_number("strength", strength, "set strength from -10 to 10 (1 is usual, 0 disables it)")
+        if unmatched_keys not in UNMATCHED:
+            raise checks.InputError(f"unmatched_keys: {unmatched_keys!r} is not one of {UNMATCHED}\nFix: choose one")
+        lenient = unmatched_keys == UNMATCHED[1]
         fix = (
             "choose a .safetensors LoRA trained for Qwen-Image (they fit Qwen-Image and its Edit versions) from "
-            "models/loras"
+            "models/loras" + ("" if lenient else f", or set unmatched_keys to '{UNMATCHED[1]}' to apply what fits")
         )
         diffusion_model = host.qwen_diffusion_model(dit, "dit")
         with host.input_problem("lora_name", lora_name, fix):
-            lora = read_lora(host.model_path("loras", lora_name, "__none__"), linear_shapes(diffusion_model))
+            lora = read_lora(host.model_path("loras", lora_name, "__none__"), lora_targets(diffusion_model), lenient)
+        if lora.skipped:
+            notices.warn(_skipped_message(lora_name, lora))
         if strength == 0:
             return (dit,)
         model = dit.clone()
         model.add_patches(lora_patches(lora), strength)
         model.set_attachments("qwenpix_loras", (*(dit.get_attachment("qwenpix_loras") or ()), (lora_name, strength)))
         return (model,)
+
+
+def _skipped_message(name: str, lora) -> str:
+    keys = [f"{k} ({why})" for k, why in lora.skipped]
+    listed = "; ".join(keys[:6]) + (f"; and {len(keys) - 6} more" if len(keys) > 6 else "")
+    return (
+        f"LoRA {name}: skipped {len(keys)} key{'s' if len(keys) > 1 else ''} that cannot be applied to this model, "
+        f"applied the other {len(lora.modules)} layers: {listed}"
+    )
 
 
 NODES = {

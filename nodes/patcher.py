@@ -216,15 +216,35 @@ def install_patches(root: nn.Module, patches: dict[str, list], factor_loras: boo
 
 
 def lora_patches(lora, prefix: str = "diffusion_model.") -> dict:
-    """A qwen_image_core `Lora` as ComfyUI weight patches ({key: LoRAAdapter}) for `ModelPatcher.add_patches`:
-    the same patches LoraLoaderModelOnly makes, so they apply to our MODEL and to ComfyUI's own alike."""
+    """A qwen_image_core `Lora` as ComfyUI weight patches ({key: patch}) for `ModelPatcher.add_patches`: the same
+    patches LoraLoaderModelOnly makes of the file (`comfy.lora.load_lora`): a LoRAAdapter per low-rank pair (with
+    its DoRA scale), LoKrAdapter, LoHaAdapter, ("diff", (delta,)) for full weight and bias deltas. So they apply
+    to our MODEL and to ComfyUI's own alike."""
     out = {}
     for f in lora.factors:
-        rank = f.down.shape[0]
-        alpha = None if f.scale == 1.0 else f.scale * rank
+        alpha = f.alpha if f.alpha is not None else None if f.scale == 1.0 else f.scale * f.down.shape[0]
         key = f"{prefix}{f.module}.weight"
-        out[key] = comfy.weight_adapter.LoRAAdapter({key}, (f.up, f.down, alpha, None, None, None))
+        out[key] = comfy.weight_adapter.LoRAAdapter(set(f.keys), (f.up, f.down, alpha, None, None, None))
+    for t in lora.terms:
+        out[f"{prefix}{t.module}.{t.target}"] = _comfy_patch(t)
     return out
+
+
+def _comfy_patch(term):
+    """One `LoraTerm` as the patch ComfyUI's loader builds for the same keys."""
+    t, keys = term.tensors, set(term.keys)
+    if term.kind == "diff":
+        return ("diff", (t["diff"],))
+    if term.kind == "lora":
+        return comfy.weight_adapter.LoRAAdapter(keys, (t["up"], t["down"], term.alpha, None, term.dora_scale, None))
+    if term.kind == "lokr":
+        weights = (t.get("w1"), t.get("w2"), term.alpha, t.get("w1_a"), t.get("w1_b"), t.get("w2_a"), t.get("w2_b"),
+                   None, term.dora_scale)  # fmt: skip
+        return comfy.weight_adapter.LoKrAdapter(keys, weights)
+    if term.kind == "loha":
+        weights = (t["w1_a"], t["w1_b"], term.alpha, t["w2_a"], t["w2_b"], None, None, term.dora_scale)
+        return comfy.weight_adapter.LoHaAdapter(keys, weights)
+    raise ValueError(f"no ComfyUI patch for a {term.kind} LoRA term")
 
 
 def clear_patches(root: nn.Module) -> None:

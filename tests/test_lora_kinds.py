@@ -161,6 +161,11 @@ def test_full_weight_bias_and_norm_deltas_equal_comfyuis(tiny, tmp_path, ending)
     assert_equal_to_comfy(model, [(path, 0.5)])
 
 
+def test_a_file_with_every_kind_equals_comfyuis(tiny, tmp_path):
+    cfg, model = tiny
+    assert_equal_to_comfy(model, [(L.write_every_kind(tmp_path / "every.safetensors", cfg), 0.8)])
+
+
 def test_kinds_stack_in_order_like_comfyuis_chain(tiny, tmp_path):
     """A plain LoRA, a DoRA and a LoKr on the same layers: applied one after the other, as ComfyUI chains them."""
     cfg, model = tiny

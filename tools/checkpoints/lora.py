@@ -8,9 +8,10 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from qwen_image_core.mmdit import MMDiTConfig
+from tools.checkpoints.dit import shapes as dit_shapes
 
 # the layers LoRA trainers usually target, per block, plus two top-level ones
 BLOCK_TARGETS = (
@@ -196,7 +197,7 @@ def write_diff(
     """Full deltas: `.diff` of the `modules`' weights, `.diff_b` of the `biases`' biases, and `norm_ending`
     (".diff" or LyCORIS ".w_norm") of RMSNorm scales."""
     g = torch.Generator().manual_seed(seed)
-    shapes = dict(lora_modules(cfg))
+    shapes = dict(linear_layers(cfg))
     sd = {}
     for module in modules:
         out_f, in_f = shapes[module]
@@ -206,4 +207,42 @@ def write_diff(
     for module in norms:
         dim = cfg.text_dim if module == "txt_norm" else cfg.head_dim
         sd[key_base(module, spelling) + norm_ending] = (torch.randn(dim, generator=g) * 0.05).to(dtype)
+    return _save(path, sd)
+
+
+def linear_layers(cfg: MMDiTConfig) -> list[tuple[str, tuple[int, int]]]:
+    """(name, (out, in)) of every linear layer of a DiT of this configuration."""
+    return [(k.removesuffix(".weight"), s) for k, s in dit_shapes(cfg).items() if k.endswith(".weight") and len(s) == 2]
+
+
+def write_every_kind(path: Path, cfg: MMDiTConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
+    """One file with a patch of every kind, each on its own layers, as ComfyUI and QwenPix read them key by key:
+    full deltas (diff, diff_b, norm scales), LoHa, LoKr (three forms), DoRA on a LoRA and on a LoKr, and plain
+    LoRAs in every spelling (`.alpha` alternating [] and [1])."""
+    layers = [m for m in linear_layers(cfg) if m[0] not in ("img_in",)]
+    if len(layers) < 6 + len(SPELLINGS):
+        raise ValueError("the configuration has too few linear layers for every kind")
+    tmp = Path(path).with_suffix(".parts")
+    parts = [
+        write_diff(tmp / "diff.safetensors", cfg, "bare", seed, dtype, ("img_in",), ("img_in", layers[0][0])),
+        write_lycoris(tmp / "loha.safetensors", cfg, "loha", "kohya", seed=seed, dtype=dtype, modules=layers[0:1]),
+        write_lycoris(tmp / "k1.safetensors", cfg, "lokr", "lycoris", "w1+w2ab", seed=seed, modules=layers[1:2]),
+        write_lycoris(
+            tmp / "k2.safetensors", cfg, "lokr", "kohya", "w1ab+w2ab", alpha=None, seed=seed, modules=layers[2:3]
+        ),
+        write_lycoris(
+            tmp / "k3.safetensors", cfg, "lokr", "lycoris", "w1+w2", seed=seed, dora="in", modules=layers[3:4]
+        ),
+        write_lora(
+            tmp / "dora.safetensors", cfg, "ai_toolkit", seed=seed, dtype=dtype, dora="out", modules=layers[4:5]
+        ),
+    ]
+    spread = layers[5 : 5 + len(SPELLINGS)]
+    for i, alpha_shape in enumerate(((), (1,))):
+        parts.append(write_lora(tmp / f"plain{i}.safetensors", cfg, tuple(SPELLINGS)[i::2], seed=seed + i,
+                                dtype=dtype, alpha_shape=alpha_shape, modules=spread[i::2]))  # fmt: skip
+    sd = {k: v for p in parts for k, v in load_file(str(p)).items()}
+    for p in parts:
+        p.unlink()
+    tmp.rmdir()
     return _save(path, sd)
