@@ -33,7 +33,8 @@ class QwenPixDiTLoader:
     FUNCTION = "load"
     DESCRIPTION = (
         "Loads a Qwen-Image / -2512 / -Edit / -Edit-2509 / -Edit-2511 diffusion model (bf16, fp8, scaled fp8, "
-        "GGUF) as a MODEL that every native node accepts."
+        "GGUF, ComfyUI's quantised files: int8_convrot, nvfp4, mxfp8, w4a8, ...) as a MODEL that every native node "
+        "accepts; the node shows the file's format and size."
     )
 
     @classmethod
@@ -97,7 +98,10 @@ class QwenPixTextEncoderLoader:
     RETURN_TYPES = (TEXT_ENCODER,)
     OUTPUT_TOOLTIPS = ("The Qwen2.5-VL-7B condition encoder with its tokenizer.",)
     FUNCTION = "load"
-    DESCRIPTION = "Loads Qwen2.5-VL-7B (bf16 or fp8_scaled) for Qwen-Image prompts and edit images."
+    DESCRIPTION = (
+        "Loads Qwen2.5-VL-7B (bf16, fp8_scaled or ComfyUI's quantised files such as int8_convrot) for Qwen-Image "
+        "prompts and edit images; the node shows the file's format and size."
+    )
 
     @classmethod
     def INPUT_TYPES(cls):
