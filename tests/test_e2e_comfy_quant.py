@@ -1,8 +1,8 @@
 """An int8_convrot DiT (the layout of Comfy-Org's `qwen_image_edit_2511_int8_convrot`: int8 block linears with
 per-row float32 scales after a group-256 ConvRot, `comfy_quant` markers, the 2511 marker) through the real
 server: our loader lists and loads it (the node shows its format and size), and its MODEL runs through our
-sampler and the native KSampler, equal to the same graphs on a float32 file of comfy-kitchen's dequantised
-weights."""
+sampler, the native KSampler and ComfyUI's LoRA loader, equal to the same graphs on a float32 file of
+comfy-kitchen's dequantised weights."""
 
 from __future__ import annotations
 
@@ -14,9 +14,11 @@ from test_comfy_quant import kitchen_weights
 from native_graphs import add_case, load, node, run
 from tools.checkpoints import comfy_quant as C
 from tools.checkpoints import dit as D
+from tools.checkpoints import lora as L
 
 pytestmark = pytest.mark.e2e
 INT8, TWIN = "qwen_image_edit_2511_int8_convrot_tiny.safetensors", "qp_int8_convrot_twin_f32.safetensors"
+LORA = "qp_int8_convrot_lora.safetensors"
 CFG = C.tiny_config()
 
 
@@ -27,6 +29,7 @@ def server(comfy):
     entries = [(k, tuple(v.shape), v.dtype, lambda v=v: v) for k, v in weights.items()]
     entries.append(("__index_timestep_zero__", (0,), torch.bfloat16, lambda: torch.empty(0)))
     D.write_safetensors(comfy.models_dir / "diffusion_models" / TWIN, entries, D.config_metadata(CFG))
+    L.write_lora(comfy.models_dir / "loras" / LORA, CFG, "kohya", rank=4, alpha=8.0, seed=5)
     return comfy
 
 
@@ -45,7 +48,9 @@ def cases(file: str) -> dict[str, dict]:
     return {
         "sampler": {**load_, **cond, "s": ours},
         "ksampler": {**load_, **cond, "ms": node("ModelSamplingAuraFlow", model=["dit", 0], shift=3.1), "k": ks},
-    }
+        "native_lora": {**load_, **cond, "l": node("LoraLoaderModelOnly", model=["dit", 0], lora_name=LORA,
+                        strength_model=0.8), "ms": node("ModelSamplingAuraFlow", model=["l", 0], shift=3.1), "k": ks},
+    }  # fmt: skip
 
 
 def test_an_int8_convrot_dit_runs_through_our_sampler_and_ksampler_as_its_float32_twin(server):
@@ -66,3 +71,4 @@ def test_an_int8_convrot_dit_runs_through_our_sampler_and_ksampler_as_its_float3
         assert diff <= 1e-5 * max(1.0, float(np.abs(b).max())), name
         outs[name] = a
     assert np.abs(outs["sampler"] - outs["ksampler"]).max() <= 1e-5  # our sampler = KSampler on the shift schedule
+    assert np.abs(outs["native_lora"] - outs["ksampler"]).max() > 1e-3  # the LoRA does something
