@@ -1,6 +1,6 @@
 """LoRA variants through the real server, on the full-width 1-block model, in one prompt: a file with a patch of
 every kind (LoKr, LoHa, DoRA, diff / diff_b / norm deltas, plain LoRAs in every spelling) through our LoRA node
-equals ComfyUI's LoraLoaderModelOnly on our MODEL and on ComfyUI's own model; the same file with keys that cannot
+equals ComfyUI's LoraLoaderModelOnly, on our MODEL and on ComfyUI's own model; the same file with keys that cannot
 be applied is refused (strict, the default) or applied with a warning naming the skipped keys (lenient)."""
 
 from __future__ import annotations
@@ -46,7 +46,11 @@ def native(model, name=EVERY):
 
 
 def sampled(lora: dict) -> dict:
-    return {"l": lora, "ms": node("ModelSamplingAuraFlow", model=["l", 0], shift=3.1), "k": ksampler("ms")}
+    return {
+        "l": lora,
+        "ms": node("ModelSamplingAuraFlow", model=["l", 0], shift=3.1),
+        "k": ksampler("ms", steps=1, cfg=1.0),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +59,10 @@ def runs(files):
     graph["off_load"] = node("QwenPixDiTLoader", dit_name=BASE, compute_dtype="fp32", positions="official (diffusers)")
     twin(graph, "every", lambda side: sampled(ours("o_load") if side == "o" else native("n_load")))
     add_case(graph, "every_native_on_ours", sampled(native("o_load")))
+    add_case(graph, "every_ours_on_native", sampled(ours("n_load")))
     add_case(graph, "every_beside", sampled(ours("off_load")))  # plain LoRAs beside the layer, the rest at the cast
     add_case(graph, "lenient", sampled(ours("o_load", BAD, unmatched_keys="skip with a warning")))
-    add_case(graph, "plain", {"k": ksampler("o_ms")})
+    add_case(graph, "plain", {"k": ksampler("o_ms", steps=1, cfg=1.0)})
     return files, run(files, graph)
 
 
@@ -67,10 +72,12 @@ def test_every_kind_equals_comfyuis_loader_on_its_own_model(runs):
     differs(comfy, "every_o", "plain")  # the LoRA did something
 
 
-def test_our_node_and_comfyuis_loader_agree_on_our_model(runs):
+def test_our_node_and_comfyuis_loader_agree_on_either_model(runs):
     comfy, _ = runs
     a, b = load(comfy, "every_o"), load(comfy, "every_native_on_ours")
     assert np.array_equal(a, b), float(np.abs(a - b).max())  # the same patches, applied the same way
+    a, b = load(comfy, "every_ours_on_native"), load(comfy, "every_n")
+    assert np.array_equal(a, b), float(np.abs(a - b).max())
     c = load(comfy, "every_beside")
     assert float(np.abs(c - a).max()) <= TOL * max(1.0, float(np.abs(a).max()))
 
