@@ -10,7 +10,7 @@ comfy_quant: every format of ComfyUI's quantised layers (`quant_comfy`), on a we
 quantised by comfy-kitchen's own quantisers (the file writers of `tools/checkpoints/comfy_quant.py`; needs
 comfy-kitchen, else skipped); stored bytes count the scales too. `--only gguf|comfy_quant` runs one table.
 
-    .venv/bin/python bench/bench_quant.py [--device cpu|cuda] [--rows 12288] [--cols 3072] [--repeats 5]
+    .venv/bin/python bench/bench_quant.py [--device cpu|cuda] [--rows 12288] [--cols 3072] [--repeats 5] [--threads N]
 """
 
 from __future__ import annotations
@@ -64,7 +64,10 @@ def main() -> None:
     ap.add_argument("--cols", type=int, default=3072)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--only", choices=["gguf", "comfy_quant"], default=None)
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's); 1 on a busy machine")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     try:

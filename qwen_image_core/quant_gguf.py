@@ -204,7 +204,7 @@ DEQUANTIZERS: dict[str, Callable[[torch.Tensor, GGMLType], torch.Tensor]] = {
 }  # fmt: skip
 
 
-CPU_CHUNK = 1 << 20  # values per piece on the CPU: the temporaries stay small (cache-sized, reused by malloc)
+CPU_CHUNK = 1 << 22  # values per piece on the CPU: the temporaries stay small (cache-sized, reused by malloc)
 
 
 def dequantize(packed: torch.Tensor, t: GGMLType, shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
