@@ -186,7 +186,7 @@ def qwen_text_dim(model) -> int:
     config = getattr(inner, "config", None)
     if config is not None:
         return config.text_dim
-    return int(inner.txt_in.weight.shape[1])
+    return int(inner.txt_in.in_features)  # (a packed layer's weight holds bytes, not [out, in])
 
 
 def with_shift(model, shift: float, kind: str, explicit_sigmas: bool):
@@ -265,8 +265,8 @@ def check_memory(model, inner, latent: torch.Tensor, positive) -> None:
     text = max(int(c.shape[1]) for c, _ in positive)
     wl = DiTWorkload(latent.shape[-1] * 8, latent.shape[-2] * 8, latent.shape[0], True, text, tuple(refs),
                      compute_bytes=dtype.itemsize, fp16=dtype == torch.float16)  # fmt: skip
-    hidden = inner.img_in.weight.shape[0]
-    mlp = inner.transformer_blocks[0].img_mlp.net[0].proj.weight.shape[0] if len(inner.transformer_blocks) else hidden
+    hidden = inner.img_in.out_features
+    mlp = inner.transformer_blocks[0].img_mlp.net[0].proj.out_features if len(inner.transformer_blocks) else hidden
     need = sampling_bytes(wl, hidden, mlp)
     device = model.load_device
     room = host.memory_room(device)
