@@ -118,14 +118,20 @@ def lora_to(model: nn.Module, device: torch.device | str, dtype: torch.dtype) ->
 def set_packed(layer: Linear, packed: torch.Tensor, quant: Quant, extras: Mapping[str, torch.Tensor]) -> None:
     """Make `layer` hold a packed weight: the stored bytes as its `weight`, `quant` to dequantise them, and the
     extra tensors as buffers (persistent: they are part of the layer's state, saved and moved with it)."""
-    if tuple(quant.shape) != (layer.out_features, layer.in_features):
-        raise ValueError(f"a packed {quant.name} weight of shape {list(quant.shape)} does not fit this layer")
+    install_packed(layer, packed, quant, extras, (layer.out_features, layer.in_features))
+
+
+def install_packed(module: nn.Module, packed: torch.Tensor, quant: Quant, extras: Mapping[str, torch.Tensor],
+                   shape: tuple[int, ...]) -> None:  # fmt: skip
+    """`set_packed` for any module with a `weight` and a `quant` slot whose float weight has `shape`."""
+    if tuple(quant.shape) != tuple(shape):
+        raise ValueError(f"a packed {quant.name} weight of shape {list(quant.shape)} does not fit {list(shape)}")
     missing = set(quant.extras) - set(extras)
     if missing:
         raise ValueError(f"the {quant.name} weight needs {sorted(missing)}")
-    layer.weight = nn.Parameter(packed, requires_grad=False)
-    layer.quant = quant
+    module.weight = nn.Parameter(packed, requires_grad=False)
+    module.quant = quant
     for name, t in extras.items():
-        if name in layer._buffers:
-            del layer._buffers[name]
-        layer.register_buffer(name, t, persistent=True)
+        if name in module._buffers:
+            del module._buffers[name]
+        module.register_buffer(name, t, persistent=True)

@@ -96,3 +96,51 @@ def run(comfy, prompt):
         client.close()
     assert res.status == "success", res.error()
     return res
+
+
+def format_cases(file: str, text_dim: int, lora: str) -> dict[str, dict]:
+    """One DiT file through our sampler, KSampler and both LoRA loaders (tiny, 2 steps): {case: nodes}."""
+    load_ = {"dit": node("QwenPixDiTLoader", dit_name=file, compute_dtype="fp32")}
+    inputs = {
+        "pos": node("QwenPixTestConditioning", seed=1, tokens=7, dim=text_dim),
+        "neg": node("QwenPixTestConditioning", seed=2, tokens=3, dim=text_dim),
+        "lat": node("EmptySD3LatentImage", width=64, height=48, batch_size=1),
+    }
+    ours = node("QwenPixSampler", dit=["dit", 0], positive=["pos", 0], negative=["neg", 0], latent_image=["lat", 0],
+                seed=5, steps=2, cfg=4.0, sampler_name="euler", schedule="shift (ComfyUI workflows)", shift=3.1,
+                cfg_rescale="none", denoise=1.0)  # fmt: skip
+
+    def shifted_ksampler(model):
+        return {"ms": node("ModelSamplingAuraFlow", model=[model, 0], shift=3.1), "k": ksampler("ms", lat="lat")}
+
+    return {
+        "sampler": {**load_, **inputs, "s": ours},
+        "ksampler": {**load_, **inputs, **shifted_ksampler("dit")},
+        "our_lora": {**load_, **inputs, "l": node("QwenPixLoraLoader", dit=["dit", 0], lora_name=lora, strength=0.8),
+                     **shifted_ksampler("l")},
+        "native_lora": {**load_, **inputs, "l": node("LoraLoaderModelOnly", model=["dit", 0], lora_name=lora,
+                                                     strength_model=0.8), **shifted_ksampler("l")},
+    }  # fmt: skip
+
+
+def packed_equals_its_twin(comfy, tag: str, packed: str, twin: str, text_dim: int, lora: str):
+    """Run `format_cases` on a packed file and on its float32 twin (the same weights dequantised): every case
+    equal within 1e-5; our sampler = KSampler; the LoRA does something; both LoRA loaders agree. Returns the
+    prompt's result (for the loader's UI line)."""
+    graph = {}
+    for side, file in (("packed", packed), ("twin", twin)):
+        for name, nodes in format_cases(file, text_dim, lora).items():
+            add_case(graph, f"{tag}_{name}_{side}", nodes)
+    res = run(comfy, graph)
+    outs = {}
+    for name in format_cases(packed, text_dim, lora):
+        a, b = (np.load(comfy.output_dir / f"{tag}_{name}_{s}.npy") for s in ("packed", "twin"))
+        assert a.shape == b.shape and np.isfinite(a).all()
+        diff = float(np.abs(a - b).max())
+        print(f"\n{tag} {name}: packed vs its float32 twin, max diff {diff:.3g}")
+        assert diff <= 1e-5 * max(1.0, float(np.abs(b).max())), name
+        outs[name] = a
+    assert np.abs(outs["sampler"] - outs["ksampler"]).max() <= 1e-5  # our sampler = KSampler on the shift schedule
+    assert np.abs(outs["our_lora"] - outs["ksampler"]).max() > 1e-3  # the LoRA does something
+    assert np.abs(outs["our_lora"] - outs["native_lora"]).max() <= 1e-5  # both LoRA loaders agree
+    return res

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import CheckpointError
-from ..ops import Linear, Quant, set_packed
+from ..ops import Linear, Quant, install_packed, set_packed
 
 FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 # per-layer float8 scale spellings: ComfyUI's scaled_fp8 ("scale_weight") and the mixed-precision /
@@ -118,17 +118,7 @@ def assign_weights(
 def set_packed_rows(table: nn.Module, packed: torch.Tensor, quant: Quant, extras: Mapping[str, torch.Tensor]) -> None:
     """`ops.set_packed` for an embedding table (a module with `weight` and `quant`, e.g. qwen_vl.Embedding)
     whose format can dequantise gathered rows only (`quant.gather`)."""
-    if tuple(quant.shape) != tuple(table.weight.shape):
-        raise ValueError(f"a packed {quant.name} table of shape {list(quant.shape)} does not fit this embedding")
-    missing = set(quant.extras) - set(extras)
-    if missing:
-        raise ValueError(f"the {quant.name} table needs {sorted(missing)}")
-    table.weight = nn.Parameter(packed, requires_grad=False)
-    table.quant = quant
-    for name, t in extras.items():
-        if name in table._buffers:
-            del table._buffers[name]
-        table.register_buffer(name, t, persistent=True)
+    install_packed(table, packed, quant, extras, tuple(table.weight.shape))
 
 
 def _attach_scales(model: nn.Module, scales: Mapping[str, torch.Tensor], path, what: str, modules: dict) -> None:
