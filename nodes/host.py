@@ -9,6 +9,7 @@ import hashlib
 import logging
 import os
 import threading
+import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -24,6 +25,7 @@ import folder_paths
 import torch
 
 from ..qwen_image_core.checkpoint import CheckpointError
+from ..qwen_image_core.formats.qwen_vl_gguf import find_mmproj
 from ..qwen_image_core.text_encoder import TextEncoder
 from ..qwen_image_core.vae import denormalize_latents, normalize_latents
 from . import placement
@@ -34,7 +36,10 @@ DIFFUSERS_FOLDER = "diffusers"  # ComfyUI's models/diffusers: whole diffusers re
 DIFFUSERS_PREFIX = "diffusers/"  # how such a repo is listed among single files
 # GGUF files in a model folder, listed as ComfyUI-GGUF lists them: a folder key over the same paths with the .gguf
 # extension (the same key, so both packs see the same list); the folder's own key keeps its extensions
-GGUF_KEYS = {"diffusion_models": "unet_gguf"}
+GGUF_KEYS = {"diffusion_models": "unet_gguf", "text_encoders": "clip_gguf"}
+# GGUF files not listed: llama.cpp's vision towers (mmproj), which the text-encoder loader finds next to their
+# language model (as ComfyUI-GGUF does)
+GGUF_UNLISTED = {"text_encoders": "mmproj"}
 
 
 # -- model handles (the pack adds two types: the text encoder and the VAE; the DiT is a native MODEL)
@@ -77,7 +82,8 @@ def model_names(folder: str, repo_part: str) -> list[str]:
     if gguf is not None:
         if gguf not in folder_paths.folder_names_and_paths:  # the folder's own path list, shared as ComfyUI-GGUF does
             folder_paths.folder_names_and_paths[gguf] = (folder_paths.folder_names_and_paths[folder][0], {".gguf"})
-        names += folder_paths.get_filename_list(gguf)
+        hidden = GGUF_UNLISTED.get(folder)
+        names += [n for n in folder_paths.get_filename_list(gguf) if not (hidden and hidden in Path(n).name.lower())]
     for root in (
         folder_paths.get_folder_paths(DIFFUSERS_FOLDER)
         if DIFFUSERS_FOLDER in folder_paths.folder_names_and_paths
@@ -166,13 +172,30 @@ def file_identity(path: Path) -> tuple:
     return str(path), tuple(stats)
 
 
+def companions(folder: str, path: Path) -> tuple[Path, ...]:
+    """Files a model file is loaded with: a GGUF text encoder's mmproj (its vision tower) next to it."""
+    if folder != "text_encoders" or path.suffix.lower() != ".gguf" or not path.is_file():
+        return ()
+    with warnings.catch_warnings():  # the loader warns about an ambiguous choice; this only follows it
+        warnings.simplefilter("ignore")
+        found = find_mmproj(path)[0]
+    return (found,) if found is not None else ()
+
+
+def with_companions(identity: tuple, extra: tuple[Path, ...]) -> tuple:
+    """A file's identity with the identities of the files it loads with (a change in any reloads it)."""
+    return identity[0], identity[1] + tuple(file_identity(p) for p in extra)
+
+
 def model_fingerprint(folder: str, name: str, repo_part: str):
     """A loader's IS_CHANGED value: the identity of the file behind `name`, so ComfyUI runs the loader again
     (instead of reusing its cached output) when the file changed on disk; NaN (never equal, always run: the
     loader then reports the problem) when the name does not resolve to an existing file. Hashed: a short value
     that names no server path."""
     try:
-        return hashlib.sha256(repr(file_identity(model_path(folder, name, repo_part))).encode()).hexdigest()
+        path = model_path(folder, name, repo_part)
+        identity = with_companions(file_identity(path), companions(folder, path))
+        return hashlib.sha256(repr(identity).encode()).hexdigest()
     except Exception:  # the loader itself turns every such case into a clear error
         return float("nan")
 
@@ -197,9 +220,10 @@ class ModelCache:
         self._seen: dict[tuple[str, str], tuple] = {}  # (kind, resolved path) -> identity last loaded
         self._lock = threading.Lock()
 
-    def get(self, kind: str, path: Path, load: Callable[[], object]):
+    def get(self, kind: str, path: Path, load: Callable[[], object], extra: tuple[Path, ...] = ()):
+        """The model of `path` (and of the files it loads with, `extra`: part of its identity), loaded once."""
         try:
-            identity = file_identity(path)
+            identity = with_companions(file_identity(path), extra)
         except FileNotFoundError:
             raise CheckpointError(f"{path}: no such file or folder (was it moved or deleted?)") from None
         key = (kind, identity)
@@ -217,7 +241,7 @@ class ModelCache:
         logging.info("QwenPix: loading %s %s", kind, path)
         value = load()
         try:
-            after = file_identity(path)
+            after = with_companions(file_identity(path), extra)
         except FileNotFoundError:
             after = None
         if after != identity:

@@ -99,8 +99,9 @@ class QwenPixTextEncoderLoader:
     OUTPUT_TOOLTIPS = ("The Qwen2.5-VL-7B condition encoder with its tokenizer.",)
     FUNCTION = "load"
     DESCRIPTION = (
-        "Loads Qwen2.5-VL-7B (bf16, fp8_scaled or ComfyUI's quantised files such as int8_convrot) for Qwen-Image "
-        "prompts and edit images; the node shows the file's format and size."
+        "Loads Qwen2.5-VL-7B (bf16, fp8_scaled, ComfyUI's quantised files such as int8_convrot, or llama.cpp GGUF "
+        "with its mmproj vision file next to it) for Qwen-Image prompts and edit images; the node shows the file's "
+        "format and size."
     )
 
     @classmethod
@@ -110,7 +111,8 @@ class QwenPixTextEncoderLoader:
                 "text_encoder_name": (
                     host.model_names("text_encoders", "text_encoder"),
                     {
-                        "tooltip": "A file from models/text_encoders (e.g. qwen_2.5_vl_7b_fp8_scaled.safetensors) or a "
+                        "tooltip": "A file from models/text_encoders (e.g. qwen_2.5_vl_7b_fp8_scaled.safetensors, "
+                        "Qwen2.5-VL-7B-Instruct-Q4_K_M.gguf with its mmproj-F16.gguf beside it for edits) or a "
                         "diffusers repo from models/diffusers."
                     },
                 ),
@@ -124,14 +126,15 @@ class QwenPixTextEncoderLoader:
 
     def load(self, text_encoder_name: str):
         fix = (
-            "choose a complete Qwen2.5-VL-7B .safetensors file (e.g. qwen_2.5_vl_7b_fp8_scaled) from "
-            "models/text_encoders"
+            "choose a complete Qwen2.5-VL-7B .safetensors or llama.cpp .gguf file (e.g. qwen_2.5_vl_7b_fp8_scaled, "
+            "Qwen2.5-VL-7B-Instruct-Q4_K_M.gguf) from models/text_encoders"
         )
         with host.input_problem("text_encoder_name", text_encoder_name, fix):
             path = host.model_path("text_encoders", text_encoder_name, "text_encoder")
             search = [path.parent / "tokenizer", host.comfy_tokenizer_dir()]
             tokenizer = next((p for p in search if p.is_dir()), None)
-            encoder = host.MODELS.get("text encoder", path, lambda: load_text_encoder(path, tokenizer))
+            extra = host.companions("text_encoders", path)  # a GGUF's mmproj: a new or changed one reloads
+            encoder = host.MODELS.get("text encoder", path, lambda: load_text_encoder(path, tokenizer), extra)
         handle = host.TextEncoderHandle(encoder, placement.text_encoder_patcher(encoder.model))
         return {"ui": {"qwenpix_plan": [weights_line(encoder.model)]}, "result": (handle,)}
 

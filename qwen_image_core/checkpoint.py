@@ -58,7 +58,7 @@ CORRUPT = "corrupt safetensors header"
 # what a file that is not safetensors starts with (checked when its first 8 bytes are no valid header length):
 # (magic bytes, what it is, what to do)
 OTHER_CONTAINERS = (
-    (b"GGUF", "a GGUF file", "GGUF is read for the diffusion model (DiT) only, from files named *.gguf"),
+    (b"GGUF", "a GGUF file", "GGUF is read for the diffusion model and the text encoder, from files named *.gguf"),
     (b"PK\x03\x04", "a PyTorch (zip/pickle) checkpoint", "pickle checkpoints can run code; use a .safetensors file"),
 )
 

@@ -225,7 +225,8 @@ def dequantize(packed: torch.Tensor, t: GGMLType, shape, dtype: torch.dtype = to
 
 @dataclass(frozen=True)
 class GGUFQuant:
-    """A linear layer's GGUF weight (`ops.Quant`): the stored blocks [out, bytes per row] of an [out, in] weight."""
+    """A GGUF weight (`ops.Quant`): the stored blocks [out, bytes per row] of an [out, in] linear weight, or of a
+    token embedding [vocab, width] (`gather`)."""
 
     type: GGMLType
     shape: tuple[int, ...]
@@ -237,3 +238,9 @@ class GGUFQuant:
 
     def dequantize(self, packed: torch.Tensor, extras: Mapping[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         return dequantize(packed, self.type, self.shape, dtype)
+
+    def gather(self, packed: torch.Tensor, extras, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows `ids` of an embedding table (a token embedding stored in GGUF blocks): only those rows are
+        dequantised (each row is whole blocks), [*ids.shape, width], equal to the same rows of `dequantize`."""
+        rows = packed[ids.reshape(-1).to(packed.device)]
+        return dequantize(rows, self.type, (*ids.shape, self.shape[-1]), dtype)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CheckpointError, open_checkpoint
+from .formats import gguf, qwen_vl_gguf
 from .formats.common import assign_weights
 from .formats.qwen_vl import encoder_markers, encoder_names, encoder_shapes, encoder_weights, read_config
 from .prompts import (
@@ -52,8 +53,8 @@ def _as_image_list(images) -> list:
     return [images]
 
 
-def _weights_id(path: Path) -> str:
-    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+def _weights_id(path: Path, extra: Sequence[Path] = ()) -> str:
+    files = (sorted(path.glob("*.safetensors")) if path.is_dir() else [path]) + list(extra)
     return "|".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
 
 
@@ -103,7 +104,8 @@ class TextEncoder:
         images = [to_pil(im) for im in _as_image_list(images)]
         if images and not self.has_vision:
             raise ValueError(
-                f"{self.source}: this text-encoder file has no vision tower (no visual.* weights), so it can "
+                getattr(self.model, "vision_note", None)
+                or f"{self.source}: this text-encoder file has no vision tower (no visual.* weights), so it can "
                 "encode text-to-image prompts only; for editing load the full Qwen2.5-VL-7B file "
                 "(e.g. ComfyUI's qwen_2.5_vl_7b.safetensors or a diffusers text_encoder/ folder)"
             )
@@ -203,6 +205,7 @@ def load_text_encoder(
     *,
     mmap: bool = False,
     vision: dict | None = None,
+    mmproj: str | os.PathLike | bool | None = None,
     **sizes,
 ) -> TextEncoder:
     """Load a Qwen2.5-VL encoder from any supported file or folder.
@@ -212,31 +215,45 @@ def load_text_encoder(
     Weights are read into process memory (`mmap=True`: views of the mapped file, see `checkpoint`).
     Sizes come from `sizes` (QwenVLConfig fields, e.g. num_heads=16, mrope_section=(8, 12, 12)) and
     `vision` (VisionConfig fields), then the folder's config.json, then the shapes (see `formats.qwen_vl`).
+    A llama.cpp GGUF (`*.gguf`, see `formats.qwen_vl_gguf`) takes its sizes from its metadata and its vision
+    tower from an mmproj GGUF: `mmproj` None looks next to it, a path names it, False loads text only.
     """
     unknown = sorted(set(sizes) - set(QwenVLConfig.__dataclass_fields__))
     if unknown:
         raise TypeError(f"load_text_encoder: unknown size {', '.join(unknown)}; expected QwenVLConfig fields")
     path = Path(path)
-    ckpt = open_checkpoint(path, mmap=mmap)
-    names = encoder_names(ckpt)
-    markers = encoder_markers(ckpt, names)
-    known = read_config(path, ckpt.metadata)
+    source = None  # a GGUF encoder's files (formats.qwen_vl_gguf)
+    if gguf.is_gguf(path):
+        source = qwen_vl_gguf.open_encoder(path, mmproj, mmap)
+        where, shapes, known, files = path, source.shapes(), dict(source.known), source.files[1:]
+    elif mmproj is not None:
+        raise TypeError(f"load_text_encoder: mmproj is for GGUF text encoders, not {path.name}")
+    else:
+        ckpt = open_checkpoint(path, mmap=mmap)
+        names = encoder_names(ckpt)
+        markers = encoder_markers(ckpt, names)
+        where, known, files = ckpt.path, read_config(path, ckpt.metadata), []
+        shapes = encoder_shapes(ckpt, names, markers)
     known.update({k: v for k, v in sizes.items() if v is not None})
     known["vision"] = {**known.get("vision", {}), **(vision or {})}
     try:
-        cfg = QwenVLConfig.from_shapes(encoder_shapes(ckpt, names, markers), ckpt.path, **known)
+        cfg = QwenVLConfig.from_shapes(shapes, where, **known)
     except CheckpointError:
         raise
     except (KeyError, ValueError, TypeError) as e:
-        raise CheckpointError(f"{ckpt.path}: inconsistent {WHAT} sizes ({e})") from None
-    weights, scales, packed, storage = encoder_weights(ckpt, names, markers)
+        raise CheckpointError(f"{where}: inconsistent {WHAT} sizes ({e})") from None
+    if source is not None:
+        (weights, packed), scales, storage = source.weights(), {}, source.storage
+    else:
+        weights, scales, packed, storage = encoder_weights(ckpt, names, markers)
     with torch.device("meta"):
         model = QwenVL(cfg)
-    assign_weights(model, weights, scales, ckpt.path, WHAT, packed)
-    model.storage, model.path = storage, ckpt.path
+    assign_weights(model, weights, scales, where, WHAT, packed)
+    model.storage, model.path = storage, where
+    model.vision_note = source.note if source is not None else None  # why an edit cannot run, where it cannot
     model.eval().requires_grad_(False)
     if tokenizer is None:
         tokenizer = load_tokenizer(find_tokenizer(None, search=[path]))
     elif isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = load_tokenizer(find_tokenizer(tokenizer))
-    return TextEncoder(model, tokenizer, _weights_id(path), source=str(path), cache_size=cache_size)
+    return TextEncoder(model, tokenizer, _weights_id(path, files), source=str(path), cache_size=cache_size)
