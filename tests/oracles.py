@@ -81,6 +81,23 @@ def diffusers_dit(cfg, state_dict, zero_cond_t=False):
     return m.eval()
 
 
+def diffusers_fused(cfg, lora_path, strength):
+    """diffusers' own LoRA loader (format conversion + PEFT) on tools' base weights, fused at `strength`:
+    {module name: fused weight} for every layer a LoRA can target."""
+    from diffusers import QwenImagePipeline
+
+    from tools.checkpoints import dit as W
+    from tools.checkpoints.lora import lora_modules
+
+    pipe = QwenImagePipeline(
+        scheduler=None, vae=None, text_encoder=None, tokenizer=None, transformer=diffusers_dit(cfg, W.state_dict(cfg))
+    )
+    pipe.load_lora_weights(str(lora_path), adapter_name="x")
+    pipe.fuse_lora(lora_scale=strength, components=["transformer"])
+    mods = dict(pipe.transformer.named_modules())
+    return {name: getattr(mods[name], "base_layer", mods[name]).weight.detach() for name, _ in lora_modules(cfg)}
+
+
 # -- DiT oracle helpers
 TOL = 1e-5  # max |ours - reference| relative to max |reference|
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from oracles import diffusers_dit
+from oracles import diffusers_fused
 from qwen_image_core.checkpoint import CheckpointError
 from qwen_image_core.lora import effective_weight, load_lora, loras_applied
 from qwen_image_core.mmdit import load_dit
 from tools.checkpoints import dit as W
-from tools.checkpoints.lora import FORMATS, lora_modules, write_lora
+from tools.checkpoints.lora import FORMATS, write_lora
 
 
 @pytest.fixture(scope="module")
@@ -18,19 +18,6 @@ def tiny(tmp_path_factory):
     cfg = W.tiny_config()
     path = W.write_comfy(tmp_path_factory.mktemp("dit") / "tiny.safetensors", cfg, dtype=torch.float32)
     return cfg, load_dit(path)
-
-
-def diffusers_fused(cfg, lora_path, strength):
-    """diffusers' own loader (format conversion + PEFT) on the same base weights, fused at `strength`."""
-    from diffusers import QwenImagePipeline
-
-    pipe = QwenImagePipeline(
-        scheduler=None, vae=None, text_encoder=None, tokenizer=None, transformer=diffusers_dit(cfg, W.state_dict(cfg))
-    )
-    pipe.load_lora_weights(str(lora_path), adapter_name="x")
-    pipe.fuse_lora(lora_scale=strength, components=["transformer"])
-    mods = dict(pipe.transformer.named_modules())
-    return {name: getattr(mods[name], "base_layer", mods[name]).weight.detach() for name, _ in lora_modules(cfg)}
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from oracles import diffusers_fused
 from qwen_image_core.checkpoint import CheckpointError
 from qwen_image_core.lora import effective_weight, load_lora, loras_applied
 from qwen_image_core.mmdit import load_dit
@@ -103,20 +104,6 @@ def test_spellings_mixed_in_one_file_and_scalar_or_one_element_alphas(tiny, tmp_
     path = L.write_lora(tmp_path / "mixed.safetensors", cfg, tuple(s for s in L.SPELLINGS if s != "peft"))
     one = L.write_lora(tmp_path / "one.safetensors", cfg, "kohya", alpha=6.0, alpha_shape=(1,), seed=4)
     assert_equal_to_comfy(model, [(path, 0.8), (one, -0.4)])
-
-
-def diffusers_fused(cfg, lora_path, strength):
-    from diffusers import QwenImagePipeline  # noqa: PLC0415
-
-    from oracles import diffusers_dit  # noqa: PLC0415
-
-    pipe = QwenImagePipeline(
-        scheduler=None, vae=None, text_encoder=None, tokenizer=None, transformer=diffusers_dit(cfg, W.state_dict(cfg))
-    )
-    pipe.load_lora_weights(str(lora_path), adapter_name="x")
-    pipe.fuse_lora(lora_scale=strength, components=["transformer"])
-    mods = dict(pipe.transformer.named_modules())
-    return {name: getattr(mods[name], "base_layer", mods[name]).weight.detach() for name, _ in L.lora_modules(cfg)}
 
 
 @pytest.mark.parametrize("spelling", DIFFUSERS_READS)
