@@ -29,32 +29,6 @@ class QwenPixTestConditioning:
 NODE_CLASS_MAPPINGS = {"QwenPixTestConditioning": QwenPixTestConditioning}
 
 
-class QwenPixTestDumpImage:
-    """Saves an IMAGE tensor exactly (float32 .npy in the output folder), for comparisons finer than PNG."""
-
-    CATEGORY = "testing"
-    RETURN_TYPES = ()
-    FUNCTION = "dump"
-    OUTPUT_NODE = True
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"images": ("IMAGE",), "name": ("STRING", {"default": "dump"})}}
-
-    def dump(self, images, name):
-        import os
-
-        import folder_paths
-        import numpy as np
-
-        path = os.path.join(folder_paths.get_output_directory(), f"{name}.npy")
-        np.save(path, images.float().cpu().numpy())
-        return {"ui": {"dumps": [name]}}
-
-
-NODE_CLASS_MAPPINGS["QwenPixTestDumpImage"] = QwenPixTestDumpImage
-
-
 class _AnyType(str):
     """A socket type that ComfyUI's validation matches with every other type (it compares with `!=`)."""
 

@@ -1,12 +1,21 @@
-"""Test-only nodes for the native-MODEL tests: exact latent dumps and a MODEL's placement/patch state."""
+"""Test-only nodes: exact latent and image dumps, and, for the native-MODEL tests, a MODEL's placement/patch state."""
 
 import os
 
 import torch
 
 
+def _save_exact(name, tensor):
+    """Saves a tensor exactly (float32 .npy in the output folder), for comparisons finer than PNG."""
+    import folder_paths
+    import numpy as np
+
+    np.save(os.path.join(folder_paths.get_output_directory(), f"{name}.npy"), tensor.float().cpu().numpy())
+    return {"ui": {"dumps": [name]}}
+
+
 class QwenPixTestDumpLatent:
-    """Saves a LATENT's samples exactly (float32 .npy in the output folder)."""
+    """Saves a LATENT's samples exactly."""
 
     CATEGORY = "testing"
     RETURN_TYPES = ()
@@ -18,11 +27,18 @@ class QwenPixTestDumpLatent:
         return {"required": {"samples": ("LATENT",), "name": ("STRING", {"default": "latent"})}}
 
     def dump(self, samples, name):
-        import folder_paths
-        import numpy as np
+        return _save_exact(name, samples["samples"])
 
-        np.save(os.path.join(folder_paths.get_output_directory(), f"{name}.npy"), samples["samples"].float().numpy())
-        return {"ui": {"dumps": [name]}}
+
+class QwenPixTestDumpImage(QwenPixTestDumpLatent):
+    """Saves an IMAGE exactly."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"images": ("IMAGE",), "name": ("STRING", {"default": "dump"})}}
+
+    def dump(self, images, name):
+        return _save_exact(name, images)
 
 
 class QwenPixTestModelState:
@@ -193,6 +209,7 @@ NODE_CLASS_MAPPINGS = {
     "QwenPixTestReportCalls": QwenPixTestReportCalls,
     "QwenPixTestSetCondKey": QwenPixTestSetCondKey,
     "QwenPixTestDumpLatent": QwenPixTestDumpLatent,
+    "QwenPixTestDumpImage": QwenPixTestDumpImage,
     "QwenPixTestModelState": QwenPixTestModelState,
     "QwenPixTestLatent": QwenPixTestLatent,
     "QwenPixTestMask": QwenPixTestMask,
