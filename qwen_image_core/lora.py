@@ -21,7 +21,7 @@ from torch import nn
 from . import lora_kinds
 from .checkpoint import CheckpointError, open_checkpoint
 from .formats.lora import LoraFactor, LoraTerm, parse_lora
-from .ops import Linear, cast_weight
+from .ops import Linear
 
 SLOTS = ("lora", "weight_fns", "bias_fns")
 
@@ -60,11 +60,6 @@ def _patchable(model: nn.Module) -> dict[str, nn.Module]:
 def load_lora(path: str | os.PathLike, model: nn.Module, lenient: bool = False) -> Lora:
     """Read a LoRA file in any supported format and check it against the model's layers and shapes."""
     return read_lora(path, lora_targets(model), lenient)
-
-
-def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """{module name: (out, in)} of a model's linear layers (ours or any torch.nn.Linear: a host's own model)."""
-    return {name: (m.out_features, m.in_features) for name, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
 def lora_targets(model: nn.Module) -> dict[str, Target]:
@@ -176,8 +171,3 @@ def loras_applied(model: nn.Module, loras: Sequence[tuple[Lora, float]]) -> Iter
 def effective_weight(layer: Linear, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The weight a layer computes with (dequantised, LoRAs added), for inspection and tests."""
     return layer.compute_weight(dtype)
-
-
-def effective_bias(layer: Linear, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
-    """The bias a layer computes with (patches applied), for inspection and tests."""
-    return None if layer.bias is None else cast_weight(layer.bias, None, dtype, (), layer.bias_fns)

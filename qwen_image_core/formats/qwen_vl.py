@@ -114,11 +114,6 @@ def encoder_names(ckpt: Checkpoint) -> dict[str, str]:
     return selected
 
 
-def encoder_tensors(ckpt: Checkpoint) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """The encoder's weights under legacy names and its float8 scales ({"<layer>.weight": scale})."""
-    return split_scales({name: ckpt[k] for name, k in encoder_names(ckpt).items()})
-
-
 def encoder_markers(ckpt: Checkpoint, names: Mapping[str, str]) -> dict[str, comfy_quant.Marker]:
     """The comfy_quant markers of the encoder's layers, under legacy names (`names`: legacy -> file key)."""
     layers = {k.removesuffix(".weight"): n.removesuffix(".weight") for n, k in names.items() if n.endswith(".weight")}
