@@ -24,7 +24,7 @@ import comfy.utils
 import folder_paths
 import torch
 
-from ..qwen_image_core.checkpoint import CheckpointError
+from ..qwen_image_core.checkpoint import CheckpointError, file_stamp
 from ..qwen_image_core.formats.qwen_vl_gguf import find_mmproj
 from ..qwen_image_core.text_encoder import TextEncoder
 from ..qwen_image_core.vae import denormalize_latents, normalize_latents
@@ -164,12 +164,7 @@ def file_identity(path: Path) -> tuple:
     back by copying tools the way mtime can). Raises FileNotFoundError when the file or folder is gone."""
     path = path.resolve(strict=True)
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    stats = []
-    for f in files:
-        st = f.stat()
-        stats.append((str(f.relative_to(path)) if f != path else "", st.st_size, st.st_mtime_ns, st.st_ctime_ns,
-                      st.st_ino, st.st_dev))  # fmt: skip
-    return str(path), tuple(stats)
+    return str(path), tuple((str(f.relative_to(path)) if f != path else "", *file_stamp(f.stat())) for f in files)
 
 
 def companions(folder: str, path: Path) -> tuple[Path, ...]:
@@ -208,9 +203,8 @@ class ModelCache:
     reuses it even when ComfyUI's cache dropped it (other loader inputs, --cache-none). A changed file (see
     `file_identity`) is loaded again (logged), or refused with the reader's error if it is now broken; a file
     that changes while it is being loaded is refused. Weights live in process memory (the reader copies
-    them), so a model in use never depends on its file. Each model's placement state (`Runtime`) is shared by
-    everything using it. One instance lives in this module, the host seam; ComfyUI runs prompts one at a time,
-    a lock covers the rest.
+    them), so a model in use never depends on its file. One instance lives in this module, the host seam;
+    ComfyUI runs prompts one at a time, a lock covers the rest.
     """
 
     def __init__(self, keep_per_kind: int = 1):

@@ -127,18 +127,25 @@ def parse_header(raw: bytes, path, data_size: int) -> tuple[dict[str, str], dict
         if not isinstance(v, str):
             raise bad(f"{METADATA} entry {k!r} is {_kind(v)}, expected a string")
     entries = {name: _entry(name, info, bad) for name, info in header.items()}
-    truncated = [(end, name) for name, (_, _, _, end) in entries.items() if end > data_size]
-    if truncated:
-        end, name = max(truncated)
+    spans = [(b, e, name) for name, (_, _, b, e) in entries.items()]
+    check_spans(path, spans, data_size, f"{data_size} bytes of tensor data", bad)
+    return metadata, entries
+
+
+def check_spans(path, spans: list[tuple[int, int, str]], size: int, size_words: str, bad) -> None:
+    """Refuse tensors (begin, end, name) that reach past `size` bytes of data (a cut file) or share bytes
+    (`bad(what)`: the format's corrupt-header error)."""
+    past = [(end, name) for _, end, name in spans if end > size]
+    if past:
+        end, name = max(past)
         raise CheckpointError(
-            f"{path}: file is truncated ({data_size} bytes of tensor data, the header describes {end}, up to the "
-            f"end of tensor {name!r}); download it again"
+            f"{path}: file is truncated ({size_words}, the header describes {end}, up to the end of tensor "
+            f"{name!r}); download it again"
         )
-    spans = sorted((b, e, name) for name, (_, _, b, e) in entries.items() if e > b)
-    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:], strict=False):
+    ordered = sorted(s for s in spans if s[1] > s[0])
+    for (b0, e0, n0), (b1, e1, n1) in zip(ordered, ordered[1:], strict=False):
         if b1 < e0:
             raise bad(f"tensors {n0!r} (bytes {b0}-{e0}) and {n1!r} (bytes {b1}-{e1}) overlap")
-    return metadata, entries
 
 
 def _entry(name: str, info, bad) -> tuple:
@@ -168,7 +175,7 @@ def _entry(name: str, info, bad) -> tuple:
     return dtype, tuple(shape), begin, end
 
 
-def _identity(st: os.stat_result) -> tuple[int, ...]:
+def file_stamp(st: os.stat_result) -> tuple[int, ...]:
     """What changes when a file is rewritten, cut or replaced: any write updates ctime, even when mtime is put back."""
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
@@ -193,11 +200,11 @@ class TensorFile:
         except FileNotFoundError:
             raise CheckpointError(f"{self.path}: no such file (was it moved or deleted?)") from None
         st = os.fstat(f.fileno())
-        self.identity, self.size = _identity(st), st.st_size  # reads check that the file is still this one
+        self.identity, self.size = file_stamp(st), st.st_size  # reads check that the file is still this one
         return f
 
     def _check_same(self, fd: int, name: str) -> None:
-        if _identity(os.fstat(fd)) != self.identity:
+        if file_stamp(os.fstat(fd)) != self.identity:
             raise CheckpointError(
                 f"{self.path}: the file changed on disk while it was being loaded (at tensor {name!r}); wait until "
                 "the copy or download has finished and load it again"

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from .. import quant_gguf as Q
-from ..checkpoint import CheckpointError, TensorFile, _Entry
+from ..checkpoint import CheckpointError, TensorFile, _Entry, check_spans
 
 MAGIC, VERSIONS, SUFFIX = b"GGUF", (2, 3), ".gguf"
 ARCH_KEY, ALIGNMENT_KEY, DEFAULT_ALIGNMENT = "general.architecture", "general.alignment", 32
@@ -192,20 +192,8 @@ class GGUFFile(TensorFile):
                 stored = (rows, dims[0] // block * nbytes) if t is not None else (length,)
                 entries[name] = _Entry(self, torch.uint8, stored, begin, begin + length)
             spans.append((begin, begin + length, name))
-        past = [(e, n) for b, e, n in spans if e > size]
-        if past:
-            end, name = max(past)
-            raise CheckpointError(
-                f"{self.path}: file is truncated ({size} bytes, the header describes {end}, up to the end of tensor "
-                f"{name!r}); download it again"
-            )
-        spans = sorted(s for s in spans if s[1] > s[0])
-        for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:], strict=False):
-            if b1 < e0:
-                raise CheckpointError(
-                    f"{self.path}: corrupt GGUF header: tensors {n0!r} (bytes {b0}-{e0}) and {n1!r} (bytes {b1}-{e1}) "
-                    "overlap"
-                )
+        check_spans(self.path, spans, size, f"{size} bytes", lambda what: CheckpointError(
+            f"{self.path}: corrupt GGUF header: {what}"))  # fmt: skip
         return entries
 
     def _torch_shape(self, name: str, dims: list[int], numel: int) -> tuple[int, ...]:
