@@ -21,7 +21,6 @@ from comfy_extras.nodes_cfg import CFGNorm
 from comfy_extras.nodes_model_advanced import ModelSamplingAuraFlow
 
 from ..qwen_image_core import sampling
-from ..qwen_image_core.mmdit import patchify, unpatchify
 from ..qwen_image_core.offload_plan import DiTWorkload, sampling_bytes
 from . import checks, host, notices
 from .loaders import DIT
@@ -248,11 +247,7 @@ def token_norm_post_cfg(args: dict) -> torch.Tensor:
     frames = x.ndim == 5
     squeeze = (lambda t: t[:, :, 0]) if frames else (lambda t: t)
     sigma = args["sigma"].reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
-    v, v_cond = squeeze((x - guided) / sigma), squeeze((x - cond) / sigma)
-    tokens, grid = patchify(v, 2)
-    cond_tokens, _ = patchify(v_cond, 2)
-    tokens = tokens * (cond_tokens.norm(dim=-1, keepdim=True) / tokens.norm(dim=-1, keepdim=True))
-    v = unpatchify(tokens, grid, 2, v.shape[-2:])
+    v = sampling.token_norm_rescale(squeeze((x - guided) / sigma), squeeze((x - cond) / sigma))
     return x - sigma * (v.unsqueeze(2) if frames else v)
 
 

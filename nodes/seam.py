@@ -17,12 +17,10 @@ from ..qwen_image_core.vae import ImageVAE
 from . import checks, host
 from .loaders import DIT, TEXT_ENCODER, VAE
 
-# handle type -> (class, what it is, the node it comes from). A DiT that is a native MODEL is only checked to be
-# a MODEL here; `host.qwen_diffusion_model` tells whether it is Qwen-Image.
+# handle type -> (class, what it is, the node it comes from). The DiT, a native MODEL, is only checked to be a
+# MODEL here; `host.qwen_diffusion_model` tells whether it is Qwen-Image.
 HANDLES = {
-    DIT: (comfy.model_patcher.ModelPatcher, "a diffusion MODEL", "Load Qwen-Image Diffusion Model")
-    if DIT == "MODEL"
-    else (host.DiTHandle, "a Qwen-Image diffusion model", "Load Qwen-Image Diffusion Model"),
+    DIT: (comfy.model_patcher.ModelPatcher, "a diffusion MODEL", "Load Qwen-Image Diffusion Model"),
     TEXT_ENCODER: (host.TextEncoderHandle, "a Qwen-Image text encoder", "Load Qwen-Image Text Encoder"),
     VAE: (ImageVAE, "a Qwen-Image VAE", "Load Qwen-Image VAE"),
 }
