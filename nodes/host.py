@@ -325,4 +325,7 @@ def image_to_comfy(images: torch.Tensor) -> torch.Tensor:
 
 # -- interruption
 def check_interrupt() -> None:
-    comfy.model_management.throw_exception_if_processing_interrupted()
+    """ComfyUI's cancel button, checked between blocks, layers and tiles (ComfyUI's own layers check it in every
+    op); skipped while torch.compile traces (a host call there would break the graph)."""
+    if not torch.compiler.is_compiling():
+        comfy.model_management.throw_exception_if_processing_interrupted()

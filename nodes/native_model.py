@@ -23,7 +23,7 @@ from torch import nn
 
 from ..qwen_image_core.mmdit import MMDiT
 from ..qwen_image_core.offload_plan import DiTWorkload, plan_dit, sampling_bytes
-from . import notices
+from . import host, notices
 from .conds import CONDPaddedTokens, CONDTextLengths
 from .patcher import placed_patcher
 
@@ -137,12 +137,6 @@ def host_attention(options: dict):
     return attend
 
 
-def interrupted() -> None:
-    """ComfyUI's cancel button, checked between blocks (ComfyUI's own layers check it in every op)."""
-    if not torch.compiler.is_compiling():
-        comfy.model_management.throw_exception_if_processing_interrupted()
-
-
 def block_hook(x: torch.Tensor, options: dict, control: dict | None, total: int):
     """The core `block_hook`: checks for interruption, runs ComfyUI's block patches, adds ControlNet residuals."""
     check_options(options)
@@ -152,14 +146,14 @@ def block_hook(x: torch.Tensor, options: dict, control: dict | None, total: int)
     if not (replace or after or residuals):
 
         def plain(i, run, img, txt, temb, pe):
-            interrupted()
+            host.check_interrupt()
             return run(img, txt, temb, pe)
 
         return plain
     options.update(total_blocks=total, block_type="double")
 
     def hook(i, run, img, txt, temb, pe):
-        interrupted()
+        host.check_interrupt()
         options["block_index"] = i
         if ("double_block", i) in replace:
 
