@@ -85,8 +85,12 @@ class Placement:
     def __init__(self, module: nn.Module, blocks: Sequence[nn.Module], plan_for: Callable[..., Plan]):
         self.module, self.blocks, self.plan_for = module, blocks, plan_for
         self.offloaded: Offloaded | None = None
-        self.placed_bytes = 0  # bytes moved to the device by placements so far (tests assert on it)
         self.last_plan = ""
+
+    @property
+    def placed_bytes(self) -> int:
+        """Bytes moved to the device by placements so far (tests assert on it)."""
+        return 0 if self.offloaded is None else self.offloaded.placed_bytes
 
     @property
     def streams(self) -> bool:
@@ -118,13 +122,7 @@ class Placement:
                 return self.plan_for(card, 1 << 62, 0)
 
         self.offloaded.planner = planner
-        before = self.offloaded.streamer.stats.load_bytes if self.offloaded.attached else 0
-        was = id(self.offloaded.streamer) if self.offloaded.attached else None
-        plan = self.offloaded.replan(max_resident)
-        if id(self.offloaded.streamer) != was:
-            before = 0
-        self.placed_bytes += self.offloaded.streamer.stats.load_bytes - before
-        self.last_plan = plan.explain()
+        self.last_plan = self.offloaded.replan(max_resident).explain()
         return self.held
 
     def release(self, host: bool = False) -> None:

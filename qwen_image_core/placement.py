@@ -35,14 +35,14 @@ class Offloaded:
         self.streamer: BlockStreamer | None = None
         self.host = HostCopies()
         self.message = ""  # the last re-planning message (for the UI)
+        self.placed_bytes = 0  # bytes moved to the device by attaches and re-plans so far (counted, for tests)
 
     @property
     def plan(self) -> Plan:
         return self.streamer.plan
 
     def attach(self, max_resident: int | None = None) -> Offloaded:
-        plan = self.planner(self.transfer.free_memory(), max_resident)
-        self.streamer = BlockStreamer(self.model, self.blocks, plan, self.transfer, self.root, self.host).attach()
+        self.replan(max_resident)
         return self
 
     def replan(self, max_resident: int | None = None) -> Plan:
@@ -59,6 +59,7 @@ class Offloaded:
         kept = self.streamer.detach(keep=True) if self.attached else {}
         self.streamer = BlockStreamer(self.model, self.blocks, plan, self.transfer, self.root, self.host)
         self.streamer.attach(reuse=kept)
+        self.placed_bytes += self.streamer.stats.load_bytes
         return plan
 
     @property
