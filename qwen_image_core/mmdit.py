@@ -254,8 +254,6 @@ class FinalLayer(nn.Module):
 # Model
 # ---------------------------------------------------------------------------------------------------------
 
-# the precision of the RoPE angles per position convention: float32 as the official code, float64 as ComfyUI
-ROPE_PRECISION = {"official": torch.float32, "comfyui": torch.float64}
 # block_hook(i, run, img, txt, temb, pe) -> (img, txt), with run(img, txt, temb, pe) -> (img, txt)
 BlockHook = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
@@ -357,17 +355,14 @@ class MMDiT(nn.Module):
                 key_mask = torch.cat([txt_mask, txt_mask.new_ones(b, n_tokens)], dim=1)
         ref_sizes = [tuple(r.shape[-2:]) for r in ref_latents or []]
         pos = rope.joint_positions(grids, txt.shape[1], img.device, positions, ref_layout, ref_sizes)  # [L + N, 3]
-        pe = rope.rope_table(pos, cfg.rope_axes, cfg.rope_theta, ROPE_PRECISION[positions])
+        pe = rope.rope_table(pos, cfg.rope_axes, cfg.rope_theta, rope.CONVENTIONS[positions])
 
         h = self.img_in(x).to(stream_dt)  # [B, N, D]
         c = self.txt_in(self.txt_norm(txt.to(dt))).to(stream_dt)  # [B, L, D]
         n_zero = n_target if zero_cond else None
         for i, block in enumerate(self.transformer_blocks):
-            if block_hook is None:
-                h, c = block(h, c, temb, pe, key_mask, n_zero, attend)
-            else:
-                run = lambda img_, txt_, temb_, pe_, b=block: b(img_, txt_, temb_, pe_, key_mask, n_zero, attend)
-                h, c = block_hook(i, run, h, c, temb, pe)
+            run = lambda img_, txt_, temb_, pe_, b=block: b(img_, txt_, temb_, pe_, key_mask, n_zero, attend)
+            h, c = run(h, c, temb, pe) if block_hook is None else block_hook(i, run, h, c, temb, pe)
 
         out = self.proj_out(self.norm_out(h[:, :n_target], temb[:b]))  # [B, N_target, C*p*p]
         return unpatchify(out, grid, p, size).to(img.dtype)

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import torch
 
-CONVENTIONS = ("official", "comfyui")  # position conventions: diffusers (the official code), ComfyUI native
+# position conventions -> the precision of their angles: diffusers (the official code) float32, ComfyUI native float64
+CONVENTIONS = {"official": torch.float32, "comfyui": torch.float64}
 REF_LAYOUTS = ("index", "offset")  # references at frames 1, 2, ... (both references) / all at frame 1, tiled
 
 
