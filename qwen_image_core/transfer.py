@@ -86,10 +86,6 @@ class CudaTransfer(Transfer):
         self.stream = torch.cuda.Stream(self.device)
         self.pins = PinBudget(max_pinned)  # host RAM cap for page-locked memory (None: no cap)
 
-    @property
-    def pinned(self) -> int:
-        return self.pins.used
-
     def host_buffer(self, nbytes: int) -> torch.Tensor:
         """Pinned while under the budget; beyond it, or if the driver refuses to pin, pageable (its copies then
         block the CPU, still correct)."""

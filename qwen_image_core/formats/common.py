@@ -8,9 +8,8 @@ import torch
 from torch import nn
 
 from ..checkpoint import CheckpointError
-from ..ops import Linear, Quant, install_packed, set_packed
+from ..ops import FP8_DTYPES, Linear, Quant, install_packed, set_packed
 
-FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 # per-layer float8 scale spellings: ComfyUI's scaled_fp8 ("scale_weight") and the mixed-precision /
 # diffusers spelling ("weight_scale"); W = float32(W_fp8) * scale
 SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
@@ -108,7 +107,7 @@ def assign_weights(
         return model
     uses_scales = bool(scales)
     for k, t in tensors.items():
-        if t.dtype in FP8 and uses_scales and k not in scales:
+        if t.dtype in FP8_DTYPES and uses_scales and k not in scales:
             raise CheckpointError(f"{path}: float8 weight {k} has no scale, but the file stores per-layer scales")
     model.load_state_dict(dict(tensors), strict=True, assign=True)
     _attach_scales(model, scales, path, what, modules)

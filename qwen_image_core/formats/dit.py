@@ -31,7 +31,7 @@ import torch
 
 from ..checkpoint import CheckpointError, open_checkpoint
 from . import comfy_quant, foreign, gguf
-from .common import FP8, common_prefix, split_scales
+from .common import FP8_DTYPES, common_prefix, split_scales
 
 PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 # keys (prefix-free) that every Qwen-Image DiT has; ComfyUI's model detection keys off txt_norm.weight
@@ -255,7 +255,7 @@ def check_quantization(tensors: Mapping[str, torch.Tensor], packed: Mapping) -> 
     """A description of the storage format: comfy_quant layers by format, else the float8 layout or dtypes."""
     if packed:
         return comfy_quant.describe(packed, tensors)
-    fp8 = {k: t.dtype for k, t in tensors.items() if t.dtype in FP8}
+    fp8 = {k: t.dtype for k, t in tensors.items() if t.dtype in FP8_DTYPES}
     if not fp8:
         dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values() if t.is_floating_point()})
         return "/".join(dtypes)

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..checkpoint import Checkpoint, CheckpointError
+from ..ops import FP8_DTYPES
 from .dit import guess_family
 
 # prefix -> whether the layer name after it has its dots written as underscores; longest first
@@ -323,7 +324,7 @@ def _check_tensor(path, key: str, t: torch.Tensor, kind: str, role: str) -> None
 
 
 def _check_finite(path, key: str, t: torch.Tensor) -> None:
-    x = t if t.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2) else t.float()
+    x = t if t.dtype not in FP8_DTYPES else t.float()
     if not bool(torch.isfinite(x).all()):
         nan, inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
         what = ", ".join(s for s in (nan and f"{nan} NaN", inf and f"{inf} infinite") if s)
