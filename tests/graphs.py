@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+TEXT_DIM = 256  # the smoke DiT's text width (the smoke text encoder's hidden size)
+
 
 def sampler_node(
     dit,
@@ -33,6 +35,19 @@ def sampler_node(
             "cfg_rescale": rescale,
             "denoise": denoise,
         },
+    }
+
+
+def cond(seed=1, tokens=5):
+    """A QwenPixTestConditioning node: seeded conditioning, `tokens` long and TEXT_DIM wide."""
+    return {"class_type": "QwenPixTestConditioning", "inputs": {"seed": seed, "tokens": tokens, "dim": TEXT_DIM}}
+
+
+def latent(width=32, height=32, batch=1):
+    """A QwenPixEmptyLatent node of a custom size."""
+    return {
+        "class_type": "QwenPixEmptyLatent",
+        "inputs": {"aspect": "custom", "width": width, "height": height, "batch_size": batch},
     }
 
 

@@ -8,12 +8,14 @@ video-processor type check (torchvision is not installed).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+from PIL import Image
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer, Qwen2VLProcessor
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from qwen_image_core.mmdit import patchify, unpatchify
-from qwen_image_core.prompts import IMAGE_PAD
+from qwen_image_core.prompts import IMAGE_PAD, VISION_END, VISION_START, rope_index
 from tools.comfy_paths import comfyui_dir
 
 TOKENIZER = comfyui_dir() / "comfy" / "text_encoders" / "qwen25_tokenizer"  # the real Qwen2.5 tokenizer
@@ -131,3 +133,44 @@ def diffusers_velocity(m, img, sigma, txt, mask=None, refs=()):
 def inputs(b=1, h=8, w=12, L=7, seed=0, text_dim=40):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(b, 16, h, w, generator=g), torch.rand(b, generator=g), torch.randn(b, L, text_dim, generator=g)
+
+
+# -- Qwen2.5-VL parity helpers: transformers' last hidden state vs ours, image-token rows, images
+def oracle_hidden(model, ids, mask=None, pixel_values=None, grids=None):
+    with torch.no_grad():
+        out = model(
+            input_ids=ids,
+            attention_mask=mask,
+            pixel_values=pixel_values,
+            image_grid_thw=grids,
+            mm_token_type_ids=(ids == IMAGE_PAD).int(),
+            output_hidden_states=True,
+        )
+    return out.hidden_states[-1]
+
+
+def ours_hidden(model, ids, pixel_values=None, grids=None):
+    grid_list = [] if grids is None else [tuple(g) for g in grids.tolist()]
+    feats = model.encode_images(pixel_values, grid_list) if pixel_values is not None else None
+    with torch.no_grad():
+        return model(
+            ids, rope_index(ids, grid_list), torch.float32, feats, ids == IMAGE_PAD if feats is not None else None
+        )
+
+
+def image_row(prefix_len: int, counts: list[int], tail: int, gen: torch.Generator) -> list[int]:
+    """Random text, then per image <|vision_start|> + pads + <|vision_end|> + a little text."""
+    row = torch.randint(0, 151000, (prefix_len,), generator=gen).tolist()
+    for n in counts:
+        row += [VISION_START] + [IMAGE_PAD] * n + [VISION_END] + torch.randint(0, 151000, (3,), generator=gen).tolist()
+    return row + torch.randint(0, 151000, (tail,), generator=gen).tolist()
+
+
+def pixels(images):
+    proc = Qwen2VLImageProcessorPil(min_pixels=3136, max_pixels=12845056)
+    out = proc(images, return_tensors="pt")
+    return out["pixel_values"], out["image_grid_thw"]
+
+
+def noise_image(h, w, seed):
+    return Image.fromarray(np.random.RandomState(seed).randint(0, 256, (h, w, 3), dtype=np.uint8))

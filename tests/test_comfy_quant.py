@@ -1,16 +1,15 @@
 """ComfyUI's quantised layers (`comfy_quant`): every format ComfyUI's loader knows loads from a tiny file in the
 real layout, stays packed in memory and on the bus, and computes what comfy-kitchen's dequantisation means.
 
-Oracle: comfy-kitchen 0.2.40 (eager backend, CPU). `kitchen_weights` reads a file the way ComfyUI's
-`comfy/ops.py _load_quantized_module` does (which tensor becomes which layout parameter, flags at the top level
-or under `params`) and dequantises each layer with kitchen's own layout class; the DiT run on those float32
-weights is the reference. ComfyUI 0.3.75 (local) reads only float8_e4m3fn layers (`_quantization_metadata`):
-that format is also compared with its mixed-precision Linear.
+Oracle: comfy-kitchen 0.2.40 (eager backend, CPU). `C.kitchen_weights` (tools/checkpoints/comfy_quant.py) reads
+a file the way ComfyUI's `comfy/ops.py _load_quantized_module` does (which tensor becomes which layout parameter,
+flags at the top level or under `params`) and dequantises each layer with kitchen's own layout class; the DiT run
+on those float32 weights is the reference. ComfyUI 0.3.75 (local) reads only float8_e4m3fn layers
+(`_quantization_metadata`): that format is also compared with its mixed-precision Linear.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -36,87 +35,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 CFG = C.tiny_config()
 ROOT = Path(__file__).resolve().parent.parent
 
-# kitchen layout class per format, and the storage dtype ComfyUI gives the weight (QUANT_ALGOS storage_t)
-LAYOUTS = {
-    "float8_e4m3fn": ("TensorCoreFP8Layout", torch.float8_e4m3fn),
-    "float8_e5m2": ("TensorCoreFP8Layout", torch.float8_e5m2),
-    "int8_tensorwise": ("TensorWiseINT8Layout", torch.int8),
-    "nvfp4": ("TensorCoreNVFP4Layout", torch.uint8),
-    "mxfp8": ("TensorCoreMXFP8Layout", torch.float8_e4m3fn),
-    "asym_w4a8_int8": ("AsymW4A8Int8Layout", torch.int8),
-    "awq_w4a16": ("TensorCoreAWQW4A16Layout", torch.int8),
-    "convrot_w4a4": ("TensorCoreConvRotW4A4Layout", torch.int8),
-}
-
-
-def kitchen_weight(conf: dict, t: dict[str, torch.Tensor], shape) -> torch.Tensor:
-    """One layer's float32 weight as ComfyUI's loader + comfy-kitchen compute it (`t`: suffix -> tensor)."""
-    from comfy_kitchen.tensor import QuantizedTensor, get_layout_class
-
-    fmt, params = conf["format"], conf.get("params", {})
-
-    def flag(name, default):
-        return conf.get(name, params.get(name, default))
-
-    layout, storage = LAYOUTS[fmt]
-    w = t["weight"]
-    w = w.view(storage) if w.dtype == torch.uint8 and storage.is_floating_point else w.to(storage)
-    if fmt.startswith("float8"):
-        p = {"scale": t["weight_scale"].float()}
-    elif fmt == "int8_tensorwise":
-        s = t["weight_scale"]  # per row as [N] or [N, 1] (kitchen's int8_linear reads both as per row)
-        p = {"scale": s.reshape(-1, 1) if s.ndim == 1 and s.numel() > 1 else s}
-        if flag("convrot", False):
-            p.update(convrot=True, convrot_groupsize=int(flag("convrot_groupsize", 256)))
-    elif fmt == "nvfp4":
-        p = {"scale": t["weight_scale_2"], "block_scale": t["weight_scale"].view(torch.float8_e4m3fn)}
-    elif fmt == "mxfp8":
-        p = {"scale": t["weight_scale"].view(torch.float8_e8m0fnu)}
-    elif fmt == "asym_w4a8_int8":
-        s_rel = t["weight_s_rel"]
-        p = {"scale": s_rel.view(torch.float8_e4m3fn) if s_rel.dtype == torch.uint8 else s_rel,
-             "s_channel": t["weight_s_channel"], "codebook": t.get("weight_codebook"),
-             "correction": t.get("weight_correction"), "group_size": int(flag("group_size", 16)),
-             "convrot_groupsize": int(flag("convrot_groupsize", 256))}  # fmt: skip
-    elif fmt == "awq_w4a16":
-        p = {"scale": t["weight_scale"], "zeros": t["weight_zeros"], "group_size": int(conf.get("group_size", 64))}
-    else:
-        p = {"scale": t["weight_scale"], "convrot_groupsize": int(flag("convrot_groupsize", 256)),
-             "quant_group_size": 64, "linear_dtype": flag("linear_dtype", "int4")}  # fmt: skip
-    params = get_layout_class(layout).Params(**p, orig_dtype=torch.float32, orig_shape=tuple(shape))
-    out = QuantizedTensor(w, layout, params).dequantize().float()
-    if "pre_quant_scale" in t:  # ComfyUI multiplies the input by it; the same as scaling W's columns
-        out = out * t["pre_quant_scale"].float()
-    return out
-
-
-def kitchen_weights(path, shapes=None) -> dict[str, torch.Tensor]:
-    """Every weight of a file in float32, quantised layers through `kitchen_weight` (`shapes`: the model's;
-    by default the stored weights' own, right for the unpacked int8 / fp8 formats)."""
-    from safetensors import safe_open
-
-    sd = load_file(str(path))
-    with safe_open(str(path), "pt") as f:
-        header = json.loads((f.metadata() or {}).get("_quantization_metadata", '{"layers": {}}'))["layers"]
-    confs = {k.removesuffix(".comfy_quant"): json.loads(bytes(v.tolist())) for k, v in sd.items() if "comfy_quant" in k}
-    confs.update(header)
-    out = {}
-    for layer, conf in confs.items():
-        mine = [k for k in sd if k.startswith(layer + ".") and k != layer + ".bias"]
-        t = {k[len(layer) + 1 :]: sd.pop(k) for k in mine}
-        t.pop("comfy_quant", None)
-        shape = shapes[layer + ".weight"] if shapes is not None else tuple(t["weight"].shape)
-        out[layer + ".weight"] = kitchen_weight(conf, t, shape)
-    out.update({k: v.float() for k, v in sd.items() if k != "__index_timestep_zero__"})
-    return out
-
 
 def twin(model: MMDiT, path) -> MMDiT:
     """The same DiT with the oracle's float32 weights."""
     with torch.device("meta"):
         plain = MMDiT(model.config)
     shapes = {k: tuple(v.shape) for k, v in plain.state_dict().items()}
-    return assign_weights(plain, kitchen_weights(path, shapes), {}, path, "oracle DiT").eval()
+    return assign_weights(plain, C.kitchen_weights(path, shapes), {}, path, "oracle DiT").eval()
 
 
 def streamed_bytes(model, img, sigma, txt):
@@ -204,7 +129,7 @@ def test_padded_formats_fit_layers_of_any_size(fmt):
     assert quant.refit((40, 40)) is None  # 40 inputs pad to another width
     layer = Linear(24, 40)
     set_packed(layer, data, quant.refit((40, 24)), extras)
-    expected = kitchen_weight(conf, {"weight": data, **extras}, (40, 24))
+    expected = C.kitchen_weight(conf, {"weight": data, **extras}, (40, 24))
     assert torch.equal(layer.compute_weight(torch.float32), expected)
 
 

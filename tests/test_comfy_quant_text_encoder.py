@@ -9,9 +9,8 @@ import copy
 
 import pytest
 import torch
-from test_comfy_quant import kitchen_weights
-from test_qwen_vl import image_row, noise_image, oracle_hidden, ours_hidden, pixels
 
+from oracles import image_row, noise_image, oracle_hidden, ours_hidden, pixels
 from qwen_image_core.checkpoint import CheckpointError
 from qwen_image_core.text_encoder import load_text_encoder
 from tools.checkpoints import comfy_quant as C
@@ -48,7 +47,7 @@ def test_quantised_text_encoder_matches_transformers_on_kitchen_weights(tmp_path
     assert table.weight.dtype == (torch.int8 if embedding.startswith("int8") else torch.float8_e4m3fn)
     assert "int8_convrot (int8 + per-row scales)" in model.storage
     oracle = copy.deepcopy(ref)
-    weights = kitchen_weights(path)
+    weights = C.kitchen_weights(path)
     weights["lm_head.weight"] = sd["lm_head.weight"]
     oracle.load_state_dict(W.to_transformers5_names(weights), strict=True)
     pv, grids = pixels([noise_image(150, 220, 5)])

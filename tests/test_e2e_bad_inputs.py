@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from graphs import fails, sampler_node, sink
+from graphs import TEXT_DIM, cond, fails, latent, sampler_node, sink
 from tools.checkpoints import dit as D
 from tools.checkpoints import lora as L
 from tools.checkpoints.smoke import dit_config, write_smoke
@@ -28,7 +28,6 @@ from tools.comfy_harness import PACK_NAME, PromptRejected
 
 pytestmark = pytest.mark.e2e
 DIT, TE, LORA = "qp_bad_good_dit.safetensors", "qp_bad_good_te.safetensors", "qp_bad_good_lora.safetensors"
-TEXT_DIM = 256  # the smoke DiT's text width (the smoke text encoder's hidden size)
 SALT = itertools.count(1)
 
 
@@ -113,17 +112,6 @@ def files(comfy, tiny_comfy_vae, tmp_path_factory):
 
 
 # -- graphs
-def cond(seed=1, tokens=5):
-    return {"class_type": "QwenPixTestConditioning", "inputs": {"seed": seed, "tokens": tokens, "dim": TEXT_DIM}}
-
-
-def latent(width=32, height=32, batch=1):
-    return {
-        "class_type": "QwenPixEmptyLatent",
-        "inputs": {"aspect": "custom", "width": width, "height": height, "batch_size": batch},
-    }
-
-
 def sampler(dit=("dit", 0), lat=("lat", 0), pos=("pos", 0), neg=("neg", 0), seed=0, steps=1, cfg=2.0):
     return sampler_node(dit, lat, pos, neg, seed=seed, steps=steps, cfg=cfg)
 

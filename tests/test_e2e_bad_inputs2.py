@@ -16,10 +16,9 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from test_e2e_bad_inputs import TEXT_DIM, cond, latent
 
+from graphs import TEXT_DIM, cond, latent, sampler_node, sink
 from graphs import fails as _fails
-from graphs import sampler_node, sink
 from qwen_image_core.prompts import calculate_dimensions
 from tools.checkpoints.smoke import write_smoke
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_comfy_quant import kitchen_weights
 
 from native_graphs import packed_equals_its_twin
 from tools.checkpoints import comfy_quant as C
@@ -24,7 +23,7 @@ CFG = C.tiny_config()
 @pytest.fixture(scope="module")
 def server(comfy):
     path = C.write_dit(comfy.models_dir / "diffusion_models" / INT8, CFG, "int8_convrot", zero_cond_t=True)
-    weights = kitchen_weights(path, D.shapes(CFG))
+    weights = C.kitchen_weights(path, D.shapes(CFG))
     entries = [(k, tuple(v.shape), v.dtype, lambda v=v: v) for k, v in weights.items()]
     entries.append(("__index_timestep_zero__", (0,), torch.bfloat16, lambda: torch.empty(0)))
     D.write_safetensors(comfy.models_dir / "diffusion_models" / TWIN, entries, D.config_metadata(CFG))

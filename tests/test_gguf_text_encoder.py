@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_qwen_vl import image_row, noise_image, oracle_hidden, ours_hidden, pixels
 
+from oracles import image_row, noise_image, oracle_hidden, ours_hidden, pixels
 from qwen_image_core import quant_gguf as Q
 from qwen_image_core.checkpoint import CheckpointError
 from qwen_image_core.formats.common import assign_weights

@@ -12,9 +12,18 @@ import json
 import pytest
 import torch
 from safetensors.torch import save_file
-from test_qwen_vl import image_row, noise_image, oracle_hidden, ours_hidden, pixels
 
-from oracles import assert_close, diffusers_dit, diffusers_velocity, inputs
+from oracles import (
+    assert_close,
+    diffusers_dit,
+    diffusers_velocity,
+    image_row,
+    inputs,
+    noise_image,
+    oracle_hidden,
+    ours_hidden,
+    pixels,
+)
 from qwen_image_core.checkpoint import CheckpointError
 from qwen_image_core.formats import dit as dit_format
 from qwen_image_core.formats import qwen_vl as vl_format

@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import save_file
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from oracles import image_row, noise_image, oracle_hidden, ours_hidden, pixels
 from qwen_image_core.checkpoint import CheckpointError
-from qwen_image_core.prompts import IMAGE_PAD, VISION_END, VISION_START, rope_index
 from qwen_image_core.qwen_vl import QwenVL, QwenVLConfig
 from qwen_image_core.text_encoder import load_text_encoder
 from qwen_image_core.vision import window_order
@@ -54,46 +51,6 @@ def files(ref, sd, tmp_path_factory):
 
 def load(path):
     return load_text_encoder(path, tokenizer=object()).model  # the tokenizer is not used here
-
-
-def oracle_hidden(model, ids, mask=None, pixel_values=None, grids=None):
-    with torch.no_grad():
-        out = model(
-            input_ids=ids,
-            attention_mask=mask,
-            pixel_values=pixel_values,
-            image_grid_thw=grids,
-            mm_token_type_ids=(ids == IMAGE_PAD).int(),
-            output_hidden_states=True,
-        )
-    return out.hidden_states[-1]
-
-
-def ours_hidden(model, ids, pixel_values=None, grids=None):
-    grid_list = [] if grids is None else [tuple(g) for g in grids.tolist()]
-    feats = model.encode_images(pixel_values, grid_list) if pixel_values is not None else None
-    with torch.no_grad():
-        return model(
-            ids, rope_index(ids, grid_list), torch.float32, feats, ids == IMAGE_PAD if feats is not None else None
-        )
-
-
-def image_row(prefix_len: int, counts: list[int], tail: int, gen: torch.Generator) -> list[int]:
-    """Random text, then per image <|vision_start|> + pads + <|vision_end|> + a little text."""
-    row = torch.randint(0, 151000, (prefix_len,), generator=gen).tolist()
-    for n in counts:
-        row += [VISION_START] + [IMAGE_PAD] * n + [VISION_END] + torch.randint(0, 151000, (3,), generator=gen).tolist()
-    return row + torch.randint(0, 151000, (tail,), generator=gen).tolist()
-
-
-def pixels(images):
-    proc = Qwen2VLImageProcessorPil(min_pixels=3136, max_pixels=12845056)
-    out = proc(images, return_tensors="pt")
-    return out["pixel_values"], out["image_grid_thw"]
-
-
-def noise_image(h, w, seed):
-    return Image.fromarray(np.random.RandomState(seed).randint(0, 256, (h, w, 3), dtype=np.uint8))
 
 
 def test_text_only_matches_transformers(ref, files):

@@ -9,6 +9,9 @@ layout of Comfy-Org's `qwen_image_edit_2511_int8_convrot` (every block linear in
 after a group-256 ConvRot, `__index_timestep_zero__`); `write_text_encoder` does the same for a Qwen2.5-VL
 state dict (the token embedding may be int8 / fp8 as well).
 
+The oracle side: `kitchen_weights(path)` gives the float32 weights a file means, read the way ComfyUI's loader
+reads it and dequantised by comfy-kitchen's own layout classes (`kitchen_weight`: one layer).
+
 Needs comfy-kitchen (a test-only dependency).
 """
 
@@ -19,7 +22,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from qwen_image_core.mmdit import MMDiTConfig
 
@@ -201,3 +205,77 @@ def write_text_encoder(
         out[layer + ".comfy_quant"] = marker(conf)
     save_file(out, str(path))
     return Path(path)
+
+
+# -- the oracle: what a file means to ComfyUI's loader + comfy-kitchen's dequantisation
+# kitchen layout class per format, and the storage dtype ComfyUI gives the weight (QUANT_ALGOS storage_t)
+LAYOUTS = {
+    "float8_e4m3fn": ("TensorCoreFP8Layout", torch.float8_e4m3fn),
+    "float8_e5m2": ("TensorCoreFP8Layout", torch.float8_e5m2),
+    "int8_tensorwise": ("TensorWiseINT8Layout", torch.int8),
+    "nvfp4": ("TensorCoreNVFP4Layout", torch.uint8),
+    "mxfp8": ("TensorCoreMXFP8Layout", torch.float8_e4m3fn),
+    "asym_w4a8_int8": ("AsymW4A8Int8Layout", torch.int8),
+    "awq_w4a16": ("TensorCoreAWQW4A16Layout", torch.int8),
+    "convrot_w4a4": ("TensorCoreConvRotW4A4Layout", torch.int8),
+}
+
+
+def kitchen_weight(conf: dict, t: dict[str, torch.Tensor], shape) -> torch.Tensor:
+    """One layer's float32 weight as ComfyUI's loader + comfy-kitchen compute it (`t`: suffix -> tensor)."""
+    from comfy_kitchen.tensor import QuantizedTensor, get_layout_class  # noqa: PLC0415
+
+    fmt, params = conf["format"], conf.get("params", {})
+
+    def flag(name, default):
+        return conf.get(name, params.get(name, default))
+
+    layout, storage = LAYOUTS[fmt]
+    w = t["weight"]
+    w = w.view(storage) if w.dtype == torch.uint8 and storage.is_floating_point else w.to(storage)
+    if fmt.startswith("float8"):
+        p = {"scale": t["weight_scale"].float()}
+    elif fmt == "int8_tensorwise":
+        s = t["weight_scale"]  # per row as [N] or [N, 1] (kitchen's int8_linear reads both as per row)
+        p = {"scale": s.reshape(-1, 1) if s.ndim == 1 and s.numel() > 1 else s}
+        if flag("convrot", False):
+            p.update(convrot=True, convrot_groupsize=int(flag("convrot_groupsize", 256)))
+    elif fmt == "nvfp4":
+        p = {"scale": t["weight_scale_2"], "block_scale": t["weight_scale"].view(torch.float8_e4m3fn)}
+    elif fmt == "mxfp8":
+        p = {"scale": t["weight_scale"].view(torch.float8_e8m0fnu)}
+    elif fmt == "asym_w4a8_int8":
+        s_rel = t["weight_s_rel"]
+        p = {"scale": s_rel.view(torch.float8_e4m3fn) if s_rel.dtype == torch.uint8 else s_rel,
+             "s_channel": t["weight_s_channel"], "codebook": t.get("weight_codebook"),
+             "correction": t.get("weight_correction"), "group_size": int(flag("group_size", 16)),
+             "convrot_groupsize": int(flag("convrot_groupsize", 256))}  # fmt: skip
+    elif fmt == "awq_w4a16":
+        p = {"scale": t["weight_scale"], "zeros": t["weight_zeros"], "group_size": int(conf.get("group_size", 64))}
+    else:
+        p = {"scale": t["weight_scale"], "convrot_groupsize": int(flag("convrot_groupsize", 256)),
+             "quant_group_size": 64, "linear_dtype": flag("linear_dtype", "int4")}  # fmt: skip
+    params = get_layout_class(layout).Params(**p, orig_dtype=torch.float32, orig_shape=tuple(shape))
+    out = QuantizedTensor(w, layout, params).dequantize().float()
+    if "pre_quant_scale" in t:  # ComfyUI multiplies the input by it; the same as scaling W's columns
+        out = out * t["pre_quant_scale"].float()
+    return out
+
+
+def kitchen_weights(path, shapes=None) -> dict[str, torch.Tensor]:
+    """Every weight of a file in float32, quantised layers through `kitchen_weight` (`shapes`: the model's;
+    by default the stored weights' own, right for the unpacked int8 / fp8 formats)."""
+    sd = load_file(str(path))
+    with safe_open(str(path), "pt") as f:
+        header = json.loads((f.metadata() or {}).get("_quantization_metadata", '{"layers": {}}'))["layers"]
+    confs = {k.removesuffix(".comfy_quant"): json.loads(bytes(v.tolist())) for k, v in sd.items() if "comfy_quant" in k}
+    confs.update(header)
+    out = {}
+    for layer, conf in confs.items():
+        mine = [k for k in sd if k.startswith(layer + ".") and k != layer + ".bias"]
+        t = {k[len(layer) + 1 :]: sd.pop(k) for k in mine}
+        t.pop("comfy_quant", None)
+        shape = shapes[layer + ".weight"] if shapes is not None else tuple(t["weight"].shape)
+        out[layer + ".weight"] = kitchen_weight(conf, t, shape)
+    out.update({k: v.float() for k, v in sd.items() if k != "__index_timestep_zero__"})
+    return out
