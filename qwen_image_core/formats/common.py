@@ -9,6 +9,7 @@ from torch import nn
 
 from ..checkpoint import CheckpointError
 from ..ops import FP8_DTYPES, Linear, Quant, install_packed, set_packed
+from . import comfy_quant
 
 # per-layer float8 scale spellings: ComfyUI's scaled_fp8 ("scale_weight") and the mixed-precision /
 # diffusers spelling ("weight_scale"); W = float32(W_fp8) * scale
@@ -39,6 +40,28 @@ def split_scales(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.T
         else:
             weights[k] = t
     return weights, scales
+
+
+def describe_storage(tensors: Mapping[str, torch.Tensor], packed: Mapping) -> str:
+    """A description of the storage format: comfy_quant layers by format, else the float8 layout or dtypes."""
+    if packed:
+        return comfy_quant.describe(packed, tensors)
+    fp8 = {k: t.dtype for k, t in tensors.items() if t.dtype in FP8_DTYPES}
+    if not fp8:
+        dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values() if t.is_floating_point()})
+        return "/".join(dtypes)
+    kinds = "/".join(sorted({str(d).removeprefix("torch.") for d in fp8.values()}))
+    if "scaled_fp8" in tensors or any(k.endswith(".scale_weight") for k in tensors):
+        return f"scaled fp8 ({kinds})"
+    return f"{kinds} (no scales)"
+
+
+def split_stored(path, tensors: dict[str, torch.Tensor], markers) -> tuple[dict, dict, dict, str]:
+    """A file's tensors under the model's names as (float weights, float8 scales {"<layer>.weight": scale},
+    packed comfy_quant layers, a description of the storage format)."""
+    rest, packed = comfy_quant.split(path, tensors, markers)
+    weights, scales = split_scales(rest)
+    return weights, scales, packed, describe_storage(rest, packed)
 
 
 def describe_mismatch(

@@ -31,7 +31,7 @@ import torch
 
 from ..checkpoint import CheckpointError, open_checkpoint
 from . import comfy_quant, foreign, gguf
-from .common import FP8_DTYPES, common_prefix, split_scales
+from .common import common_prefix, split_stored
 
 PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 # keys (prefix-free) that every Qwen-Image DiT has; ComfyUI's model detection keys off txt_norm.weight
@@ -251,20 +251,6 @@ def guess_family(keys: list[str]) -> str | None:
     )
 
 
-def check_quantization(tensors: Mapping[str, torch.Tensor], packed: Mapping) -> str:
-    """A description of the storage format: comfy_quant layers by format, else the float8 layout or dtypes."""
-    if packed:
-        return comfy_quant.describe(packed, tensors)
-    fp8 = {k: t.dtype for k, t in tensors.items() if t.dtype in FP8_DTYPES}
-    if not fp8:
-        dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values() if t.is_floating_point()})
-        return "/".join(dtypes)
-    kinds = "/".join(sorted({str(d).removeprefix("torch.") for d in fp8.values()}))
-    if "scaled_fp8" in tensors or any(k.endswith(".scale_weight") for k in tensors):
-        return f"scaled fp8 ({kinds})"
-    return f"{kinds} (no scales)"
-
-
 def read_dit(path: str | os.PathLike, mmap: bool = False, overrides: Mapping | None = None) -> DiTWeights:
     """Open a DiT checkpoint of any supported layout: prefix-free weights, scales and every config size.
 
@@ -290,9 +276,7 @@ def read_dit(path: str | os.PathLike, mmap: bool = False, overrides: Mapping | N
     config = infer_config(shapes, {**config, **(overrides or {})}, ckpt.path)
     raw = {n: ckpt[k] for n, k in names.items()}
     raw.pop(ZERO_COND_MARKER, None)
-    rest, packed = comfy_quant.split(ckpt.path, raw, markers)
-    storage = check_quantization(rest, packed)
-    tensors, scales = split_scales(rest)
+    tensors, scales, packed, storage = split_stored(ckpt.path, raw, markers)
     return DiTWeights(Path(ckpt.path), tensors, scales, config, storage, packed)
 
 

@@ -30,8 +30,7 @@ import torch
 
 from ..checkpoint import Checkpoint, CheckpointError
 from . import comfy_quant, foreign
-from .common import split_scales
-from .dit import check_quantization
+from .common import split_stored
 
 # prefixes under which the encoder's keys may sit, tried in order ("" = bare keys)
 PREFIXES = ("text_encoders.qwen25_7b.transformer.", "text_encoder.", "")
@@ -131,9 +130,7 @@ def encoder_shapes(ckpt: Checkpoint, names: Mapping[str, str], markers) -> dict[
 
 def encoder_weights(ckpt: Checkpoint, names: Mapping[str, str], markers):
     """(weights, float8 scales, packed comfy_quant layers, storage description), all under legacy names."""
-    rest, packed = comfy_quant.split(ckpt.path, {n: ckpt[k] for n, k in names.items()}, markers)
-    weights, scales = split_scales(rest)
-    return weights, scales, packed, check_quantization(rest, packed)
+    return split_stored(ckpt.path, {n: ckpt[k] for n, k in names.items()}, markers)
 
 
 def has_vision(tensors: Mapping[str, torch.Tensor]) -> bool:
