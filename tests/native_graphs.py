@@ -78,6 +78,15 @@ def close(comfy, name) -> float:
     return err
 
 
+def same(comfy, a, b) -> float:
+    """Max difference of two cases' outputs, asserted <= 1e-5 relative to max(1, max |b|)."""
+    x, y = load(comfy, a), load(comfy, b)
+    assert x.shape == y.shape and np.isfinite(x).all()
+    d = float(np.abs(x - y).max())
+    assert d <= 1e-5 * max(1.0, float(np.abs(y).max())), f"{a} vs {b}: {d:.3g}"
+    return d
+
+
 def differs(comfy, a, b, at_least=1e-3) -> float:
     x, y = load(comfy, a), load(comfy, b)
     d = float(np.abs(x - y).max())
@@ -134,12 +143,9 @@ def packed_equals_its_twin(comfy, tag: str, packed: str, twin: str, text_dim: in
     res = run(comfy, graph)
     outs = {}
     for name in format_cases(packed, text_dim, lora):
-        a, b = (np.load(comfy.output_dir / f"{tag}_{name}_{s}.npy") for s in ("packed", "twin"))
-        assert a.shape == b.shape and np.isfinite(a).all()
-        diff = float(np.abs(a - b).max())
+        diff = same(comfy, f"{tag}_{name}_packed", f"{tag}_{name}_twin")
         print(f"\n{tag} {name}: packed vs its float32 twin, max diff {diff:.3g}")
-        assert diff <= 1e-5 * max(1.0, float(np.abs(b).max())), name
-        outs[name] = a
+        outs[name] = load(comfy, f"{tag}_{name}_packed")
     assert np.abs(outs["sampler"] - outs["ksampler"]).max() <= 1e-5  # our sampler = KSampler on the shift schedule
     assert np.abs(outs["our_lora"] - outs["ksampler"]).max() > 1e-3  # the LoRA does something
     assert np.abs(outs["our_lora"] - outs["native_lora"]).max() <= 1e-5  # both LoRA loaders agree
