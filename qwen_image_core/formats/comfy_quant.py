@@ -38,7 +38,8 @@ U8, I8 = torch.uint8, torch.int8
 class Layout:
     """The tensors of one format: `weight` dtypes accepted (bytes of the later ones are viewed as the first,
     e.g. legacy uint8 fp8), required and optional tensors, raw-byte tensors viewed as a dtype, other
-    spellings of tensor names, and a short label for the loader node."""
+    spellings of tensor names, a short label for the loader node, and how many weights one stored byte of a
+    row holds (asym_w4a8_int8: 0, the width follows from its group scales)."""
 
     weight: tuple[torch.dtype, ...]
     required: tuple[str, ...]
@@ -46,6 +47,7 @@ class Layout:
     views: Mapping[str, torch.dtype] = field(default_factory=dict)
     aliases: Mapping[str, str] = field(default_factory=dict)
     label: str = ""
+    per_byte: int = 1
 
 
 FORMATS: dict[str, Layout] = {
@@ -54,17 +56,17 @@ FORMATS: dict[str, Layout] = {
     "int8_tensorwise": Layout((I8, U8), ("weight_scale",), label="int8 + scales"),
     "nvfp4": Layout(
         (U8, I8), ("weight_scale", "weight_scale_2"), ("input_scale", "pre_quant_scale"),
-        views={"weight_scale": E4M3}, label="fp4 e2m1 + fp8 block scales",
+        views={"weight_scale": E4M3}, label="fp4 e2m1 + fp8 block scales", per_byte=2,
     ),
     "mxfp8": Layout((E4M3, U8), ("weight_scale",), ("input_scale",), views={"weight_scale": E8M0},
                     label="fp8 + e8m0 block scales"),
     "asym_w4a8_int8": Layout(
         (I8, U8), ("weight_s_rel", "weight_s_channel"), ("weight_codebook", "weight_correction"),
-        views={"weight_s_rel": E4M3}, label="int4 codes + group scales",
+        views={"weight_s_rel": E4M3}, label="int4 codes + group scales", per_byte=0,
     ),
     "awq_w4a16": Layout((I8, U8), ("weight_scale", "weight_zeros"), aliases={"weight_zero": "weight_zeros"},
-                        label="uint4 + group scales and zeros"),
-    "convrot_w4a4": Layout((I8, U8), ("weight_scale",), label="int4 + row scales, ConvRot"),
+                        label="uint4 + group scales and zeros", per_byte=2),
+    "convrot_w4a4": Layout((I8, U8), ("weight_scale",), label="int4 + row scales, ConvRot", per_byte=2),
 }  # fmt: skip
 # defaults of the flags (ComfyUI's)
 DEFAULTS = {"convrot_groupsize": 256, "group_size": {"asym_w4a8_int8": 16, "awq_w4a16": 64}, "linear_dtype": "int4"}
@@ -138,9 +140,10 @@ def logical_shapes(shapes: Mapping[str, tuple[int, ...]], markers: Mapping[str, 
         key = layer + ".weight"
         if key in out and len(out[key]) == 2:
             rows, cols = out[key]
-            if m.format in ("nvfp4", "awq_w4a16", "convrot_w4a4"):
-                out[key] = (rows, cols * 2)
-            elif m.format == "asym_w4a8_int8" and len(shapes.get(layer + ".weight_s_rel", ())) == 2:
+            per_byte = FORMATS[m.format].per_byte if m.format in FORMATS else 1
+            if per_byte:
+                out[key] = (rows, cols * per_byte)
+            elif len(shapes.get(layer + ".weight_s_rel", ())) == 2:
                 out[key] = (rows, shapes[layer + ".weight_s_rel"][1] * _int(m, "group_size", layer))
     return out
 
