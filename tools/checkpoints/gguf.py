@@ -124,11 +124,16 @@ def write_gguf(
         writer.add_tensor(prefix + name, data, raw_dtype=gguf.GGMLQuantizationType[t])
     if zero_cond_t:
         writer.add_tensor(prefix + "__index_timestep_zero__", np.zeros(0, np.float32))
+    finish(writer)
+    return path
+
+
+def finish(writer: gguf.GGUFWriter) -> None:
+    """Write a GGUFWriter's header, metadata and tensors to its file and close it."""
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return path
 
 
 def dequantized(path) -> dict[str, torch.Tensor]:
@@ -137,7 +142,7 @@ def dequantized(path) -> dict[str, torch.Tensor]:
     reader = gguf.GGUFReader(str(path))
     out = {}
     for t in reader.tensors:
-        field = reader.get_field("comfy.gguf.orig_shape." + t.name)
+        field = reader.get_field(ORIG_SHAPE + t.name)
         shape = [int(field.parts[i][0]) for i in field.data] if field else [int(d) for d in reversed(t.shape)]
         values = gguf.quants.dequantize(np.array(t.data), t.tensor_type)
         out[t.name] = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(shape)

@@ -22,6 +22,7 @@ import torch
 
 from qwen_image_core import quant_gguf as Q
 from tools.checkpoints import gguf as G
+from tools.checkpoints.qwen_vl import legacy_state_dict
 
 CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
 PATCH = "v.patch_embd.weight"  # + ".1": the second temporal slice
@@ -85,21 +86,12 @@ def _add(writer, name: str, t: torch.Tensor, qtype: str, types: Mapping[str, str
     writer.add_tensor(name, encode(name, x, kind, seed), raw_dtype=gguf.GGMLQuantizationType[kind])
 
 
-def _finish(writer) -> None:
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-
-
 def write_text(
     path, model, qtype: str = "Q8_0", seed: int = 0, *, types: Mapping[str, str] = {}, lm_head: bool = True,
     arch: str = "qwen2vl", name: str = "Qwen2.5 VL 7B Instruct", metadata: Mapping[str, object] = {},
 ) -> Path:  # fmt: skip
     """The language model of `model` (transformers' Qwen2.5-VL, see tools.checkpoints.qwen_vl) as llama.cpp's
     `<arch>` GGUF of file type `qtype`. `metadata`: keys to change (a value) or drop (None) after the real ones."""
-    from tools.checkpoints.qwen_vl import legacy_state_dict  # noqa: PLC0415
-
     sd, t = legacy_state_dict(model), model.config.text_config
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -120,7 +112,7 @@ def write_text(
     for key, legacy in text_names(sd).items():
         if lm_head or not legacy.startswith("lm_head."):
             _add(writer, key, sd[legacy], qtype, types, seed)
-    _finish(writer)
+    G.finish(writer)
     return path
 
 
@@ -130,8 +122,6 @@ def write_mmproj(
 ) -> Path:  # fmt: skip
     """The vision tower and merger of `model` as llama.cpp's mmproj GGUF (architecture "clip"); `drop`: tensors
     left out."""
-    from tools.checkpoints.qwen_vl import legacy_state_dict  # noqa: PLC0415
-
     sd, v = legacy_state_dict(model), model.config.vision_config
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -154,7 +144,7 @@ def write_mmproj(
         for key, piece in zip(keys, pieces, strict=True):
             if key not in drop:
                 _add(writer, key, piece, qtype, types, seed)
-    _finish(writer)
+    G.finish(writer)
     return path
 
 
@@ -177,8 +167,6 @@ def _metadata(writer, values: Mapping[str, object]) -> None:
 def reference_weights(text: Path, mmproj: Path | None, model) -> dict[str, torch.Tensor]:
     """The float32 weights the files mean, legacy-named (lm_head dropped): gguf's own reader and dequantisers
     (`gguf.dequantized`), the converter's splits undone by this writer's own maps."""
-    from tools.checkpoints.qwen_vl import legacy_state_dict  # noqa: PLC0415
-
     sd = legacy_state_dict(model)
     values = G.dequantized(text)
     out = {legacy: values[key] for key, legacy in text_names(sd).items() if not legacy.startswith("lm_head.")}
