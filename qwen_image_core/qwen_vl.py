@@ -115,7 +115,7 @@ class DecoderLayer(nn.Module):
 
 class Embedding(nn.Module):
     """Token embeddings kept in their stored dtype; the looked-up rows are cast to the compute dtype. A packed
-    table (`quant`, e.g. comfy_quant int8 / fp8, set by `formats.common.set_packed_rows`) dequantises only
+    table (`quant`, e.g. comfy_quant int8 / fp8, set by `formats.common.assign_weights`) dequantises only
     the gathered rows."""
 
     def __init__(self, vocab: int, dim: int):

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import CheckpointError
-from ..ops import FP8_DTYPES, Linear, Quant, install_packed, set_packed
+from ..ops import FP8_DTYPES, Linear, Quant, install_packed
 from . import comfy_quant
 
 # per-layer float8 scale spellings: ComfyUI's scaled_fp8 ("scale_weight") and the mixed-precision /
@@ -106,8 +106,9 @@ def assign_weights(
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     for k, (data, quant, extras) in list(packed.items()):  # padded formats read as the layer's own shape
         want, refit = expected.get(k), getattr(quant, "refit", None)
-        if want is not None and tuple(quant.shape) != want and refit is not None and refit(want) is not None:
-            packed[k] = (data, refit(want), extras)
+        fitted = refit(want) if want is not None and tuple(quant.shape) != want and refit is not None else None
+        if fitted is not None:
+            packed[k] = (data, fitted, extras)
     found = {k: tuple(v.shape) for k, v in tensors.items()} | {k: tuple(p[1].shape) for k, p in packed.items()}
     problem = describe_mismatch(path, what, expected, found)
     if problem:
@@ -117,10 +118,10 @@ def assign_weights(
         owner = modules.get(k.rsplit(".", 1)[0])
         rows = hasattr(owner, "quant") and hasattr(quant, "gather")  # an embedding table that gathers rows
         if not (isinstance(owner, Linear) or rows) or not k.endswith(".weight"):
-            what = "a linear layer's or embedding's" if hasattr(quant, "gather") else "a linear layer's"
-            raise CheckpointError(f"{path}: {k} is stored as {quant.name}, but it is not {what} weight")
-        try:
-            (set_packed if isinstance(owner, Linear) else set_packed_rows)(owner, data, quant, extras)
+            kind = "a linear layer's or embedding's" if hasattr(quant, "gather") else "a linear layer's"
+            raise CheckpointError(f"{path}: {k} is stored as {quant.name}, but it is not {kind} weight")
+        try:  # an embedding's table is filled the same way; its format dequantises gathered rows only
+            install_packed(owner, data, quant, extras, expected[k])
         except ValueError as e:
             raise CheckpointError(f"{path}: {k}: {e}") from None
     if packed:  # the packed layers are filled; assign the rest (their meta weights are gone from the state dict)
@@ -135,12 +136,6 @@ def assign_weights(
     model.load_state_dict(dict(tensors), strict=True, assign=True)
     _attach_scales(model, scales, path, what, modules)
     return model
-
-
-def set_packed_rows(table: nn.Module, packed: torch.Tensor, quant: Quant, extras: Mapping[str, torch.Tensor]) -> None:
-    """`ops.set_packed` for an embedding table (a module with `weight` and `quant`, e.g. qwen_vl.Embedding)
-    whose format can dequantise gathered rows only (`quant.gather`)."""
-    install_packed(table, packed, quant, extras, tuple(table.weight.shape))
 
 
 def _attach_scales(model: nn.Module, scales: Mapping[str, torch.Tensor], path, what: str, modules: dict) -> None:
