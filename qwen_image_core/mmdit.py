@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import rope
+from . import layer_tokens, rope
 from .attention import attention, per_row
 from .checkpoint import CheckpointError
 from .formats import dit as dit_format
@@ -54,6 +54,8 @@ class MMDiTConfig:
     eps: float = 1e-6  # LayerNorm and RMSNorm epsilon
     timestep_dim: int = 256  # sinusoidal timestep features (cosines first)
     zero_cond_t: bool = False  # Edit-2511: reference tokens modulated as if t = 0
+    layer3d_rope: bool = False  # Qwen-Image-Layered: RoPE frame axis = layer index, input image at -1
+    additional_t_cond: bool = False  # Qwen-Image-Layered: a learnt 2-entry embedding added to the timestep's
 
     def __post_init__(self):
         if sum(self.rope_axes) != self.head_dim or any(a % 2 for a in self.rope_axes):
@@ -125,11 +127,13 @@ class TimestepEmbedder(nn.Module):
 
 
 class TimeTextEmbed(nn.Module):
-    """Holds `timestep_embedder` (the checkpoint's `time_text_embed.timestep_embedder.*`)."""
+    """Holds `timestep_embedder` and, for Qwen-Image-Layered, `addition_t_embedding` (row 0: RGBA layers)."""
 
-    def __init__(self, dim_in: int, hidden: int):
+    def __init__(self, dim_in: int, hidden: int, additional: bool = False):
         super().__init__()
         self.timestep_embedder = TimestepEmbedder(dim_in, hidden)
+        if additional:
+            self.addition_t_embedding = nn.Embedding(2, hidden)
 
 
 class GeluProj(nn.Module):
@@ -217,12 +221,14 @@ class DoubleStreamBlock(nn.Module):
         self.img_mlp = MLP(cfg.hidden, cfg.mlp_dim)
         self.txt_mlp = MLP(cfg.hidden, cfg.mlp_dim)
 
-    def forward(self, img, txt, temb, pe, key_mask, n_target, attend=attention):
+    def forward(self, img, txt, temb, pe, key_mask, n_target, attend=attention, mod=None):
         """img [B, N, D] and txt [B, L, D] residual streams; temb [B or 2B, D] in the compute dtype;
-        attend: the attention function (`attention.attention`'s signature)."""
+        attend: the attention function (`attention.attention`'s signature); mod: precomputed (img_mod(temb),
+        txt_mod(temb[:B])) outputs (`modulation.StepModulation.block`), else computed here."""
         dt, b = temb.dtype, txt.shape[0]
-        ish1, isc1, ig1, ish2, isc2, ig2 = modulation(self.img_mod(temb), b, n_target, img.shape[1])
-        tsh1, tsc1, tg1, tsh2, tsc2, tg2 = modulation(self.txt_mod(temb[:b]), b, None, txt.shape[1])
+        img_m, txt_m = mod if mod is not None else (self.img_mod(temb), self.txt_mod(temb[:b]))
+        ish1, isc1, ig1, ish2, isc2, ig2 = modulation(img_m, b, n_target, img.shape[1])
+        tsh1, tsc1, tg1, tsh2, tsc2, tg2 = modulation(txt_m, b, None, txt.shape[1])
 
         img_a, txt_a = self.attn(
             modulate(layer_norm(img, self.eps).to(dt), ish1, isc1),
@@ -245,8 +251,8 @@ class FinalLayer(nn.Module):
         self.eps = eps
         self.linear = Linear(hidden, 2 * hidden)
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        scale, shift = self.linear(F.silu(temb)).chunk(2, dim=-1)
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, mod: torch.Tensor | None = None) -> torch.Tensor:
+        scale, shift = (self.linear(F.silu(temb)) if mod is None else mod).chunk(2, dim=-1)  # mod: precomputed
         return modulate(layer_norm(x, self.eps).to(temb.dtype), shift[:, None], scale[:, None])
 
 
@@ -291,7 +297,7 @@ class MMDiT(nn.Module):
         self.img_in = Linear(cfg.in_channels, cfg.hidden)
         self.txt_norm = RMSNorm(cfg.text_dim, cfg.eps)
         self.txt_in = Linear(cfg.text_dim, cfg.hidden)
-        self.time_text_embed = TimeTextEmbed(cfg.timestep_dim, cfg.hidden)
+        self.time_text_embed = TimeTextEmbed(cfg.timestep_dim, cfg.hidden, cfg.additional_t_cond)
         self.transformer_blocks = nn.ModuleList(DoubleStreamBlock(cfg) for _ in range(cfg.num_layers))
         self.norm_out = FinalLayer(cfg.hidden, cfg.eps)
         self.proj_out = Linear(cfg.hidden, cfg.in_channels)
@@ -309,6 +315,8 @@ class MMDiT(nn.Module):
         block_hook: BlockHook | None = None,
         attention_fn: Callable | None = None,
         txt_lengths: Sequence[int] | None = None,
+        modulation=None,
+        t_cond: int = 0,
     ) -> torch.Tensor:
         """Velocity [B, 16, H, W] of the target latent.
 
@@ -321,26 +329,30 @@ class MMDiT(nn.Module):
         attention_fn: replaces `attention.attention` (a host's attention dispatch), same signature.
         txt_lengths: each row's real text tokens (host ints; the rest of txt is padding), instead of txt_mask:
         rows of different lengths then attend without a key mask (`attention.per_row`) and nothing waits on
-        the device to look at a mask.
+        the device to look at a mask. modulation: this step's precomputed AdaLN outputs (`modulation.py`). Qwen-Image-Layered: img [B, 16, F, H, W] (F = layers + 1 frames, the
+        composite first), the input image as the one reference; t_cond: its additional timestep condition.
         """
         cfg, dt, p = self.config, img.dtype, self.config.patch_size  # compute in the input latent's dtype
         b, size = img.shape[0], tuple(img.shape[-2:])
         stream_dt = torch.float32 if dt == torch.float16 else dt  # residual streams overflow float16
 
-        x, grid = patchify(img, p)
-        tokens, grids = [x], [grid]
+        frames = layer_tokens.frames(img, cfg)  # F of a layered latent [B, 16, F, H, W], else 0
+        x, grid = layer_tokens.patchify_frames(img, p, patchify) if frames else patchify(img, p)
+        tokens, grids = [x], [grid] * max(frames, 1)
         for ref in ref_latents or []:
             r, g = patchify(ref.expand(b, *ref.shape[1:]), p)
             tokens.append(r)
             grids.append(g)
         x = torch.cat(tokens, dim=1).to(dt)  # [B, N_target + N_refs, C*p*p]
-        n_target, n_tokens = grid[0] * grid[1], x.shape[1]
+        n_target, n_tokens = tokens[0].shape[1], x.shape[1]
 
         timestep = torch.as_tensor(timestep, device=img.device).float().reshape(-1).expand(b)
         zero_cond = (self.zero_cond_t if zero_cond_t is None else zero_cond_t) and len(grids) > 1
         if zero_cond:  # rows B..2B: the embedding of t = 0, used for the reference tokens
             timestep = torch.cat([timestep, torch.zeros_like(timestep)])
         temb = self.time_text_embed.timestep_embedder(timestep_sinusoid(timestep, cfg.timestep_dim).to(dt))
+        if cfg.additional_t_cond:
+            temb = temb + self.time_text_embed.addition_t_embedding.weight[t_cond].to(dt)
 
         key_mask, attend = None, attention_fn or attention
         if txt_lengths is not None:
@@ -354,17 +366,23 @@ class MMDiT(nn.Module):
             if not bool(txt_mask.all()):
                 key_mask = torch.cat([txt_mask, txt_mask.new_ones(b, n_tokens)], dim=1)
         ref_sizes = [tuple(r.shape[-2:]) for r in ref_latents or []]
-        pos = rope.joint_positions(grids, txt.shape[1], img.device, positions, ref_layout, ref_sizes)  # [L + N, 3]
+        layout = "layer3d" if cfg.layer3d_rope else ref_layout
+        pos = rope.joint_positions(grids, txt.shape[1], img.device, positions, layout, ref_sizes)  # [L + N, 3]
         pe = rope.rope_table(pos, cfg.rope_axes, cfg.rope_theta, rope.CONVENTIONS[positions])
 
         h = self.img_in(x).to(stream_dt)  # [B, N, D]
         c = self.txt_in(self.txt_norm(txt.to(dt))).to(stream_dt)  # [B, L, D]
         n_zero = n_target if zero_cond else None
+        if modulation is not None:
+            modulation.check(temb, b)
         for i, block in enumerate(self.transformer_blocks):
-            run = lambda img_, txt_, temb_, pe_, b=block: b(img_, txt_, temb_, pe_, key_mask, n_zero, attend)
+            m = None if modulation is None else modulation.block(i)
+            run = lambda img_, txt_, temb_, pe_, b=block, m=m: b(img_, txt_, temb_, pe_, key_mask, n_zero, attend, m)
             h, c = run(h, c, temb, pe) if block_hook is None else block_hook(i, run, h, c, temb, pe)
 
-        out = self.proj_out(self.norm_out(h[:, :n_target], temb[:b]))  # [B, N_target, C*p*p]
+        out = self.proj_out(self.norm_out(h[:, :n_target], temb[:b], modulation and modulation.out))  # [B, N, C*p*p]
+        if frames:
+            return layer_tokens.unpatchify_frames(out, grid, p, size, frames, unpatchify).to(img.dtype)
         return unpatchify(out, grid, p, size).to(img.dtype)
 
 

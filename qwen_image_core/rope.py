@@ -17,6 +17,9 @@ native workflow then gives the same image): rows/columns centred as -(n//2) .. n
 target grid alone, angles in float64 before the float32 table. `ref_layout="offset"` is ComfyUI's other
 reference layout (FluxKontextMultiReferenceLatentMethod "offset" / "uxo"): every reference at frame 1,
 placed beside the previous ones (to the right or below, whichever keeps the canvas squarer).
+`ref_layout="layer3d"` is Qwen-Image-Layered's layer-3D RoPE (diffusers' `QwenEmbedLayer3DRope`): image n
+of the list sits at frame n except the last (the input image), which sits at frame -1, and the text
+starts at max(s, number of images - 1).
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ import torch
 
 # position conventions -> the precision of their angles: diffusers (the official code) float32, ComfyUI native float64
 CONVENTIONS = {"official": torch.float32, "comfyui": torch.float64}
-REF_LAYOUTS = ("index", "offset")  # references at frames 1, 2, ... (both references) / all at frame 1, tiled
+# references at frames 1, 2, ... / all at frame 1, tiled / layers at frames 0..n-2 and the input image at -1
+REF_LAYOUTS = ("index", "offset", "layer3d")
 
 
 def centred(n: int, device=None, convention: str = "official") -> torch.Tensor:
@@ -76,9 +80,16 @@ def joint_positions(
     if convention not in CONVENTIONS or ref_layout not in REF_LAYOUTS:
         raise ValueError(f"positions: convention {convention!r} / ref_layout {ref_layout!r} unknown")
     s = text_start(grids, convention)
+    if ref_layout == "layer3d":  # Qwen-Image-Layered: the text also starts after the last layer index
+        if convention != "official":
+            raise ValueError("positions: the layer-3D RoPE exists only in the official convention")
+        s = max(s, len(grids) - 1)
     txt = torch.arange(s, s + text_len, device=device)[:, None].expand(text_len, 3)
     imgs = [image_positions(0, *grids[0], device, convention)]
-    if ref_layout == "index":
+    if ref_layout == "layer3d":
+        frames = [*range(len(grids) - 1), -1] if len(grids) > 1 else [-1]
+        imgs = [image_positions(f, h, w, device, convention) for f, (h, w) in zip(frames, grids, strict=True)]
+    elif ref_layout == "index":
         imgs += [image_positions(i, h, w, device, convention) for i, (h, w) in enumerate(grids[1:], 1)]
     else:
         offsets = reference_offsets(ref_sizes if ref_sizes is not None else [(2 * h, 2 * w) for h, w in grids[1:]])

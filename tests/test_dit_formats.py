@@ -171,10 +171,20 @@ def test_wrong_shape_missing_and_unexpected_keys(tmp_path):
 
 
 def test_unsupported_variants_and_inconsistent_quantization(tmp_path):
+    # Qwen-Image-Layered's extra embedding (issue 16) now reads as that model; a wrong shape is still named
     path = _rewrite(
         tmp_path, lambda sd: sd.__setitem__("time_text_embed.addition_t_embedding.weight", torch.zeros(2, 96))
     )
-    with pytest.raises(CheckpointError, match="Layered"):
+    assert load_dit(path).config.layer3d_rope and load_dit(path).config.additional_t_cond
+    path = _rewrite(
+        tmp_path, lambda sd: sd.__setitem__("time_text_embed.addition_t_embedding.weight", torch.zeros(3, 96))
+    )
+    with pytest.raises(CheckpointError, match=r"wrong shapes: time_text_embed\.addition_t_embedding\.weight"):
+        load_dit(path)
+    path = _rewrite(
+        tmp_path, lambda sd: sd.__setitem__("time_text_embed.guidance_embedder.linear_1.weight", torch.zeros(2, 96))
+    )
+    with pytest.raises(CheckpointError, match="guidance-distilled"):
         load_dit(path)
     folder = W.write_diffusers(tmp_path / "other", CFG)
     conf = json.loads((folder / "config.json").read_text())

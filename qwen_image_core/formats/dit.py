@@ -7,6 +7,9 @@ Accepted (keys as in diffusers' `QwenImageTransformer2DModel`, one naming for ev
   (`<layer>.comfy_quant` JSON or the `_quantization_metadata` header: fp8, int8 / int8_convrot, nvfp4, mxfp8,
   w4a8, awq, convrot_w4a4; see `comfy_quant`), kept packed in memory.
   Edit-2511 repackages carry the empty marker `__index_timestep_zero__` that switches `zero_cond_t` on.
+  Qwen-Image-Layered files are told by their `time_text_embed.addition_t_embedding.weight` (as ComfyUI
+  detects them): it switches on both layered options, the additional timestep condition and the layer-3D
+  RoPE (which has no weights of its own); a config.json's `use_layer3d_rope` / `use_additional_t_cond` win.
 * diffusers folders: `transformer/` (sharded through the index json, or one file) with `config.json`
   (`zero_cond_t`, sizes), or a whole repo folder holding `model_index.json` and `transformer/`.
 * GGUF files (`*.gguf`, city96 / QuantStack, as ComfyUI-GGUF reads them; see `formats/gguf.py`): the same key
@@ -59,7 +62,6 @@ OTHER_FAMILIES = (
 )
 # Keys of known relatives the DiT does not implement.
 UNSUPPORTED = {
-    "time_text_embed.addition_t_embedding.weight": "Qwen-Image-Layered (separate model, not supported)",
     "time_text_embed.guidance_embedder.linear_1.weight": "a guidance-distilled variant (no such Qwen-Image model)",
 }
 # diffusers config.json field -> MMDiTConfig field
@@ -73,9 +75,14 @@ CONFIG_FIELDS = {
     "patch_size": "patch_size",
     "axes_dims_rope": "rope_axes",
     "zero_cond_t": "zero_cond_t",
+    "use_layer3d_rope": "layer3d_rope",
+    "use_additional_t_cond": "additional_t_cond",
 }
+FLAG_FIELDS = ("zero_cond_t", "layer3d_rope", "additional_t_cond")  # the boolean ones
+# the weight only Qwen-Image-Layered has; its presence implies both layered options
+LAYERED_KEY = "time_text_embed.addition_t_embedding.weight"
 # config.json switches of Qwen-Image variants this DiT does not implement
-UNSUPPORTED_FLAGS = ("use_additional_t_cond", "use_layer3d_rope", "guidance_embeds")
+UNSUPPORTED_FLAGS = ("guidance_embeds",)
 # A single file may carry its config.json as safetensors metadata `config` = {"transformer": {...}} (the
 # convention of ComfyUI's LTX-Video files); the tiny test files do, the real Comfy-Org files need not.
 CONFIG_METADATA, CONFIG_SECTION = "config", "transformer"
@@ -138,7 +145,7 @@ def config_fields(raw, where) -> dict:
             if not (isinstance(v, list) and len(v) == 3 and all(_positive_int(a) for a in v)):
                 raise CheckpointError(f"{where}: {theirs} is {v!r}, expected three positive integers")
             v = tuple(v)
-        elif ours == "zero_cond_t":
+        elif ours in FLAG_FIELDS:
             if not isinstance(v, bool):
                 raise CheckpointError(f"{where}: {theirs} is {v!r}, expected true or false")
         elif not _positive_int(v):
@@ -197,6 +204,8 @@ def infer_config(shapes: Mapping[str, tuple[int, ...]], known: Mapping, path) ->
         text_dim=shape("txt_in.weight")[1],
         in_channels=in_channels,
         timestep_dim=shape("time_text_embed.timestep_embedder.linear_1.weight")[1],
+        layer3d_rope=LAYERED_KEY in shapes,
+        additional_t_cond=LAYERED_KEY in shapes,
     )
     cfg.update(known)
     if "patch_size" not in cfg:  # in = out = latent channels x patch^2; the latent is the VAE's 16 channels

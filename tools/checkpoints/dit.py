@@ -35,6 +35,8 @@ PREFIX = "model.diffusion_model."
 # A small configuration that exercises every code path (3 heads x 32 channels, MLP 4 x 96, rope axes (4, 14, 14)).
 TINY = dict(num_layers=2, num_heads=3, head_dim=32, mlp_dim=384, text_dim=40, rope_axes=(4, 14, 14))
 FULL_WIDTH_ONE_BLOCK = dict(num_layers=1)
+LAYERED = dict(layer3d_rope=True, additional_t_cond=True)  # Qwen-Image-Layered: tiny_config(**LAYERED)
+FLAGS_FROM_KEYS = ("zero_cond_t", "use_additional_t_cond", "use_layer3d_rope")  # config.json flags the keys tell
 
 
 def config(**kw) -> MMDiTConfig:
@@ -120,8 +122,9 @@ def config_metadata(cfg: MMDiTConfig, metadata: dict[str, str] | None = None) ->
     """`metadata` plus, for sizes the shapes do not tell (heads other than the real 128 channels), the
     transformer config in the single file's `config` metadata, where the loader reads it."""
     if cfg.head_dim == 128 and cfg.rope_axes == (16, 56, 56) and cfg.out_channels == 16:
-        return metadata
-    conf = {k: v for k, v in diffusers_config(cfg).items() if k != "zero_cond_t"}  # the 2511 marker says that
+        return metadata  # (a layered file is told by its addition_t_embedding, as the real ones are)
+    # the 2511 marker says zero_cond_t, the layered file's addition_t_embedding says its two options
+    conf = {k: v for k, v in diffusers_config(cfg).items() if k not in FLAGS_FROM_KEYS}
     return {**(metadata or {}), "config": json.dumps({"transformer": conf})}
 
 
@@ -233,6 +236,8 @@ def diffusers_config(cfg: MMDiTConfig, zero_cond_t: bool = False) -> dict:
         "guidance_embeds": False,
         "axes_dims_rope": list(cfg.rope_axes),
         "zero_cond_t": zero_cond_t,
+        "use_additional_t_cond": cfg.additional_t_cond,
+        "use_layer3d_rope": cfg.layer3d_rope,
     }
 
 
