@@ -283,12 +283,14 @@ def sample(
     callback: StepCallback | None = None,
     loras: Sequence[tuple[Lora, float]] = (),
     zero_cond_t: bool | None = None,
+    controls: Sequence = (),
 ) -> torch.Tensor:
     """Flow-matching Euler sampling from `noise` [B, 16, h, w] down `sigmas`; returns clean latents (float32).
 
     Computes on the DiT's device in the conditioning's dtype. latents: the image to start from (img2img,
     denoise < 1): x = sigma_0 * noise + (1 - sigma_0) * latents. CFG runs when cfg_scale > 1 and `uncond`
     is given, cond and uncond in one batched pass. Conditioning of batch 1 serves every sample.
+    controls: ControlNets (`control.Control`) whose residuals enter the DiT's blocks.
     """
     device = dit.img_in.weight.device
     dtype = cond.embeds.dtype
@@ -297,6 +299,10 @@ def sample(
         x = sampling.noise_latent(latents.to(x), x, float(sigmas[0]))
     use_cfg = uncond is not None and cfg_scale > 1.0
     denoiser = sampling.CFGDenoiser(_velocity(dit, dtype, zero_cond_t), cfg_scale if use_cfg else 1.0, cfg_rescale)
+    if controls:
+        from .control import wrap  # noqa: PLC0415 (control imports this module lazily)
+
+        denoiser = wrap(denoiser, controls, sigmas, len(dit.transformer_blocks))
     extra = _batched(cond, x.shape[0], device, dtype, "")
     if use_cfg:
         extra.update(_batched(uncond, x.shape[0], device, dtype, "un"))
@@ -327,9 +333,12 @@ def _batched(c: Conditioning, batch: int, device, dtype, prefix: str) -> dict:
 def _velocity(dit: MMDiT, dtype: torch.dtype, zero_cond_t: bool | None):
     """The DiT as a velocity model on float32 latents, computing in `dtype`."""
 
-    def velocity(x, sigma, txt, txt_mask=None, ref_latents=None, txt_lengths=None):
+    def velocity(x, sigma, txt, txt_mask=None, ref_latents=None, txt_lengths=None, block_hook=None):
         refs = None if ref_latents is None else [r.to(dtype) for r in ref_latents]
-        out = dit(x.to(dtype), sigma, txt, txt_mask, ref_latents=refs, zero_cond_t=zero_cond_t, txt_lengths=txt_lengths)
+        out = dit(
+            x.to(dtype), sigma, txt, txt_mask, ref_latents=refs, zero_cond_t=zero_cond_t, txt_lengths=txt_lengths,
+            block_hook=block_hook,
+        )  # fmt: skip
         return out.float()
 
     return velocity
