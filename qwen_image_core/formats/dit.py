@@ -42,9 +42,13 @@ SIGNATURE = ("txt_norm.weight", "img_in.weight", "txt_in.weight", "proj_out.weig
 ZERO_COND_MARKER = "__index_timestep_zero__"  # empty tensor in ComfyUI's Edit-2511 files
 FOLDER_NAMES = ("transformer",)  # sub-folder of a diffusers repo holding the DiT
 CLASS_NAME = "QwenImageTransformer2DModel"  # `_class_name` of a diffusers transformer config.json
+# the second architecture has its own family and loader (qwen_image_core/qwen21, formats/dit21.py)
+QWEN21_CLASS_NAME = "QwenImage21Transformer2DModel"
+QWEN21 = "a Qwen-Image-2.1 DiT (the 7B single-stream model): load it with load_dit21 (qwen_image_core.qwen21)"
 
 # Other model families, recognised by one characteristic key suffix, checked in this order.
 OTHER_FAMILIES = (
+    ("txt_in.text_norm.weight", QWEN21),
     ("lora_down.weight", "a LoRA (kohya / lightx2v layout): load it with the Qwen-Image LoRA node"),
     ("lora_A.weight", "a LoRA (diffusers / PEFT layout): load it with the Qwen-Image LoRA node"),
     ("lora_A.default.weight", "a LoRA (PEFT layout): load it with the Qwen-Image LoRA node"),
@@ -62,6 +66,7 @@ OTHER_FAMILIES = (
 )
 # Keys of known relatives the DiT does not implement.
 UNSUPPORTED = {
+    "txt_in.text_norm.weight": QWEN21,
     "time_text_embed.guidance_embedder.linear_1.weight": "a guidance-distilled variant (no such Qwen-Image model)",
 }
 # diffusers config.json field -> MMDiTConfig field
@@ -129,6 +134,8 @@ def config_fields(raw, where) -> dict:
     if not isinstance(raw, dict):
         raise CheckpointError(f"{where}: a transformer config must be a JSON object")
     name = raw.get("_class_name")
+    if name == QWEN21_CLASS_NAME:
+        raise CheckpointError(f"{where}: this is {QWEN21}, not a Qwen-Image (v1) DiT config")
     if name is not None and name != CLASS_NAME:
         raise CheckpointError(f"{where}: this is not a Qwen-Image DiT config ({name}; expected {CLASS_NAME})")
     for flag in UNSUPPORTED_FLAGS:
