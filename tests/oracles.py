@@ -174,3 +174,52 @@ def pixels(images):
 
 def noise_image(h, w, seed):
     return Image.fromarray(np.random.RandomState(seed).randint(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+# -- Qwen-Image-2.1 DiT oracle (diffusers' QwenImage21Transformer2DModel)
+def diffusers_dit21(cfg, state_dict):
+    """diffusers' 2.1 DiT (float32, eval, its default SDPA processor) with the given ComfyUI-named weights."""
+    from diffusers import QwenImage21Transformer2DModel
+
+    from tools.checkpoints.dit21 import diffusers_state_dict
+
+    torch.manual_seed(0)
+    m = QwenImage21Transformer2DModel(
+        patch_size=1,
+        in_channels=cfg.in_channels,
+        out_channels=cfg.out_channels,
+        num_layers=cfg.num_layers,
+        attention_head_dim=cfg.head_dim,
+        num_attention_heads=cfg.num_heads,
+        context_in_dim=cfg.text_dim,
+        mlp_ratio=cfg.mlp_dim // cfg.hidden,
+        axes_dims_rope=cfg.rope_axes,
+        eps=cfg.eps,
+        causal_condition=cfg.causal_condition,
+    )
+    m.load_state_dict(diffusers_state_dict(state_dict), strict=True)
+    return m.eval()
+
+
+def diffusers_velocity21(m, img, sigma, txt, image_slots=None, refs=(), mask=None, kv_cache=None, kv_mode=None):
+    """Run diffusers' 2.1 model as its pipeline does (references first, target last, one image slot per 2x2
+    target tokens appended to the slot mask); the target's velocity [B, C, H, W]."""
+    b, c, h, w = img.shape
+    seq = [r.expand(b, *r.shape[1:]) for r in refs] + [img]
+    tokens = torch.cat([x.flatten(2).transpose(1, 2) for x in seq], dim=1)
+    shapes = [(1, x.shape[-2], x.shape[-1]) for x in seq]
+    slots = torch.zeros(txt.shape[1], dtype=torch.bool) if image_slots is None else image_slots
+    img_mask = torch.cat([slots, torch.ones(h * w // 4, dtype=torch.bool)])[None].expand(b, -1)
+    with torch.no_grad():
+        out = m(
+            hidden_states=tokens,
+            encoder_hidden_states=txt,
+            timestep=sigma,
+            img_shapes=[shapes] * b,
+            img_mask=img_mask,
+            encoder_hidden_states_mask=mask,
+            kv_cache=kv_cache,
+            kv_cache_mode=kv_mode,
+            return_dict=False,
+        )[0]
+    return out[:, -h * w :].transpose(1, 2).reshape(b, c, h, w)
