@@ -315,7 +315,7 @@ class MMDiT(nn.Module):
         block_hook: BlockHook | None = None,
         attention_fn: Callable | None = None,
         txt_lengths: Sequence[int] | None = None,
-        modulation=None,
+        step_mod=None,
         t_cond: int = 0,
     ) -> torch.Tensor:
         """Velocity [B, 16, H, W] of the target latent.
@@ -329,8 +329,9 @@ class MMDiT(nn.Module):
         attention_fn: replaces `attention.attention` (a host's attention dispatch), same signature.
         txt_lengths: each row's real text tokens (host ints; the rest of txt is padding), instead of txt_mask:
         rows of different lengths then attend without a key mask (`attention.per_row`) and nothing waits on
-        the device to look at a mask. modulation: this step's precomputed AdaLN outputs (`modulation.py`). Qwen-Image-Layered: img [B, 16, F, H, W] (F = layers + 1 frames, the
+        the device to look at a mask. Qwen-Image-Layered: img [B, 16, F, H, W] (F = layers + 1 frames, the
         composite first), the input image as the one reference; t_cond: its additional timestep condition.
+        step_mod: this step's precomputed AdaLN outputs (`modulation.StepModulation`), else computed per call.
         """
         cfg, dt, p = self.config, img.dtype, self.config.patch_size  # compute in the input latent's dtype
         b, size = img.shape[0], tuple(img.shape[-2:])
@@ -373,14 +374,12 @@ class MMDiT(nn.Module):
         h = self.img_in(x).to(stream_dt)  # [B, N, D]
         c = self.txt_in(self.txt_norm(txt.to(dt))).to(stream_dt)  # [B, L, D]
         n_zero = n_target if zero_cond else None
-        if modulation is not None:
-            modulation.check(temb, b)
-        for i, block in enumerate(self.transformer_blocks):
-            m = None if modulation is None else modulation.block(i)
+        mods = [None] * len(self.transformer_blocks) if step_mod is None else step_mod.blocks(temb, b)
+        for i, (block, m) in enumerate(zip(self.transformer_blocks, mods, strict=True)):
             run = lambda img_, txt_, temb_, pe_, b=block, m=m: b(img_, txt_, temb_, pe_, key_mask, n_zero, attend, m)
             h, c = run(h, c, temb, pe) if block_hook is None else block_hook(i, run, h, c, temb, pe)
 
-        out = self.proj_out(self.norm_out(h[:, :n_target], temb[:b], modulation and modulation.out))  # [B, N, C*p*p]
+        out = self.proj_out(self.norm_out(h[:, :n_target], temb[:b], step_mod and step_mod.out))  # [B, N, C*p*p]
         if frames:
             return layer_tokens.unpatchify_frames(out, grid, p, size, frames, unpatchify).to(img.dtype)
         return unpatchify(out, grid, p, size).to(img.dtype)

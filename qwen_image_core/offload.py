@@ -61,8 +61,8 @@ def _tensors(module: nn.Module) -> list[torch.Tensor]:
 class _Packed:
     """A streamed block: its tensors packed at ALIGN offsets into host memory, with views for host and slots."""
 
-    def __init__(self, block: nn.Module):
-        self.tensors = _tensors(block)
+    def __init__(self, block: nn.Module, skip: frozenset[int] = frozenset()):
+        self.tensors = [t for t in _tensors(block) if id(t) not in skip]  # `skip`: ids of tensors left on the host
         self.offsets, off = [], 0
         for t in self.tensors:
             self.offsets.append(off)
@@ -107,19 +107,21 @@ class HostCopies:
     component offloaded between jobs is not re-pinned each time); `release()` frees them."""
 
     def __init__(self):
-        self.packed: dict[int, _Packed] = {}
+        self.packed: dict[tuple[int, frozenset[int]], _Packed] = {}  # (block, skipped tensor ids) -> its copy
         self.slabs: list[torch.Tensor] = []
 
     @property
     def nbytes(self) -> int:
         return sum(s.numel() for s in self.slabs)
 
-    def get(self, blocks: Sequence[nn.Module], indices: Sequence[int], transfer: Transfer) -> dict[int, _Packed]:
-        """The packed copies of blocks[i] for i in indices, packing (into new slabs) those not yet held."""
-        new = {i: _Packed(blocks[i]) for i in indices if i not in self.packed}
+    def get(self, blocks: Sequence[nn.Module], indices: Sequence[int], transfer: Transfer,
+            skip: frozenset[int] = frozenset()) -> dict[int, _Packed]:  # fmt: skip
+        """The packed copies of blocks[i] for i in indices (without the tensors whose ids are in `skip`), packing
+        (into new slabs) those not yet held."""
+        new = {(i, skip): _Packed(blocks[i], skip) for i in indices if (i, skip) not in self.packed}
         self.slabs += pack_host(list(new.values()), transfer)
         self.packed.update(new)
-        return {i: self.packed[i] for i in indices}
+        return {i: self.packed[i, skip] for i in indices}
 
     def release(self, transfer: Transfer) -> None:
         transfer.free_host(self.slabs)
@@ -133,11 +135,14 @@ class BlockStreamer:
     `blocks` are the model's blocks in execution order (e.g. `model.transformer_blocks`); `root`
     (default: the model) gets a pre-hook that starts the first copies before its forward. Use as a
     context manager, or `attach()` / `detach()`; detaching restores the original host tensors. `host`:
-    packed host copies to reuse and keep (default: made at attach, dropped at detach).
+    packed host copies to reuse and keep (default: made at attach, dropped at detach). `skip`: modules whose
+    tensors stay where they are, neither placed nor streamed (the modulation layers once precomputed, see
+    `modulation.py`: the plan must be made without them, `plan_dit(modulation=True)`).
     """
 
     def __init__(self, model: nn.Module, blocks: Sequence[nn.Module], plan: Plan, transfer: Transfer,
-                 root: nn.Module | None = None, host: HostCopies | None = None):  # fmt: skip
+                 root: nn.Module | None = None, host: HostCopies | None = None,
+                 skip: Sequence[nn.Module] = ()):  # fmt: skip
         if plan.num_blocks != len(blocks):
             raise ValueError(f"the plan is for {plan.num_blocks} blocks, the model has {len(blocks)}")
         if plan.streamed and plan.buffers < 1:
@@ -146,6 +151,7 @@ class BlockStreamer:
         self.root = model if root is None else root
         self.host, self._own_host = host or HostCopies(), host is None
         self.stats = Stats()
+        self._skip = frozenset(id(t) for m in skip for t in _tensors(m))
         self._q = {b: q for q, b in enumerate(plan.streamed)}  # block index -> position among streamed
         self._attached = False
 
@@ -158,11 +164,12 @@ class BlockStreamer:
         if self._attached:
             return self
         t, streamed = self.transfer, {id(x) for i in self.plan.streamed for x in _tensors(self.blocks[i])}
+        streamed -= self._skip
         reuse = {} if reuse is None else reuse
         tensors = _tensors(self.model)
         self._originals = [(x, reuse[id(x)][0] if id(x) in reuse else x.data) for x in tensors]
         ids = {id(x) for x in tensors}
-        for key in [k for k in reuse if k in streamed or k not in ids]:
+        for key in [k for k in reuse if k in streamed or k in self._skip or k not in ids]:
             t.free(reuse.pop(key)[1])  # the last reference to that device copy goes with it
         self._resident, self._stage = {}, []  # id(tensor) -> its device copy; staging buffers
         try:
@@ -194,7 +201,9 @@ class BlockStreamer:
         """The resident copies, the packed host copies and the staging ring (attach's part that can fail)."""
         t = self.transfer
         for x, data in self._originals:
-            if id(x) not in streamed:
+            if id(x) in self._skip:
+                x.data = data  # left on the host: the forward does not read it
+            elif id(x) not in streamed:
                 kept = reuse.pop(id(x), None)
                 dev = t.to_device(data) if kept is None else kept[1]
                 x.data = dev
@@ -203,7 +212,7 @@ class BlockStreamer:
                     self.stats.load_bytes += data.numel() * data.element_size()
             else:
                 x.data = data
-        self._packed = self.host.get(self.blocks, self.plan.streamed, t)
+        self._packed = self.host.get(self.blocks, self.plan.streamed, t, self._skip)
         self.stats.host_bytes = self.host.nbytes
         k = self.plan.buffers if self._packed else 0
         size = max((p.nbytes for p in self._packed.values()), default=0)

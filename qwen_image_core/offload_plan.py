@@ -35,6 +35,7 @@ from .costs import (  # noqa: F401  (re-exported: the planner's inputs)
     text_encoder_activation_bytes,
     text_encoder_layer_flops,
 )
+from .modulation import modulation_layers
 
 ALIGN = 256  # bytes: the executor packs each tensor of a streamed block at this alignment
 
@@ -232,27 +233,40 @@ def plan_blocks(
     return best
 
 
-def split_blocks(model: nn.Module, blocks: Sequence[nn.Module]) -> tuple[list[int], int]:
-    """(bytes of each block, bytes of the rest of the model)."""
-    sizes = [tensor_bytes(b) for b in blocks]
-    return sizes, tensor_bytes(model) - sum(sizes)
+def split_blocks(
+    model: nn.Module, blocks: Sequence[nn.Module], skip: Sequence[nn.Module] = ()
+) -> tuple[list[int], int]:
+    """(bytes of each block, bytes of the rest of the model), without the modules in `skip` (layers that stay on
+    the host, e.g. the modulation layers once their outputs are precomputed: `modulation.py`)."""
+    skipped = {id(m): tensor_bytes(m) for m in skip}
+    sizes = [tensor_bytes(b) - sum(skipped.get(id(m), 0) for m in b.modules()) for b in blocks]
+    return sizes, tensor_bytes(model) - sum(sizes) - sum(skipped.values())
 
 
 def plan_dit(model: nn.Module, free: int, card: Card, workload: DiTWorkload | None = None, reserve: int = GiB,
-             max_resident: int | None = None, activation_bytes: int | None = None) -> Plan:  # fmt: skip
+             max_resident: int | None = None, activation_bytes: int | None = None, modulation: bool = False,
+             steps: int = 20) -> Plan:  # fmt: skip
     """Plan an MMDiT (its `transformer_blocks`) for a workload on a card with `free` device bytes.
 
     activation_bytes: what to keep free for activations (None: the workload's estimate; 0 when the caller's
-    budget already excludes them, as ComfyUI's does)."""
+    budget already excludes them, as ComfyUI's does). modulation: the AdaLN modulation is precomputed for the
+    run (`modulation.precompute`, `steps` steps): its weights leave the blocks' bytes (they stay on the host and
+    are read once per run) and the table of its outputs is kept free instead."""
     cfg, workload = model.config, workload or DiTWorkload()
-    sizes, fixed = split_blocks(model, model.transformer_blocks)
+    skip = [m for _, m in modulation_layers(model)] if modulation else []
+    sizes, fixed = split_blocks(model, model.transformer_blocks, skip)
+    if modulation:  # the table: per step, per block img [R, 6D] + txt [rows, 6D], and norm_out's [rows, 2D]
+        r = workload.rows * (2 if workload.references and cfg.zero_cond_t else 1)
+        row_bytes = cfg.hidden * workload.compute_bytes
+        fixed += steps * (len(sizes) * (r + workload.rows) * 6 + 2 * workload.rows) * row_bytes
     flops = dit_block_flops(workload, cfg.hidden, cfg.mlp_dim)
     if activation_bytes is None:
         activation_bytes = dit_activation_bytes(workload, cfg.hidden, cfg.mlp_dim)
     return plan_blocks(
         sizes, fixed, free, reserve, activation_bytes,
         flops / (card.tflops * 1e12 * card.mfu), card.h2d_gbps * GB,
-        name=f"{card.name}, {workload.describe()}", storage=storage_label(model.transformer_blocks),
+        name=f"{card.name}, {workload.describe()}{', modulation precomputed' if modulation else ''}",
+        storage=storage_label(model.transformer_blocks),
         max_resident=max_resident,
     )  # fmt: skip
 

@@ -84,7 +84,11 @@ class Linear(nn.Linear):
         """x W^T + b, plus each LoRA beside the layer: + s (x A^T) B^T in x's dtype (no weight-sized temporaries;
         GEMMs accumulate in float32 on GPUs). The factors are expected on x's device in x's dtype already
         (`lora_to`); otherwise they are converted here, per call."""
-        w = self.compute_weight(x.dtype, lora=False)
+        return self.forward_with(x, self.compute_weight(x.dtype, lora=False))
+
+    def forward_with(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """`forward` with the weight already computed (`compute_weight(x.dtype, lora=False)`): callers that apply
+        one layer to several inputs read its weight once (e.g. `modulation.precompute`), with the same numbers."""
         b = None if self.bias is None else cast_weight(self.bias, None, x.dtype, (), self.bias_fns)
         y = F.linear(x, w, b)
         for down, up, s in self.lora:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import sampling
+from . import modulation, sampling
 from .formats.vae import load_vae
 from .lora import Lora, loras_applied
 from .mmdit import MMDiT, load_dit
@@ -284,6 +284,7 @@ def sample(
     loras: Sequence[tuple[Lora, float]] = (),
     zero_cond_t: bool | None = None,
     controls: Sequence = (),
+    precompute_modulation: bool = True,
 ) -> torch.Tensor:
     """Flow-matching Euler sampling from `noise` [B, 16, h, w] down `sigmas`; returns clean latents (float32).
 
@@ -291,6 +292,8 @@ def sample(
     denoise < 1): x = sigma_0 * noise + (1 - sigma_0) * latents. CFG runs when cfg_scale > 1 and `uncond`
     is given, cond and uncond in one batched pass. Conditioning of batch 1 serves every sample.
     controls: ControlNets (`control.Control`) whose residuals enter the DiT's blocks.
+    precompute_modulation: the AdaLN modulation of every step computed once at the start (`modulation.py`: its
+    weights read once per run, the same numbers); the step index selects the entry on the host.
     """
     device = dit.img_in.weight.device
     dtype = cond.embeds.dtype
@@ -298,7 +301,9 @@ def sample(
     if latents is not None:
         x = sampling.noise_latent(latents.to(x), x, float(sigmas[0]))
     use_cfg = uncond is not None and cfg_scale > 1.0
-    denoiser = sampling.CFGDenoiser(_velocity(dit, dtype, zero_cond_t), cfg_scale if use_cfg else 1.0, cfg_rescale)
+    table = []  # the run's modulation.ModulationTable, made once the LoRAs apply; `at` follows the steps
+    velocity = _velocity(dit, dtype, zero_cond_t, lambda: table[0].current() if table else None)
+    denoiser = sampling.CFGDenoiser(velocity, cfg_scale if use_cfg else 1.0, cfg_rescale)
     if controls:
         from .control import wrap  # noqa: PLC0415 (control imports this module lazily)
 
@@ -309,11 +314,17 @@ def sample(
     steps = len(sigmas) - 1
 
     def on_step(d):
+        if table:
+            table[0].at = d["i"] + 1
         if callback is not None:
             callback(d["i"], steps, d["x"], d["denoised"])
 
     with loras_applied(dit, loras):
         lora_to(dit, device, dtype)  # the factors where and as the layers compute, once for the run
+        if precompute_modulation and not modulation.supported(dit):
+            zero = (dit.zero_cond_t if zero_cond_t is None else zero_cond_t) and bool(cond.ref_latents)
+            rows = x.shape[0] * (2 if use_cfg else 1)
+            table.append(modulation.precompute(dit, sigmas[:-1], rows, dtype, device, zero))
         return sampling.sample_euler(denoiser, x, sigmas, extra, on_step, disable=True)
 
 
@@ -330,14 +341,15 @@ def _batched(c: Conditioning, batch: int, device, dtype, prefix: str) -> dict:
     return out
 
 
-def _velocity(dit: MMDiT, dtype: torch.dtype, zero_cond_t: bool | None):
-    """The DiT as a velocity model on float32 latents, computing in `dtype`."""
+def _velocity(dit: MMDiT, dtype: torch.dtype, zero_cond_t: bool | None, step_mod: Callable = lambda: None):
+    """The DiT as a velocity model on float32 latents, computing in `dtype`; step_mod() gives the call's
+    precomputed modulation (`modulation.StepModulation`) or None."""
 
     def velocity(x, sigma, txt, txt_mask=None, ref_latents=None, txt_lengths=None, block_hook=None):
         refs = None if ref_latents is None else [r.to(dtype) for r in ref_latents]
         out = dit(
             x.to(dtype), sigma, txt, txt_mask, ref_latents=refs, zero_cond_t=zero_cond_t, txt_lengths=txt_lengths,
-            block_hook=block_hook,
+            block_hook=block_hook, step_mod=step_mod(),
         )  # fmt: skip
         return out.float()
 

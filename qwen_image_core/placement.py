@@ -29,8 +29,10 @@ class Offloaded:
     until `detach(release_host=True)` (which leaving the context manager does)."""
 
     def __init__(self, model: nn.Module, blocks: Sequence[nn.Module], planner: Planner, transfer: Transfer,
-                 root: nn.Module | None = None, errors: tuple[type[BaseException], ...] = OOM_ERRORS):  # fmt: skip
+                 root: nn.Module | None = None, errors: tuple[type[BaseException], ...] = OOM_ERRORS,
+                 skip: Sequence[nn.Module] = ()):  # fmt: skip
         self.model, self.blocks, self.planner, self.transfer, self.root = model, blocks, planner, transfer, root
+        self.skip = skip  # modules left on the host (BlockStreamer's `skip`; the planner must leave them out)
         self.errors = errors
         self.streamer: BlockStreamer | None = None
         self.host = HostCopies()
@@ -57,7 +59,7 @@ class Offloaded:
         ):
             return old
         kept = self.streamer.detach(keep=True) if self.attached else {}
-        self.streamer = BlockStreamer(self.model, self.blocks, plan, self.transfer, self.root, self.host)
+        self.streamer = BlockStreamer(self.model, self.blocks, plan, self.transfer, self.root, self.host, self.skip)
         self.streamer.attach(reuse=kept)
         self.placed_bytes += self.streamer.stats.load_bytes
         return plan
