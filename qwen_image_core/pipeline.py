@@ -285,6 +285,7 @@ def sample(
     zero_cond_t: bool | None = None,
     controls: Sequence = (),
     precompute_modulation: bool = True,
+    sampler: Callable | None = None,
 ) -> torch.Tensor:
     """Flow-matching Euler sampling from `noise` [B, 16, h, w] down `sigmas`; returns clean latents (float32).
 
@@ -294,6 +295,7 @@ def sample(
     controls: ControlNets (`control.Control`) whose residuals enter the DiT's blocks.
     precompute_modulation: the AdaLN modulation of every step computed once at the start (`modulation.py`: its
     weights read once per run, the same numbers); the step index selects the entry on the host.
+    sampler: a k-diffusion sampler in place of Euler that calls back once per step (`inpaint.masked_euler`).
     """
     device = dit.img_in.weight.device
     dtype = cond.embeds.dtype
@@ -325,7 +327,7 @@ def sample(
             zero = (dit.zero_cond_t if zero_cond_t is None else zero_cond_t) and bool(cond.ref_latents)
             rows = x.shape[0] * (2 if use_cfg else 1)
             table.append(modulation.precompute(dit, sigmas[:-1], rows, dtype, device, zero))
-        return sampling.sample_euler(denoiser, x, sigmas, extra, on_step, disable=True)
+        return (sampler or sampling.sample_euler)(denoiser, x, sigmas, extra, on_step, disable=True)
 
 
 def _batched(c: Conditioning, batch: int, device, dtype, prefix: str) -> dict:

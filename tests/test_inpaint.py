@@ -1,0 +1,158 @@
+"""Inpainting against diffusers' QwenImageInpaintPipeline (mask, strength; with a ControlNet too) on tiny random
+models sharing their weights (final images within 1e-4, float32); ComfyUI's latent noise mask against its
+KSamplerX0Inpaint; crop-and-stitch: pixels outside the mask equal the input's bytes exactly (tolerance 0, uint8)
+at sizes that are not multiples of 16, for several mask shapes; bad masks named."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+import oracles
+from qwen_image_core import inpaint as I
+from qwen_image_core.pipeline import QwenImagePipeline
+from tools.checkpoints import dit as D
+from tools.checkpoints import qwen_vl as Q
+from tools.checkpoints.vae import write_vae
+
+ATOL = 1e-4
+W, H = 96, 64
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inpaintrepo")
+    cfg = D.tiny_config(text_dim=Q.TINY_TEXT["hidden_size"])
+    D.write_diffusers(root, cfg, dtype=torch.float32, repo=True)
+    write_vae(root, "diffusers", base_dim=8, dtype=torch.float32, seed=5)
+    te = Q.reference_model(seed=0, cls=oracles.VLOracle)
+    Q.write_hf_folder(root / "text_encoder", te, dtype=torch.bfloat16)
+    shutil.copytree(oracles.TOKENIZER, root / "tokenizer")
+    return root, te
+
+
+@pytest.fixture(scope="module")
+def ours(repo):
+    return QwenImagePipeline.from_folder(repo[0])
+
+
+@pytest.fixture(scope="module")
+def components(repo):
+    from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+
+    root, te = repo
+    return dict(
+        transformer=QwenImageTransformer2DModel.from_pretrained(root / "transformer").eval(),
+        vae=AutoencoderKLQwenImage.from_pretrained(root / "vae").eval(),
+        text_encoder=te,
+        tokenizer=oracles.tokenizer(),
+        scheduler=oracles.scheduler(),
+    )
+
+
+def picture(w, h, seed):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def box_mask(w, h, box):
+    m = Image.new("L", (w, h), 0)
+    m.paste(255, box)
+    return m
+
+
+@pytest.mark.parametrize(("strength", "cfg"), [(1.0, 4.0), (0.6, 1.0)], ids=["full-cfg", "strength0.6"])
+def test_inpaint_matches_diffusers(ours, components, strength, cfg):
+    from diffusers import QwenImageInpaintPipeline as Ref
+
+    image, mask = picture(W, H, 1), box_mask(W, H, (16, 8, 60, 48))
+    want = Ref(**components)(
+        "a red door", image=image, mask_image=mask, negative_prompt=" ", strength=strength, width=W, height=H,
+        num_inference_steps=5, true_cfg_scale=cfg, output_type="pt", generator=torch.Generator().manual_seed(2),
+    ).images  # fmt: skip
+    got = I.inpaint(ours, "a red door", image, mask, " ", strength=strength, steps=5, cfg_scale=cfg, seed=2)
+    err = (got - want).abs().max().item()
+    print(f"max abs diff {err:.3g}")
+    assert got.shape == want.shape and err <= ATOL
+
+
+def test_noise_mask_denoiser_equals_comfyuis_ksampler_x0_inpaint():
+    from tools.comfy_paths import import_comfy_for_oracle  # noqa: PLC0415
+
+    import_comfy_for_oracle()
+    import comfy.model_sampling as ms  # noqa: PLC0415
+    from comfy.samplers import KSamplerX0Inpaint  # noqa: PLC0415
+
+    g = torch.Generator().manual_seed(0)
+    x, latent, noise = (torch.randn(2, 16, 6, 8, generator=g) for _ in range(3))
+    mask = torch.rand(2, 1, 6, 8, generator=g)  # graded, as differential diffusion leaves it
+    sigma = torch.tensor([0.7, 0.7])
+    model = lambda x_, s_, **kw: torch.tanh(x_) * 0.5  # noqa: E731
+    const = type("Flow", (ms.CONST,), {})()
+
+    class Inner:  # what KSamplerX0Inpaint reads off ComfyUI's wrapped model
+        inner_model = type("M", (), {"scale_latent_inpaint": lambda self, x, sigma, noise, latent_image:
+                                     const.noise_scaling(sigma, noise, latent_image)})()  # fmt: skip
+
+        def __call__(self, x_, s_, model_options=None, seed=None):
+            return model(x_, s_)
+
+    ref = KSamplerX0Inpaint(Inner(), None)
+    ref.noise, ref.latent_image = noise, latent
+    want = ref(x, sigma, denoise_mask=mask)
+    got = I.NoiseMaskDenoiser(model, latent, mask, noise)(x, sigma)
+    assert (got - want).abs().max().item() <= 1e-6
+
+
+def _shapes(w, h):
+    rect = box_mask(w, h, (w // 5, h // 4, w // 2, h // 2 + 3))
+    ellipse = Image.new("L", (w, h), 0)
+    ImageDraw.Draw(ellipse).ellipse((w // 3, h // 3, w - 5, h - 2), fill=255)
+    stroke = Image.new("L", (w, h), 0)
+    ImageDraw.Draw(stroke).line((0, h - 1, w - 1, 0), fill=180, width=5)  # soft, touching two corners
+    edge = box_mask(w, h, (w - 9, 0, w, h))  # along the right border
+    return {"rect": rect, "ellipse": ellipse, "soft-stroke": stroke, "edge": edge}
+
+
+@pytest.mark.parametrize("size", [(101, 75), (150, 47)])
+def test_crop_and_stitch_keeps_unmasked_pixels_exactly(size):
+    w, h = size
+    src = picture(w, h, 7)
+    seen = []
+
+    def job(crop, crop_mask):
+        seen.append((crop.size, crop_mask.size))
+        assert crop.size[0] % 16 == 0 and crop.size[1] % 16 == 0
+        return Image.fromarray(255 - np.asarray(crop))  # repaint: invert the crop
+
+    for name, mask in _shapes(w, h).items():
+        out = I.crop_and_stitch(src, mask, job, pad=8, area=128 * 128)
+        a, b, m = np.asarray(out), np.asarray(src), np.asarray(mask)
+        assert out.size == src.size
+        assert (a[m == 0] == b[m == 0]).all(), name  # tolerance 0 outside the mask
+        assert (a[m > 0] != b[m > 0]).any(), name  # the repaint arrived inside it
+    assert len(seen) == 4
+
+
+def test_crop_and_stitch_empty_and_full_masks():
+    src = picture(70, 50, 3)
+    calls = []
+    out = I.crop_and_stitch(src, Image.new("L", (70, 50), 0), lambda c, m: calls.append(1) or c)
+    assert not calls and np.array_equal(np.asarray(out), np.asarray(src))  # empty: nothing to repaint
+    out = I.crop_and_stitch(src, Image.new("L", (70, 50), 255), lambda c, m: Image.new("RGB", c.size, (9, 9, 9)))
+    assert (np.asarray(out) == 9).all()  # full: the whole image is the job's
+
+
+def test_bad_masks_are_named(ours):
+    image = picture(W, H, 1)
+    with pytest.raises(ValueError, match="mask is 32x32 pixels"):
+        I.crop_and_stitch(image, Image.new("L", (32, 32), 255), lambda c, m: c)
+    with pytest.raises(ValueError, match="mask is 32x32 pixels"):
+        I.inpaint(ours, "x", image, torch.ones(1, 32, 32), steps=2)
+    with pytest.raises(ValueError, match="mask has a batch of 3"):
+        I.inpaint(ours, "x", image, torch.ones(3, H, W), steps=2, batch_size=2)
+    with pytest.raises(ValueError, match="one mask"):
+        I.crop_and_stitch(image, torch.ones(2, H, W), lambda c, m: c)
