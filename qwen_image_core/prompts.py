@@ -183,17 +183,19 @@ def vision_patches(
     patch: int = 14,
     merge: int = 2,
     temporal: int = 2,
+    mean: Sequence[float] = CLIP_MEAN,
+    std: Sequence[float] = CLIP_STD,
 ):
     """Pixels of one image as the vision tower's patches: ([N, 3*temporal*patch*patch] float32, (1, gh, gw)).
 
-    Smart resize (bicubic, on 8-bit RGB, as transformers' PIL image processor), x/255, CLIP mean/std, then
-    14-px patches grouped by 2x2 merge block, each patch's frame repeated `temporal` times.
+    Smart resize (bicubic, on 8-bit RGB, as transformers' PIL image processor), x/255, `mean`/`std` (CLIP's
+    for Qwen2.5-VL), then `patch`-px patches grouped by 2x2 merge block, each frame repeated `temporal` times.
     """
     img = to_pil(image)
     h, w = smart_resize(img.height, img.width, patch * merge, min_pixels, max_pixels)
     img = img.resize((w, h), resample=Image.BICUBIC)
     x = torch.from_numpy((np.asarray(img, dtype=np.float64) * (1 / 255)).astype(np.float32)).permute(2, 0, 1)
-    x = (x - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]  # [3, H, W]
+    x = (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]  # [3, H, W]
     gh, gw = h // patch, w // patch
     x = x.view(3, gh // merge, merge, patch, gw // merge, merge, patch).permute(1, 4, 2, 5, 0, 3, 6)
     x = x[:, :, :, :, :, None].expand(*x.shape[:5], temporal, patch, patch)  # [gh/m, gw/m, m, m, 3, T, p, p]

@@ -201,6 +201,18 @@ def rope_positions(grids: Sequence[tuple[int, int, int]], merge: int) -> torch.T
     return torch.cat(out)
 
 
+def rope_2d(grids, head_dim: int, theta: float, merge: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [N, 1, head_dim] of the vision towers' 2D RoPE (Qwen2.5-VL and Qwen3-VL alike): a quarter of the
+    head's channels turn with the patch row, a quarter with its column, in rotate-half layout; patches in
+    `rope_positions` order."""
+    quarter = head_dim // 4
+    inv_freq = 1.0 / theta ** (torch.arange(0, 2 * quarter, 2, dtype=torch.float) / (2 * quarter))
+    pos = rope_positions(grids, merge).float()
+    angles = (pos[:, :, None] * inv_freq).flatten(1)  # [N, 2 * quarter]: row freqs, then column freqs
+    angles = torch.cat([angles, angles], -1).to(device)[:, None, :]  # [N, 1, head_dim]
+    return angles.cos(), angles.sin()
+
+
 class VisionTower(nn.Module):
     """Qwen2.5-VL's ViT; module names equal the checkpoint's `visual.*` keys."""
 
@@ -213,12 +225,7 @@ class VisionTower(nn.Module):
 
     def rope(self, grids, device) -> tuple[torch.Tensor, torch.Tensor]:
         """2D RoPE angles [N, 1, head_dim]: half the frequencies follow the row, half the column."""
-        quarter = self.cfg.head_dim // 4
-        inv_freq = 1.0 / self.cfg.rope_theta ** (torch.arange(0, 2 * quarter, 2, dtype=torch.float) / (2 * quarter))
-        pos = rope_positions(grids, self.cfg.merge_size).float()
-        angles = (pos[:, :, None] * inv_freq).flatten(1)  # [N, 2 * quarter]: row freqs, then column freqs
-        angles = torch.cat([angles, angles], -1).to(device)[:, None, :]  # [N, 1, head_dim]
-        return angles.cos(), angles.sin()
+        return rope_2d(grids, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.merge_size, device)
 
     def forward(
         self, patches: torch.Tensor, grids: Sequence[tuple[int, int, int]], check: Callable[[], None] | None = None

@@ -1,0 +1,211 @@
+"""Qwen3-VL (Qwen-Image-2.1's condition encoder) against transformers and diffusers, and its file layouts.
+
+Oracles: transformers 5.23 `Qwen3VLForConditionalGeneration` at a tiny config with seeded random weights
+(`tools/checkpoints/qwen3_vl.py`); for whole prompts, diffusers 0.42.1's own `get_qwenimage21_prompt_embeds`
+(the modular qwenimage21 text-encoder step) driving that model through transformers' `Qwen3VLProcessor`.
+The features are the last decoder layer's output before the final norm (the reference hooks the norm out).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import Qwen2Tokenizer, Qwen3VLProcessor
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from oracles import TOKENIZER, noise_image
+from qwen_image_core.checkpoint import CheckpointError
+from qwen_image_core.prompts import IMAGE_PAD, VISION_END, VISION_START, rope_index
+from qwen_image_core.qwen21 import prompts as P
+from qwen_image_core.qwen21.encoder import load_qwen3_vl
+from qwen_image_core.qwen21.qwen3_vl import Qwen3VL, Qwen3VLConfig
+from qwen_image_core.text_encoder import load_text_encoder
+from tools.checkpoints import qwen3_vl as W
+from tools.checkpoints import qwen_vl as W1
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: faster on one thread
+
+TOL = 1e-5  # max |ours - reference| relative to max |reference|
+# the Qwen chat format for the system message the reference tokenizes to count the dropped tokens
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for c in m['content'] %}{{ c['text'] }}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+)
+
+
+class Processor(Qwen3VLProcessor):
+    """transformers' Qwen3VLProcessor without its video processor (torchvision is not installed)."""
+
+    def check_argument_for_proper_class(self, argument_name, argument):
+        if argument_name == "video_processor" and argument is None:
+            return None
+        return super().check_argument_for_proper_class(argument_name, argument)
+
+
+def image_processor():
+    return Qwen2VLImageProcessorPil(
+        patch_size=P.PATCH, merge_size=P.MERGE, temporal_patch_size=P.TEMPORAL, image_mean=list(P.VL_MEAN),
+        image_std=list(P.VL_STD), min_pixels=P.VL_MIN_PIXELS, max_pixels=P.VL_MAX_PIXELS,
+    )  # fmt: skip
+
+
+def close(ours, ref, tol=TOL):
+    err, scale = (ours - ref).abs().max().item(), ref.abs().max().item()
+    assert err <= tol * scale, f"max abs diff {err:.3g} > {tol} x scale {scale:.3g}"
+    return err / scale
+
+
+def oracle_features(model, **inputs):
+    """transformers' last decoder layer output, before the final norm (as the reference takes it)."""
+    hook = model.model.language_model.norm.register_forward_hook(lambda m, args, out: args[0])
+    try:
+        with torch.no_grad():
+            return model(**inputs, output_hidden_states=True).hidden_states[-1]
+    finally:
+        hook.remove()
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return W.reference_model(seed=0)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Qwen2Tokenizer.from_pretrained(str(TOKENIZER))
+
+
+@pytest.fixture(scope="module")
+def files(ref, tmp_path_factory):
+    d = tmp_path_factory.mktemp("qwen3_vl")
+    W.write_hf_folder(d / "hf" / "text_encoder", ref, naming="transformers5", shards=2)
+    W.write_single(d / "qwen3vl_8b_bf16.safetensors", ref)
+    W.write_single(d / "text_only.safetensors", ref, vision=False)
+    return d
+
+
+@pytest.fixture(scope="module")
+def encoder(files, tok):
+    return load_qwen3_vl(files / "qwen3vl_8b_bf16.safetensors", tokenizer=tok)
+
+
+def test_text_features_match_transformers(ref, encoder):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 151643, (1, 41), generator=g)
+    expected = oracle_features(ref, input_ids=ids, attention_mask=torch.ones_like(ids))
+    with torch.no_grad():
+        got = encoder.model(ids, rope_index(ids, []), torch.float32)
+    close(got, expected)
+
+
+def test_vision_features_and_deepstack_match_transformers_two_aspects(ref, encoder):
+    images = [noise_image(160, 224, 0), noise_image(96, 64, 1)]  # landscape and portrait, grids 10x14 and 6x4
+    out = image_processor()(images, return_tensors="pt")
+    pv, grids = out["pixel_values"], out["image_grid_thw"]
+    ours = [P.vision_patches21(im) for im in images]
+    assert [g for _, g in ours] == [tuple(g) for g in grids.tolist()]
+    assert torch.equal(torch.cat([p for p, _ in ours]), pv)  # our preprocessing = the processor's, bit for bit
+    with torch.no_grad():
+        theirs = ref.model.get_image_features(pv, grids)
+        merged, deepstack = encoder.model.encode_images(pv, [tuple(g) for g in grids.tolist()])
+    close(merged, torch.cat(theirs.pooler_output))
+    assert len(deepstack) == 2
+    for a, b in zip(deepstack, theirs.deepstack_features, strict=True):
+        close(a, torch.cat(b))
+    # the whole encoder with both images in one prompt (DeepStack added after layers 0 and 1, 3D positions)
+    g = torch.Generator().manual_seed(2)
+    row = torch.randint(0, 151000, (7,), generator=g).tolist()
+    for grid in grids:
+        row += [VISION_START] + [IMAGE_PAD] * (int(grid.prod()) // 4) + [VISION_END] + [1, 2, 3]
+    ids = torch.tensor([row])
+    expected = oracle_features(
+        ref, input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pv, image_grid_thw=grids,
+        mm_token_type_ids=(ids == IMAGE_PAD).int(),
+    )  # fmt: skip
+    with torch.no_grad():
+        got = encoder.model(ids, rope_index(ids, [tuple(g) for g in grids.tolist()]), torch.float32,
+                            (merged, deepstack), ids == IMAGE_PAD)  # fmt: skip
+    close(got, expected)
+
+
+def diffusers_embeds(ref, tok, prompts, images=None):
+    from diffusers.modular_pipelines.qwenimage21.encoders import get_qwenimage21_prompt_embeds
+
+    proc = Processor(image_processor=image_processor(), tokenizer=tok, chat_template=CHAT_TEMPLATE)
+    return get_qwenimage21_prompt_embeds(ref, proc, prompts, image=images, device="cpu")
+
+
+def test_t2i_prompts_match_diffusers(ref, tok, encoder):
+    prompts = ["a red fox in the snow, watercolour", "", P.rgba_prompt("a glass bottle")]
+    e, m, s = diffusers_embeds(ref, tok, prompts)
+    got, mask, slots = encoder.encode(prompts)
+    assert torch.equal(mask, m.bool()) and not slots.any() and not s.any()
+    close(got[mask], e[m.bool()])
+    assert torch.equal(got[~mask], torch.zeros_like(got[~mask]))
+
+
+def test_edit_with_references_of_two_aspects_and_alpha_matches_diffusers(ref, tok, encoder):
+    rgba = np.random.RandomState(3).randint(0, 256, (64, 96, 4), dtype=np.uint8)
+    rgba[..., 3] = np.where(np.arange(96)[None] < 40, 0, 200)  # transparent left part, translucent right part
+    images = [P.official_resize(noise_image(150, 100, 4), 128), P.official_resize(Image.fromarray(rgba, "RGBA"), 96)]
+    assert [im.size for im in images] == [(96, 160), (128, 64)] and images[1].mode == "RGBA"
+    prompts = ["put <image1> on <image2>", "make <image2> blue"]
+    e, m, s = diffusers_embeds(ref, tok, prompts, images)
+    got, mask, slots = encoder.encode(prompts, images)
+    assert torch.equal(mask, m.bool()) and torch.equal(slots, s.bool()) and slots.any()
+    close(got[mask], e[m.bool()])
+
+
+def test_template_addresses_references_and_refuses_eleven():
+    text = P.template_text("swap them", 2)
+    assert "<image1><|vision_start|><|image_pad|><|vision_end|> <image2><|vision_start|>" in text
+    assert text.startswith(P.SYSTEM_BLOCK) and text.endswith("swap them<|im_end|>\n<|im_start|>assistant\n")
+    P.template_text("x", 10)
+    with pytest.raises(ValueError, match="at most 10 reference images"):
+        P.template_text("x", 11)
+
+
+def test_all_layouts_load_the_same_weights(files, tok, encoder):
+    baseline = encoder.model.state_dict()
+    hf = load_qwen3_vl(files / "hf" / "text_encoder", tokenizer=tok).model
+    assert hf.cfg == encoder.model.cfg
+    for k, v in baseline.items():
+        assert torch.equal(hf.state_dict()[k], v), k
+    text_only = load_qwen3_vl(files / "text_only.safetensors", tokenizer=tok)
+    assert text_only.model.visual is None
+    with pytest.raises(ValueError, match="no vision tower"):
+        text_only.encode("x", [noise_image(64, 64, 0)])
+
+
+def test_each_family_refuses_the_other(files, tmp_path, tok):
+    v1 = W1.reference_model(seed=0)
+    W1.write_comfy_single(tmp_path / "qwen_2.5_vl_7b.safetensors", W1.legacy_state_dict(v1))
+    with pytest.raises(CheckpointError, match="Qwen2.5-VL text encoder of Qwen-Image v1"):
+        load_qwen3_vl(tmp_path / "qwen_2.5_vl_7b.safetensors", tokenizer=tok)
+    for name in ("qwen3vl_8b_bf16.safetensors", "text_only.safetensors"):
+        with pytest.raises(CheckpointError, match="Qwen-Image-2.1"):
+            load_text_encoder(files / name, tokenizer=tok)
+
+
+def test_real_8b_config_names_and_shapes():
+    """At the real size (meta device): our defaults, names and shapes equal transformers' Qwen3-VL-8B."""
+    with torch.device("meta"):
+        ours = Qwen3VL(Qwen3VLConfig())
+        theirs = W.reference_model(
+            text=dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                      num_key_value_heads=8),
+            vision=dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16,
+                        num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24]),
+            exact_in=None,
+        )  # fmt: skip
+    shapes = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    expected = {k: tuple(v.shape) for k, v in W.legacy_state_dict(theirs).items() if not k.startswith("lm_head")}
+    assert shapes == expected
+    from qwen_image_core.formats import qwen3_vl as F
+    from qwen_image_core.qwen21.vision3 import Vision3Config
+
+    fields = F.config_fields(shapes, {}, "the 8B shapes")
+    vision = fields.pop("vision")
+    assert Qwen3VLConfig(**fields, vision=Vision3Config(**vision)) == Qwen3VLConfig()
