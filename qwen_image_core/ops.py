@@ -79,18 +79,26 @@ class Linear(nn.Linear):
         self.lora: tuple[LoraPatch, ...] = ()
         self.weight_fns: tuple[TensorFn, ...] = ()
         self.bias_fns: tuple[TensorFn, ...] = ()
+        # a native quantised product (layer, x, bias) -> y set by `matmul.using` (None: dequantise, float GEMM)
+        self.matmul: Callable[..., torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x W^T + b, plus each LoRA beside the layer: + s (x A^T) B^T in x's dtype (no weight-sized temporaries;
         GEMMs accumulate in float32 on GPUs). The factors are expected on x's device in x's dtype already
         (`lora_to`); otherwise they are converted here, per call."""
+        if self.matmul is not None and not self.weight_fns:  # weight patches need the float weight
+            return self._beside(x, self.matmul(self, x, self._bias(x.dtype)))
         return self.forward_with(x, self.compute_weight(x.dtype, lora=False))
+
+    def _bias(self, dtype: torch.dtype) -> torch.Tensor | None:
+        return None if self.bias is None else cast_weight(self.bias, None, dtype, (), self.bias_fns)
 
     def forward_with(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """`forward` with the weight already computed (`compute_weight(x.dtype, lora=False)`): callers that apply
         one layer to several inputs read its weight once (e.g. `modulation.precompute`), with the same numbers."""
-        b = None if self.bias is None else cast_weight(self.bias, None, x.dtype, (), self.bias_fns)
-        y = F.linear(x, w, b)
+        return self._beside(x, F.linear(x, w, self._bias(x.dtype)))
+
+    def _beside(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         for down, up, s in self.lora:
             down, up = down.to(device=x.device, dtype=x.dtype), up.to(device=x.device, dtype=x.dtype)
             y = y + s * F.linear(F.linear(x, down), up)
