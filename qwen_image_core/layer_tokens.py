@@ -13,9 +13,15 @@ import torch
 
 
 def frames(img: torch.Tensor, cfg) -> int:
-    """F of a layered latent [B, C, F, H, W] (0 for an ordinary [B, C, H, W]); refused by a DiT without the
-    layer-3D RoPE (`cfg`: its MMDiTConfig)."""
+    """F of a layered latent [B, C, F, H, W] (0 for an ordinary [B, C, H, W]); a layered latent is refused by
+    a DiT without the layer-3D RoPE, an ordinary one by a DiT with it (`cfg`: its MMDiTConfig)."""
     if img.dim() == 4:
+        if cfg.layer3d_rope:
+            raise ValueError(
+                f"the diffusion model is Qwen-Image-Layered: it decomposes a picture into layers (a latent [B, 16, "
+                f"layers + 1, H, W]) and cannot sample an image latent {tuple(img.shape)}; use the Qwen-Image "
+                "Layered Sampler node (qwen_image_core.layered)"
+            )
         return 0
     if img.dim() != 5:
         raise ValueError(f"the DiT takes latents [B, 16, H, W] or layered [B, 16, F, H, W], got {tuple(img.shape)}")

@@ -115,6 +115,13 @@ def test_plain_dit_refuses_layered_latents(tmp_path):
         layered.check_dit(plain, "the model input")
 
 
+def test_layered_dit_refuses_image_latents(files):
+    """The reverse: an ordinary latent (KSampler, the Qwen-Image Sampler) on the layered model is refused by name."""
+    img, cond, sigma, txt = layered_inputs(1, 1, 4, 4, 4, 4)
+    with pytest.raises(ValueError, match="Qwen-Image-Layered.*Layered Sampler"):
+        load_dit(files["comfy"])(img[:, :, 0], sigma, txt, ref_latents=[cond])
+
+
 # -- the RGBA VAE
 
 
