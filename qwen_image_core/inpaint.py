@@ -129,6 +129,61 @@ def inpaint(
     return pipe.decode(latents.to(dtype))
 
 
+def edit_inpaint(
+    pipe,
+    prompt: str,
+    image,
+    mask,
+    negative_prompt: str | None = None,
+    strength: float = 0.6,
+    steps: int = 50,
+    cfg_scale: float = 4.0,
+    seed: int = 0,
+    schedule="dynamic",
+    variant: str = "edit",
+    resize: str = "official",
+    dtype: torch.dtype = torch.float32,
+    zero_cond_t: bool | None = None,
+) -> torch.Tensor:
+    """Masked instruction editing as diffusers' QwenImageEditInpaintPipeline: [1, 3, H, W] in [0, 1].
+
+    The image is the edit reference and the canvas (resized as `pipeline.prepare_references` does for `variant`
+    and `resize`; "edit" / "official" is diffusers' ~1 MP); its posterior sample (the generator's first draw)
+    is both the reference latent and the latent kept outside the mask (`masked_euler`). variant "edit_plus"
+    (Edit-2509 / 2511, which diffusers has no inpaint pipeline for) uses that model's prompt template.
+    """
+    from .pipeline import make_sigmas, prepare_references  # noqa: PLC0415
+
+    refs = prepare_references([image], variant, resize)
+    width, height = refs.width // DIT_MULTIPLE * DIT_MULTIPLE, refs.height // DIT_MULTIPLE * DIT_MULTIPLE
+    m = binary_mask(_image_mask(mask, to_pil(image).size), width, height)
+    g = torch.Generator().manual_seed(seed)
+    z = pipe.encode_images(refs.vae_pixels[0], dtype, sample=True, generator=g).float()
+    sigmas = sampling.sigmas_for_strength(make_sigmas(schedule, steps, height, width), strength)
+    if len(sigmas) < 2:
+        raise ValueError(f"strength {strength} leaves no step of {steps}: raise strength or steps")
+    noise = torch.randn((1, LATENT_CHANNELS, height // VAE_SCALE, width // VAE_SCALE), generator=g)
+    template = "edit" if variant == "edit" else "edit_plus"
+    cond = pipe.encode_prompt([prompt], template, dtype, None, refs.vl_images)
+    cond.ref_latents = [z]
+    uncond = None
+    if negative_prompt is not None and cfg_scale > 1.0:
+        uncond = pipe.encode_prompt([negative_prompt], template, dtype, None, refs.vl_images)
+    target = z[..., : height // VAE_SCALE, : width // VAE_SCALE]
+    sampler = masked_euler(target, latent_mask(m, target.shape[-2:]), noise)
+    latents = pipe.sample(
+        noise, cond, uncond, sigmas=sigmas, cfg_scale=cfg_scale, latents=target, sampler=sampler,
+        zero_cond_t=zero_cond_t,
+    )  # fmt: skip
+    return pipe.decode(latents.to(dtype))
+
+
+def _image_mask(mask, size: tuple[int, int]) -> Image.Image:
+    """A mask of the image's own size (width, height) as a grey PIL image (resized with the image later)."""
+    m = _mask_array(mask, size)
+    return Image.fromarray((np.clip(m, 0, 1) * 255).round().astype(np.uint8))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Crop to the mask, repaint at full resolution, stitch back
 # ---------------------------------------------------------------------------------------------------------
@@ -167,7 +222,7 @@ def _mask_array(mask, size: tuple[int, int]) -> np.ndarray:
     else:
         m = torch.as_tensor(mask, dtype=torch.float32).squeeze().cpu().numpy()
     if m.ndim != 2:
-        raise ValueError(f"mask: one mask [H, W] per image for crop and stitch, got shape {tuple(m.shape)}")
+        raise ValueError(f"mask: one mask [H, W] per image, got shape {tuple(m.shape)}")
     if (m.shape[1], m.shape[0]) != size:
         raise ValueError(f"mask is {m.shape[1]}x{m.shape[0]} pixels; the image is {size[0]}x{size[1]}")
     return m
