@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..qwen_image_core import matmul as matmul_seam
 from ..qwen_image_core.formats.vae import load_vae
 from ..qwen_image_core.lora import lora_targets, read_lora
 from ..qwen_image_core.mmdit import load_dit
@@ -12,6 +13,7 @@ from .patcher import lora_patches
 CATEGORY = "QwenPix/loaders"
 DIT, TEXT_ENCODER, VAE = "MODEL", "QWENPIX_TEXT_ENCODER", "QWENPIX_VAE"  # the DiT is a native ComfyUI MODEL
 DTYPES = ["auto", "bf16", "fp16", "fp32"]
+MATMUL = matmul_seam.MODES  # the DiT loader's matmul choices (off: dequantised weights, float GEMMs)
 
 
 def weights_line(model) -> str:
@@ -67,6 +69,19 @@ class QwenPixDiTLoader:
                         "choose it to reproduce a seed from a native workflow exactly.",
                     },
                 ),
+                "matmul": (
+                    list(MATMUL),
+                    {
+                        "default": "off",
+                        "tooltip": "off: quantised weights are dequantised and multiplied in the compute dtype (exact "
+                        "to the stored weights). fp8: float8_e4m3fn layers (fp8, scaled fp8, comfy_quant fp8) multiply "
+                        "natively with the activations quantised per token (torch._scaled_mm: NVIDIA RTX 40xx, H100 "
+                        "and newer; other GPUs compute the same math without the speed). int8: int8 comfy_quant files "
+                        "(int8_tensorwise, int8_convrot) multiply in int8 (torch._int_mm). Faster on GPUs with those "
+                        "units, results change slightly; layers a mode does not cover stay dequantised (the node "
+                        "says how many are covered).",
+                    },
+                ),
             },
         }
 
@@ -75,7 +90,7 @@ class QwenPixDiTLoader:
         """The file's identity (size, mtime, inode): ComfyUI loads it again when the file changed on disk."""
         return host.model_fingerprint("diffusion_models", dit_name, "transformer")
 
-    def load(self, dit_name: str, compute_dtype: str, positions: str = "official (diffusers)"):
+    def load(self, dit_name: str, compute_dtype: str, positions: str = "official (diffusers)", matmul: str = "off"):
         fix = "choose a complete Qwen-Image diffusion model (DiT) (.safetensors, .gguf) from models/diffusion_models"
         with host.input_problem("dit_name", dit_name, fix):
             path = host.model_path("diffusion_models", dit_name, "transformer")
@@ -84,12 +99,16 @@ class QwenPixDiTLoader:
             convention = native_model.POSITIONS.get(positions)
             if convention is None:
                 raise ValueError("unknown position convention")
+        with host.input_problem("matmul", matmul, f"choose one of {', '.join(MATMUL)}"):
+            if matmul not in MATMUL:
+                raise ValueError("unknown matmul mode")
         dtype = host.compute_dtype(compute_dtype, host.compute_device())
-        native = native_model.dit_model(model, dtype, convention)
+        native = native_model.dit_model(model, dtype, convention, matmul)
         native.set_attachments("qwenpix_name", dit_name)  # for messages (the NaN diagnosis)
         native.set_attachments("qwenpix_compute", compute_dtype)
         plan = placement.describe_default_plan(model)  # shown on the node by the web extension
-        return {"ui": {"qwenpix_plan": [weights_line(model) + " ·", plan]}, "result": (native,)}
+        lines = [weights_line(model) + " ·", plan] + ([matmul_seam.coverage(model, matmul)] if matmul != "off" else [])
+        return {"ui": {"qwenpix_plan": lines}, "result": (native,)}
 
 
 class QwenPixTextEncoderLoader:

@@ -21,6 +21,7 @@ import comfy.supported_models
 import torch
 from torch import nn
 
+from ..qwen_image_core import matmul
 from ..qwen_image_core.mmdit import MMDiT
 from ..qwen_image_core.offload_plan import DiTWorkload, plan_dit, sampling_bytes
 from . import host, notices
@@ -59,6 +60,7 @@ class NativeDiT(nn.Module):
         for name, child in dit.named_children():  # shared, not copied: the MMDiT and this module are one model
             self.add_module(name, child)
         self.config, self.dtype, self.positions = dit.config, dtype, positions
+        self.matmul = "off"  # matmul.MODES: native quantised products (an object patch per MODEL, like positions)
         self.core_forward = dit.forward  # a bound method (not a submodule): computes with the same modules
 
     @property
@@ -94,11 +96,12 @@ class NativeDiT(nn.Module):
         mask = None if attention_mask is None or txt_lengths is not None else attention_mask.to(img.device) != 0
         options = transformer_options or {}
         hook = block_hook(x, options, control, len(self.transformer_blocks))
-        out = self.core_forward(
-            img, timestep, context, mask, refs or None, zero_cond_t,
-            positions=self.positions, ref_layout=layout, block_hook=hook, attention_fn=host_attention(options),
-            txt_lengths=txt_lengths,
-        )  # fmt: skip
+        with matmul.using(self.core, self.matmul):
+            out = self.core_forward(
+                img, timestep, context, mask, refs or None, zero_cond_t,
+                positions=self.positions, ref_layout=layout, block_hook=hook, attention_fn=host_attention(options),
+                txt_lengths=txt_lengths,
+            )  # fmt: skip
         return out.unsqueeze(2) if frames else out
 
 
@@ -234,8 +237,9 @@ class QwenPixModel(comfy.model_base.QwenImage):
         return sampling_bytes(wl, self.diffusion_model.config.hidden, self.diffusion_model.config.mlp_dim)
 
 
-def dit_model(dit: MMDiT, dtype: torch.dtype, positions: str = "official") -> comfy.model_patcher.ModelPatcher:
-    """A native MODEL of `dit` computing in `dtype` with the `positions` convention.
+def dit_model(dit: MMDiT, dtype: torch.dtype, positions: str = "official",
+              matmul_mode: str = "off") -> comfy.model_patcher.ModelPatcher:  # fmt: skip
+    """A native MODEL of `dit` computing in `dtype` with the `positions` convention and `matmul_mode` (matmul.MODES).
 
     One base patcher (and placement) per DiT; each call returns a clone with its own settings as object
     patches, so LoRA'd or differently configured MODELs of one file share the weights on the device.
@@ -253,4 +257,6 @@ def dit_model(dit: MMDiT, dtype: torch.dtype, positions: str = "official") -> co
     if dtype != base.model.get_dtype():
         m.set_model_compute_dtype(dtype)
     m.add_object_patch("diffusion_model.positions", positions)
+    if matmul_mode != "off":
+        m.add_object_patch("diffusion_model.matmul", matmul_mode)
     return m
