@@ -286,6 +286,7 @@ def sample(
     controls: Sequence = (),
     precompute_modulation: bool = True,
     sampler: Callable | None = None,
+    forward: Callable | None = None,
 ) -> torch.Tensor:
     """Flow-matching Euler sampling from `noise` [B, 16, h, w] down `sigmas`; returns clean latents (float32).
 
@@ -296,6 +297,7 @@ def sample(
     precompute_modulation: the AdaLN modulation of every step computed once at the start (`modulation.py`: its
     weights read once per run, the same numbers); the step index selects the entry on the host.
     sampler: a k-diffusion sampler in place of Euler that calls back once per step (`inpaint.masked_euler`).
+    forward: called in place of `dit(...)` with its arguments (`parallel.SequenceParallel`: tokens split over ranks).
     """
     device = dit.img_in.weight.device
     dtype = cond.embeds.dtype
@@ -304,7 +306,7 @@ def sample(
         x = sampling.noise_latent(latents.to(x), x, float(sigmas[0]))
     use_cfg = uncond is not None and cfg_scale > 1.0
     table = []  # the run's modulation.ModulationTable, made once the LoRAs apply; `at` follows the steps
-    velocity = _velocity(dit, dtype, zero_cond_t, lambda: table[0].current() if table else None)
+    velocity = _velocity(forward or dit, dtype, zero_cond_t, lambda: table[0].current() if table else None)
     denoiser = sampling.CFGDenoiser(velocity, cfg_scale if use_cfg else 1.0, cfg_rescale)
     if controls:
         from .control import wrap  # noqa: PLC0415 (control imports this module lazily)
@@ -343,7 +345,7 @@ def _batched(c: Conditioning, batch: int, device, dtype, prefix: str) -> dict:
     return out
 
 
-def _velocity(dit: MMDiT, dtype: torch.dtype, zero_cond_t: bool | None, step_mod: Callable = lambda: None):
+def _velocity(dit: Callable, dtype: torch.dtype, zero_cond_t: bool | None, step_mod: Callable = lambda: None):
     """The DiT as a velocity model on float32 latents, computing in `dtype`; step_mod() gives the call's
     precomputed modulation (`modulation.StepModulation`) or None."""
 
