@@ -14,6 +14,7 @@ CATEGORY = "QwenPix/loaders"
 DIT, TEXT_ENCODER, VAE = "MODEL", "QWENPIX_TEXT_ENCODER", "QWENPIX_VAE"  # the DiT is a native ComfyUI MODEL
 DTYPES = ["auto", "bf16", "fp16", "fp32"]
 MATMUL = matmul_seam.MODES  # the DiT loader's matmul choices (off: dequantised weights, float GEMMs)
+COMPILE = ("off", "inductor")  # the DiT loader's torch.compile choices (compiled.BACKENDS without the test one)
 
 
 def weights_line(model) -> str:
@@ -82,6 +83,16 @@ class QwenPixDiTLoader:
                         "says how many are covered).",
                     },
                 ),
+                "compile": (
+                    list(COMPILE),
+                    {
+                        "default": "off",
+                        "tooltip": "inductor: each transformer block is compiled with torch.compile (fused "
+                        "elementwise kernels around the matmuls: RoPE, norms, modulation). The first run of each "
+                        "image size takes a while to compile; works with block streaming. Needs a working "
+                        "torch.compile (Triton on NVIDIA GPUs). off: eager PyTorch.",
+                    },
+                ),
             },
         }
 
@@ -90,7 +101,8 @@ class QwenPixDiTLoader:
         """The file's identity (size, mtime, inode): ComfyUI loads it again when the file changed on disk."""
         return host.model_fingerprint("diffusion_models", dit_name, "transformer")
 
-    def load(self, dit_name: str, compute_dtype: str, positions: str = "official (diffusers)", matmul: str = "off"):
+    def load(self, dit_name: str, compute_dtype: str, positions: str = "official (diffusers)", matmul: str = "off",
+             compile: str = "off"):  # fmt: skip
         fix = "choose a complete Qwen-Image diffusion model (DiT) (.safetensors, .gguf) from models/diffusion_models"
         with host.input_problem("dit_name", dit_name, fix):
             path = host.model_path("diffusion_models", dit_name, "transformer")
@@ -102,8 +114,11 @@ class QwenPixDiTLoader:
         with host.input_problem("matmul", matmul, f"choose one of {', '.join(MATMUL)}"):
             if matmul not in MATMUL:
                 raise ValueError("unknown matmul mode")
+        with host.input_problem("compile", compile, f"choose one of {', '.join(COMPILE)}"):
+            if compile not in COMPILE:
+                raise ValueError("unknown compile choice")
         dtype = host.compute_dtype(compute_dtype, host.compute_device())
-        native = native_model.dit_model(model, dtype, convention, matmul)
+        native = native_model.dit_model(model, dtype, convention, matmul, compile)
         native.set_attachments("qwenpix_name", dit_name)  # for messages (the NaN diagnosis)
         native.set_attachments("qwenpix_compute", compute_dtype)
         plan = placement.describe_default_plan(model)  # shown on the node by the web extension

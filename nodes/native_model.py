@@ -21,7 +21,7 @@ import comfy.supported_models
 import torch
 from torch import nn
 
-from ..qwen_image_core import matmul
+from ..qwen_image_core import compiled, matmul
 from ..qwen_image_core.mmdit import MMDiT
 from ..qwen_image_core.offload_plan import DiTWorkload, plan_dit, sampling_bytes
 from . import host, notices
@@ -61,6 +61,7 @@ class NativeDiT(nn.Module):
             self.add_module(name, child)
         self.config, self.dtype, self.positions = dit.config, dtype, positions
         self.matmul = "off"  # matmul.MODES: native quantised products (an object patch per MODEL, like positions)
+        self.compile = "off"  # compiled.BACKENDS: torch.compile of each block's forward (an object patch too)
         self.core_forward = dit.forward  # a bound method (not a submodule): computes with the same modules
 
     @property
@@ -96,7 +97,7 @@ class NativeDiT(nn.Module):
         mask = None if attention_mask is None or txt_lengths is not None else attention_mask.to(img.device) != 0
         options = transformer_options or {}
         hook = block_hook(x, options, control, len(self.transformer_blocks))
-        with matmul.using(self.core, self.matmul):
+        with matmul.using(self.core, self.matmul), compiled.using(self.transformer_blocks, self.compile):
             out = self.core_forward(
                 img, timestep, context, mask, refs or None, zero_cond_t,
                 positions=self.positions, ref_layout=layout, block_hook=hook, attention_fn=host_attention(options),
@@ -237,9 +238,10 @@ class QwenPixModel(comfy.model_base.QwenImage):
         return sampling_bytes(wl, self.diffusion_model.config.hidden, self.diffusion_model.config.mlp_dim)
 
 
-def dit_model(dit: MMDiT, dtype: torch.dtype, positions: str = "official",
-              matmul_mode: str = "off") -> comfy.model_patcher.ModelPatcher:  # fmt: skip
-    """A native MODEL of `dit` computing in `dtype` with the `positions` convention and `matmul_mode` (matmul.MODES).
+def dit_model(dit: MMDiT, dtype: torch.dtype, positions: str = "official", matmul_mode: str = "off",
+              compile_backend: str = "off") -> comfy.model_patcher.ModelPatcher:  # fmt: skip
+    """A native MODEL of `dit` computing in `dtype` with the `positions` convention, `matmul_mode` (matmul.MODES)
+    and its blocks compiled with `compile_backend` (compiled.BACKENDS).
 
     One base patcher (and placement) per DiT; each call returns a clone with its own settings as object
     patches, so LoRA'd or differently configured MODELs of one file share the weights on the device.
@@ -259,4 +261,6 @@ def dit_model(dit: MMDiT, dtype: torch.dtype, positions: str = "official",
     m.add_object_patch("diffusion_model.positions", positions)
     if matmul_mode != "off":
         m.add_object_patch("diffusion_model.matmul", matmul_mode)
+    if compile_backend != "off":
+        m.add_object_patch("diffusion_model.compile", compile_backend)
     return m
