@@ -223,3 +223,52 @@ def diffusers_velocity21(m, img, sigma, txt, image_slots=None, refs=(), mask=Non
             return_dict=False,
         )[0]
     return out[:, -h * w :].transpose(1, 2).reshape(b, c, h, w)
+
+
+# -- Qwen3-VL (Qwen-Image-2.1's encoder) parity helpers: features, processor, the chat template of the system turn
+# the Qwen chat format of the system message diffusers tokenizes to count the dropped tokens
+QWEN21_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for c in m['content'] %}{{ c['text'] }}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+)
+
+
+def qwen3_features(model, **inputs):
+    """transformers' Qwen3-VL last decoder layer output, before the final norm (as diffusers takes it: the norm
+    hooked out)."""
+    hook = model.model.language_model.norm.register_forward_hook(lambda m, args, out: args[0])
+    try:
+        with torch.no_grad():
+            return model(**inputs, output_hidden_states=True).hidden_states[-1]
+    finally:
+        hook.remove()
+
+
+def qwen3_image_processor():
+    """transformers' Qwen2VL image processor with the Qwen3-VL settings of `qwen21.prompts`."""
+    from qwen_image_core.qwen21 import prompts as P
+
+    return Qwen2VLImageProcessorPil(
+        patch_size=P.PATCH, merge_size=P.MERGE, temporal_patch_size=P.TEMPORAL, image_mean=list(P.VL_MEAN),
+        image_std=list(P.VL_STD), min_pixels=P.VL_MIN_PIXELS, max_pixels=P.VL_MAX_PIXELS,
+    )  # fmt: skip
+
+
+def qwen3_processor(tok):
+    """transformers' Qwen3VLProcessor without its video processor (torchvision is not installed)."""
+    from transformers import Qwen3VLProcessor
+
+    class Qwen3Processor(Qwen3VLProcessor):
+        def check_argument_for_proper_class(self, argument_name, argument):
+            if argument_name == "video_processor" and argument is None:
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    return Qwen3Processor(image_processor=qwen3_image_processor(), tokenizer=tok, chat_template=QWEN21_CHAT_TEMPLATE)
+
+
+def rel_close(ours: torch.Tensor, ref: torch.Tensor, tol: float) -> float:
+    """Assert max |ours - ref| <= tol x max |ref|; returns the relative error."""
+    err, scale = (ours - ref).abs().max().item(), ref.abs().max().item()
+    assert err <= tol * scale, f"max abs diff {err:.3g} > {tol} x scale {scale:.3g}"
+    return err / scale

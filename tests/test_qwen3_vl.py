@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import Qwen2Tokenizer, Qwen3VLProcessor
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from safetensors.torch import save_file
+from transformers import Qwen2Tokenizer
 
-from oracles import TOKENIZER, noise_image
+from oracles import TOKENIZER, noise_image, qwen3_features, qwen3_image_processor, qwen3_processor, rel_close
 from qwen_image_core.checkpoint import CheckpointError
 from qwen_image_core.prompts import IMAGE_PAD, VISION_END, VISION_START, rope_index
 from qwen_image_core.qwen21 import prompts as P
@@ -23,48 +23,14 @@ from qwen_image_core.qwen21.encoder import load_qwen3_vl
 from qwen_image_core.qwen21.qwen3_vl import Qwen3VL, Qwen3VLConfig
 from qwen_image_core.text_encoder import load_text_encoder
 from tools.checkpoints import qwen3_vl as W
-from tools.checkpoints import qwen_vl as W1
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: faster on one thread
 
 TOL = 1e-5  # max |ours - reference| relative to max |reference|
-# the Qwen chat format for the system message the reference tokenizes to count the dropped tokens
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
-    "{% else %}{% for c in m['content'] %}{{ c['text'] }}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-)
 
 
-class Processor(Qwen3VLProcessor):
-    """transformers' Qwen3VLProcessor without its video processor (torchvision is not installed)."""
-
-    def check_argument_for_proper_class(self, argument_name, argument):
-        if argument_name == "video_processor" and argument is None:
-            return None
-        return super().check_argument_for_proper_class(argument_name, argument)
-
-
-def image_processor():
-    return Qwen2VLImageProcessorPil(
-        patch_size=P.PATCH, merge_size=P.MERGE, temporal_patch_size=P.TEMPORAL, image_mean=list(P.VL_MEAN),
-        image_std=list(P.VL_STD), min_pixels=P.VL_MIN_PIXELS, max_pixels=P.VL_MAX_PIXELS,
-    )  # fmt: skip
-
-
-def close(ours, ref, tol=TOL):
-    err, scale = (ours - ref).abs().max().item(), ref.abs().max().item()
-    assert err <= tol * scale, f"max abs diff {err:.3g} > {tol} x scale {scale:.3g}"
-    return err / scale
-
-
-def oracle_features(model, **inputs):
-    """transformers' last decoder layer output, before the final norm (as the reference takes it)."""
-    hook = model.model.language_model.norm.register_forward_hook(lambda m, args, out: args[0])
-    try:
-        with torch.no_grad():
-            return model(**inputs, output_hidden_states=True).hidden_states[-1]
-    finally:
-        hook.remove()
+def close(ours, ref):
+    return rel_close(ours, ref, TOL)
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +60,7 @@ def encoder(files, tok):
 def test_text_features_match_transformers(ref, encoder):
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 151643, (1, 41), generator=g)
-    expected = oracle_features(ref, input_ids=ids, attention_mask=torch.ones_like(ids))
+    expected = qwen3_features(ref, input_ids=ids, attention_mask=torch.ones_like(ids))
     with torch.no_grad():
         got = encoder.model(ids, rope_index(ids, []), torch.float32)
     close(got, expected)
@@ -102,7 +68,7 @@ def test_text_features_match_transformers(ref, encoder):
 
 def test_vision_features_and_deepstack_match_transformers_two_aspects(ref, encoder):
     images = [noise_image(160, 224, 0), noise_image(96, 64, 1)]  # landscape and portrait, grids 10x14 and 6x4
-    out = image_processor()(images, return_tensors="pt")
+    out = qwen3_image_processor()(images, return_tensors="pt")
     pv, grids = out["pixel_values"], out["image_grid_thw"]
     ours = [P.vision_patches21(im) for im in images]
     assert [g for _, g in ours] == [tuple(g) for g in grids.tolist()]
@@ -120,7 +86,7 @@ def test_vision_features_and_deepstack_match_transformers_two_aspects(ref, encod
     for grid in grids:
         row += [VISION_START] + [IMAGE_PAD] * (int(grid.prod()) // 4) + [VISION_END] + [1, 2, 3]
     ids = torch.tensor([row])
-    expected = oracle_features(
+    expected = qwen3_features(
         ref, input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pv, image_grid_thw=grids,
         mm_token_type_ids=(ids == IMAGE_PAD).int(),
     )  # fmt: skip
@@ -133,8 +99,7 @@ def test_vision_features_and_deepstack_match_transformers_two_aspects(ref, encod
 def diffusers_embeds(ref, tok, prompts, images=None):
     from diffusers.modular_pipelines.qwenimage21.encoders import get_qwenimage21_prompt_embeds
 
-    proc = Processor(image_processor=image_processor(), tokenizer=tok, chat_template=CHAT_TEMPLATE)
-    return get_qwenimage21_prompt_embeds(ref, proc, prompts, image=images, device="cpu")
+    return get_qwenimage21_prompt_embeds(ref, qwen3_processor(tok), prompts, image=images, device="cpu")
 
 
 def test_t2i_prompts_match_diffusers(ref, tok, encoder):
@@ -180,8 +145,13 @@ def test_all_layouts_load_the_same_weights(files, tok, encoder):
 
 
 def test_each_family_refuses_the_other(files, tmp_path, tok):
-    v1 = W1.reference_model(seed=0)
-    W1.write_comfy_single(tmp_path / "qwen_2.5_vl_7b.safetensors", W1.legacy_state_dict(v1))
+    v1 = {  # the keys that tell a Qwen2.5-VL file (q/k/v biases, no q/k norms), tiny
+        "model.embed_tokens.weight": torch.zeros(8, 4),
+        "model.layers.0.self_attn.k_proj.bias": torch.zeros(4),
+        "model.layers.0.self_attn.k_proj.weight": torch.zeros(4, 4),
+        "visual.blocks.0.mlp.gate_proj.weight": torch.zeros(4, 4),
+    }
+    save_file(v1, str(tmp_path / "qwen_2.5_vl_7b.safetensors"))
     with pytest.raises(CheckpointError, match="Qwen2.5-VL text encoder of Qwen-Image v1"):
         load_qwen3_vl(tmp_path / "qwen_2.5_vl_7b.safetensors", tokenizer=tok)
     for name in ("qwen3vl_8b_bf16.safetensors", "text_only.safetensors"):
