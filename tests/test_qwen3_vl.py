@@ -123,15 +123,6 @@ def test_edit_with_references_of_two_aspects_and_alpha_matches_diffusers(ref, to
     close(got[mask], e[m.bool()])
 
 
-def test_template_addresses_references_and_refuses_eleven():
-    text = P.template_text("swap them", 2)
-    assert "<image1><|vision_start|><|image_pad|><|vision_end|> <image2><|vision_start|>" in text
-    assert text.startswith(P.SYSTEM_BLOCK) and text.endswith("swap them<|im_end|>\n<|im_start|>assistant\n")
-    P.template_text("x", 10)
-    with pytest.raises(ValueError, match="at most 10 reference images"):
-        P.template_text("x", 11)
-
-
 def test_all_layouts_load_the_same_weights(files, tok, encoder):
     baseline = encoder.model.state_dict()
     hf = load_qwen3_vl(files / "hf" / "text_encoder", tokenizer=tok).model
