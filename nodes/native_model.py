@@ -259,8 +259,6 @@ def dit_model(dit: MMDiT, dtype: torch.dtype, positions: str = "official", matmu
     if dtype != base.model.get_dtype():
         m.set_model_compute_dtype(dtype)
     m.add_object_patch("diffusion_model.positions", positions)
-    if matmul_mode != "off":
-        m.add_object_patch("diffusion_model.matmul", matmul_mode)
-    if compile_backend != "off":
-        m.add_object_patch("diffusion_model.compile", compile_backend)
+    m.add_object_patch("diffusion_model.matmul", matmul_mode)  # always set: a clone sharing the model may have
+    m.add_object_patch("diffusion_model.compile", compile_backend)  # left another value applied
     return m
