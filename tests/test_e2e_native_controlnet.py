@@ -1,5 +1,6 @@
 """ControlNets on the native MODEL, through the real server: ComfyUI's own InstantX Qwen-Image ControlNet
-(ControlNetLoader + ControlNetApplyAdvanced, one and two stacked, with strengths and start/end percentages)
+(ControlNetLoader + ControlNetApplyAdvanced, one and two stacked, with strengths and start/end percentages; the
+InstantX Inpainting ControlNet through ControlNetInpaintingAliMamaApply)
 computes its residuals and our MODEL adds them after each block as ComfyUI's model does: the same latents as on
 ComfyUI's own Qwen-Image model from the same files (bit for bit with the "ComfyUI native" positions)."""
 
@@ -14,6 +15,7 @@ from tools.checkpoints import dit as D
 
 pytestmark = pytest.mark.e2e
 DIT, CNET = "qp_cnet_wide_f32.safetensors", "qp_cnet_instantx_bf16.safetensors"
+INPAINT = "qp_cnet_instantx_inpaint_bf16.safetensors"  # InstantX Inpainting layout (4 extra control channels)
 
 
 @pytest.fixture(scope="module")
@@ -21,6 +23,7 @@ def runs(comfy, tiny_comfy_vae):
     cfg = D.config(num_layers=1)
     D.write_comfy(comfy.models_dir / "diffusion_models" / DIT, cfg, dtype=torch.float32, seed=5)
     C.write_instantx(comfy.models_dir / "controlnet" / CNET, cfg, seed=6)
+    C.write_instantx(comfy.models_dir / "controlnet" / INPAINT, cfg, seed=7, extra_channels=4)
     graph = {
         **common(), **models(DIT),
         "cn": node("ControlNetLoader", control_net_name=CNET),
@@ -31,7 +34,17 @@ def runs(comfy, tiny_comfy_vae):
                       image=["hint", 0], strength=0.8, start_percent=0.0, end_percent=1.0, vae=["vae", 0]),
         "apply2": node("ControlNetApplyAdvanced", positive=["apply", 0], negative=["apply", 1], control_net=["cn", 0],
                        image=["hint2", 0], strength=0.5, start_percent=0.3, end_percent=0.8, vae=["vae", 0]),
+        "cn_inpaint": node("ControlNetLoader", control_net_name=INPAINT),
+        "noise_img": node("QwenPixTestImage", kind="rgb", width=64, height=64, seed=9),
+        "mask": node("ThresholdMask", mask=["mask_graded", 0], value=0.5),
+        "mask_graded": node("ImageToMask", image=["noise_img", 0], channel="green"),
+        "alimama": node("ControlNetInpaintingAliMamaApply", positive=["pos", 0], negative=["neg", 0],
+                        control_net=["cn_inpaint", 0], vae=["vae", 0], image=["hint", 0], mask=["mask", 0],
+                        strength=0.9, start_percent=0.0, end_percent=1.0),
     }  # fmt: skip
+    twin(graph, "inpaint_controlnet", lambda side: {"k": ksampler(f"{side}_ms", pos="alimama", neg="alimama", steps=3)})
+    for side in ("o", "n"):
+        graph[f"inpaint_controlnet_{side}_k"]["inputs"]["negative"] = ["alimama", 1]
     twin(graph, "one_controlnet", lambda side: {"k": ksampler(f"{side}_ms", pos="apply", neg="apply", steps=3)})
     for side in ("o", "n"):  # (the negative output of ControlNetApplyAdvanced is slot 1)
         graph[f"one_controlnet_{side}_k"]["inputs"]["negative"] = ["apply", 1]
@@ -43,7 +56,7 @@ def runs(comfy, tiny_comfy_vae):
     return comfy
 
 
-@pytest.mark.parametrize("case", ["one_controlnet", "two_controlnets"])
+@pytest.mark.parametrize("case", ["one_controlnet", "two_controlnets", "inpaint_controlnet"])
 def test_controlnets_match_comfyuis_model(runs, case):
     assert close(runs, case) == 0.0
     differs(runs, f"{case}_o", "no_controlnet_o")
