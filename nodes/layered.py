@@ -79,6 +79,8 @@ def _picture(image, mask) -> tuple[torch.Tensor, torch.Tensor | None]:
         got = checks.describe_value(mask)
         raise host.InputError(f"mask: expected one MASK [1, H, W], got {got}\nFix: connect Load Image's MASK")
     m = mask.reshape(mask.shape[-2:]).float().cpu()
+    if tuple(m.shape) != tuple(pic.shape[:2]) and not bool(m.any()):
+        return pic, None  # Load Image's stand-in for a picture without alpha: an empty 64x64 mask
     if tuple(m.shape) != tuple(pic.shape[:2]):
         raise host.InputError(
             f"mask: {list(m.shape)} pixels, the image has {list(pic.shape[:2])}\nFix: use the mask of this image"

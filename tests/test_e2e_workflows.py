@@ -29,7 +29,12 @@ EXPECTED_SIZE = {
     "qwen_image_edit_2509_two_images": (1248, 832),
     "qwen_image_edit_2511_three_images": (384, 256),
     "qwen_image_native_ksampler": (1328, 1328),
+    "qwen_image_layered": (768, 512),  # the 384x256 example at about 640^2 (sides multiples of 32)
 }
+# images a run saves when not one: the layered example saves each layer and the composite (1 + 1 on smoke
+# weights, where its layers are lowered to 1 as the steps are)
+EXPECTED_IMAGES = {"qwen_image_layered": 2}
+SMOKE_LAYERS = 1
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +51,8 @@ def _prepared(path: Path, tag: str, steps: int = 2) -> dict:
     for node in prompt.values():
         if node["class_type"] in SAMPLERS:  # ours or the native KSampler
             node["inputs"]["steps"] = steps
+        if node["class_type"] == "QwenPixLayeredSampler":
+            node["inputs"]["layers"] = min(node["inputs"]["layers"], SMOKE_LAYERS)
         if node["class_type"] == "SaveImage":
             node["inputs"]["filename_prefix"] = f"test/{path.stem}_{tag}"
     return prompt
@@ -60,9 +67,11 @@ def test_api_workflow_runs_and_reports_progress(models, client, path):
     prompt = _prepared(path, "run")
     res = client.run(prompt, timeout=900)
     assert res.status == "success", res.error()
-    (img,) = res.images()
-    with Image.open(models.output_dir / img["subfolder"] / img["filename"]) as im:
-        assert im.size == EXPECTED_SIZE[path.stem]
+    images = res.images()
+    assert len(images) == EXPECTED_IMAGES.get(path.stem, 1), images
+    for img in images:
+        with Image.open(models.output_dir / img["subfolder"] / img["filename"]) as im:
+            assert im.size == EXPECTED_SIZE[path.stem]
     sampler_id, _ = _node(prompt, *SAMPLERS)
     progress = [e["data"] for e in res.events if e["type"] == "progress" and e["data"]["node"] == sampler_id]
     assert [(p["value"], p["max"]) for p in progress][-2:] == [(1, 2), (2, 2)]

@@ -35,7 +35,7 @@ LOADER_INPUTS: dict[str, tuple[str, str]] = {
 }
 
 # sampler nodes whose `steps` the job lowers on smoke-test weights
-SAMPLERS = ("QwenPixSampler", "KSampler")
+SAMPLERS = ("QwenPixSampler", "KSampler", "QwenPixLayeredSampler")
 
 # what the job runs while the pack has no example workflows yet: an empty latent decoded to a PNG
 BUILTIN_SMOKE = {

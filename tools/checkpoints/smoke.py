@@ -22,6 +22,8 @@ def dit_config():
 
 def write_diffusion_model(path: Path) -> None:
     name, cfg = path.name.lower(), dit_config()
+    if "layered" in name:  # Qwen-Image-Layered: its extra timestep embedding (and layer-3D RoPE)
+        cfg = dit.tiny_config(text_dim=TEXT_HIDDEN, **dit.LAYERED)
     zero_cond_t = "2511" in name
     if "fp8mixed" in name or "mixed" in name:
         dit.write_mixed(path, cfg)
@@ -57,7 +59,8 @@ def write_text_encoder(path: Path) -> None:
 
 
 def write_vae(path: Path) -> None:
-    vae.write_vae(path.parent / ".smoke-vae", "comfy", base_dim=16).rename(path)
+    channels = 4 if "layered" in path.name.lower() else 3  # qwen_image_layered_vae: the RGBA VAE
+    vae.write_vae(path.parent / ".smoke-vae", "comfy", base_dim=16, image_channels=channels).rename(path)
 
 
 def write_lora(path: Path) -> None:
