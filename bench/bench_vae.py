@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_vae.py               # the table: encode/decode 512² and 1024², time and RSS
     .venv/bin/python bench/bench_vae.py --calibrate   # working bytes per pixel for vae_tiling.BYTES_PER_PIXEL
+    .venv/bin/python bench/bench_vae.py --rgba        # only the RGBA (Qwen-Image-Layered VAE) decode 1024² rows
 
 Each measurement runs in a fresh subprocess: load the model, warm up at 64², reset the peak-RSS mark
 (/proc/self/clear_refs), run once. "work" is peak RSS minus RSS before the run (activations only);
@@ -34,8 +35,12 @@ def rss() -> tuple[int, int]:
 
 
 def build(impl: str, folder: Path):
-    """(encode(images [1,3,H,W]) -> latents, decode(latents) -> images) for one implementation."""
+    """(encode(images [1,3,H,W]) -> latents, decode(latents) -> images) for one implementation; "-rgba" names
+    the 4-channel Qwen-Image-Layered VAE (ours-rgba, diffusers-rgba)."""
     from safetensors.torch import load_file
+
+    if impl.endswith("-rgba"):
+        impl, folder = impl.removesuffix("-rgba"), folder / "rgba"
 
     if impl.startswith("ours"):
         from qwen_image_core.formats.vae import load_vae
@@ -47,7 +52,7 @@ def build(impl: str, folder: Path):
         from diffusers import AutoencoderKLQwenImage
 
         with torch.device("meta"):
-            model = AutoencoderKLQwenImage()
+            model = AutoencoderKLQwenImage(input_channels=4 if folder.name == "rgba" else 3)
         sd = load_file(str(folder / "diffusers" / "vae" / "diffusion_pytorch_model.safetensors"))
         model.load_state_dict(sd, assign=True)
         return (
@@ -82,8 +87,11 @@ def one(impl: str, op: str, size: int, folder: Path, tile: str | None) -> dict:
         encode = lambda x: vae.encode(x, tile=forced, budget=budget)  # noqa: E731
         decode = lambda z: vae.decode(z, tile=forced, budget=budget)  # noqa: E731
     fn = encode if op == "encode" else decode
+    channels = 4 if impl.endswith("-rgba") else 3
     make = (
-        (lambda s: torch.rand(1, 3, s, s) * 2 - 1) if op == "encode" else (lambda s: torch.randn(1, 16, s // 8, s // 8))
+        (lambda s: torch.rand(1, channels, s, s) * 2 - 1)
+        if op == "encode"
+        else (lambda s: torch.randn(1, 16, s // 8, s // 8))
     )
     with torch.no_grad():
         fn(make(64))  # warm-up: oneDNN primitives, lazy imports
@@ -122,6 +130,23 @@ def write_weights(folder: Path) -> None:
 
     write_vae(folder / "comfy", "comfy", dtype=torch.float32)
     write_vae(folder / "diffusers", "diffusers", dtype=torch.float32)
+    write_vae(folder / "rgba" / "comfy", "comfy", image_channels=4, dtype=torch.float32)  # Qwen-Image-Layered's
+    write_vae(folder / "rgba" / "diffusers", "diffusers", image_channels=4, dtype=torch.float32)
+
+
+def rgba_rows(folder: Path, cap: float, threads: int) -> None:
+    """The RGBA VAE (qwen_image_layered_vae, 4 image channels) decoding 1024²: ours (2D) vs diffusers (3D)."""
+    ours = None
+    for impl in ("ours-rgba", "diffusers-rgba"):
+        r = measure(impl, "decode", 1024, folder, cap, threads=threads)
+        if "over" in r:
+            print(f"| decode RGBA | 1024² | {impl} | stopped | | > {gb(cap)} RSS | | | | |", flush=True)
+            continue
+        ours = ours or r
+        ratios = (r["seconds"] / ours["seconds"], r["cpu"] / ours["cpu"], r["work"] / ours["work"])
+        rel = " | ".join(f"{v:.1f}x" for v in ratios)
+        row = f"| decode RGBA | 1024² | {impl} | {r['seconds']:.1f} | {r['cpu']:.1f} | {gb(r['work'])} |"
+        print(f"{row} {gb(r['peak'])} | {rel} |", flush=True)
 
 
 def gb(n: float) -> str:
@@ -138,6 +163,7 @@ def main() -> None:
     ap.add_argument("--impls", default="ours,diffusers,comfy")
     ap.add_argument("--threads", type=int, default=0, help="torch threads in each run (0: torch's default)")
     ap.add_argument("--no-tiled", action="store_true", help="skip the tiled 2048² decode row")
+    ap.add_argument("--rgba", action="store_true", help="only the RGBA (layered VAE) decode 1024² rows")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -169,6 +195,9 @@ def main() -> None:
             "| op | size | impl | seconds | CPU s | work GiB | peak RSS GiB | time / ours | CPU / ours | work / ours |"
         )
         print("|---|---|---|---|---|---|---|---|---|---|")
+        rgba_rows(folder, cap, args.threads)
+        if args.rgba:
+            return
         for op in ("decode", "encode"):
             for size in map(int, args.sizes.split(",")):
                 ours = None
