@@ -62,3 +62,15 @@ def test_tensors_keep_their_alpha():
     assert np.array_equal(np.asarray(P.to_pil_rgba(t)), np.asarray(img))
     assert np.array_equal(np.asarray(P.vl_copy(t[None])), np.asarray(P.vl_copy(img)))
     assert np.asarray(P.to_pil_rgba(t[..., :3]))[..., 3].min() == 255  # RGB: opaque
+
+
+def test_pad_to_multiple_keeps_every_pixel_in_place():
+    img = rgba_image(70, 110, 2)
+    padded, size = P.pad_to_multiple(img)
+    assert size == (110, 70) and padded.size == (128, 96) and padded.mode == "RGBA"
+    a, b = np.asarray(padded), np.asarray(img)
+    assert np.array_equal(a[:70, :110], b)  # the image itself, unshifted
+    assert np.array_equal(a[70:, :110], np.repeat(b[-1:], 26, 0)) and np.array_equal(
+        a[:70, 110:], np.repeat(b[:, -1:], 18, 1)
+    )
+    assert P.pad_to_multiple(padded)[0].size == (128, 96)  # already a multiple: unchanged

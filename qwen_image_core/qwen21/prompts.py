@@ -105,3 +105,14 @@ def official_resize(image, resolution: int = 1024) -> Image.Image:
     img = to_pil_rgba(image)
     size = calculate_dimensions(resolution * resolution, img.width / img.height, RESIZE_MULTIPLE)
     return img.resize(size, resample=Image.LANCZOS)
+
+
+def pad_to_multiple(image, multiple: int = RESIZE_MULTIPLE) -> tuple[Image.Image, tuple[int, int]]:
+    """A reference padded, not resampled, to sides that are multiples of `multiple` (edge pixels repeated on the
+    right and bottom, so pixel (0, 0) stays put and nothing shifts or zooms), RGBA, and its own (width, height)
+    to crop the result back to. The alternative to `official_resize` for edits that must keep their pixels."""
+    img = to_pil_rgba(image)
+    w, h = img.size
+    a = np.asarray(img)
+    a = np.pad(a, ((0, -h % multiple), (0, -w % multiple), (0, 0)), mode="edge")
+    return Image.fromarray(a, "RGBA"), (w, h)
