@@ -33,7 +33,9 @@ MAX_REFERENCES = 10  # references the model was trained to address (<image1> .. 
 RGBA_OPENING = "This is an RGBA image with transparency."
 RGBA_CLOSING = "The image has alpha channel and the background is transparent."
 
-# Qwen3-VL's image processor (Qwen2VLImageProcessor settings of the Qwen3-VL repos' preprocessor_config.json)
+# Qwen3-VL's image processor: the Qwen2VLImageProcessor settings of the Qwen3-VL repos' preprocessor_config.json
+# (size {shortest_edge 65536, longest_edge 16777216}, patch 16, merge 2, mean/std 0.5), as several public copies
+# of it read; the Qwen-Image-2.1 repo's own processor/ folder was not available to compare with
 PATCH, MERGE, TEMPORAL = 16, 2, 2  # patch side, merge block side, frames per patch
 VL_MEAN = VL_STD = (0.5, 0.5, 0.5)
 VL_MIN_PIXELS, VL_MAX_PIXELS = 65536, 16777216  # "shortest_edge" / "longest_edge" (areas, not sides)
