@@ -228,6 +228,22 @@ def _mask_array(mask, size: tuple[int, int]) -> np.ndarray:
     return m
 
 
+def stitch(original: torch.Tensor, patch: torch.Tensor, mask: torch.Tensor, box: tuple[int, int, int, int]):
+    """Paste `patch` [h, w, C] (the box's size) into a copy of `original` [H, W, C] where `mask` [H, W] > 0,
+    blended by the mask's value; pixels where the mask is 0 keep their values exactly (any dtype)."""
+    x0, y0, x1, y1 = box
+    if tuple(patch.shape[:2]) != (y1 - y0, x1 - x0):
+        raise ValueError(f"patch is {patch.shape[1]}x{patch.shape[0]} pixels; the box is {x1 - x0}x{y1 - y0}")
+    out = original.clone()
+    keep = mask[y0:y1, x0:x1, None].to(torch.float32)
+    old = original[y0:y1, x0:x1]
+    blended = old.to(torch.float32) * (1 - keep) + patch.to(torch.float32) * keep
+    if not original.is_floating_point():
+        blended = blended.round().clamp(0, 255)
+    out[y0:y1, x0:x1] = torch.where(keep > 0, blended.to(original.dtype), old)
+    return out
+
+
 def crop_and_stitch(image, mask, job: Callable[[Image.Image, Image.Image], Image.Image], pad: int = 32,
                     area: int = 1024 * 1024) -> Image.Image:  # fmt: skip
     """Repaint only the masked part of `image` with `job(crop, crop_mask) -> repainted crop` at full resolution.
@@ -246,11 +262,6 @@ def crop_and_stitch(image, mask, job: Callable[[Image.Image, Image.Image], Image
     crop_mask = Image.fromarray((m * 255).round().astype(np.uint8)).crop(region.box).resize(region.work_size)
     out = to_pil(job(crop, crop_mask)).convert("RGB")
     box_w, box_h = region.box[2] - region.box[0], region.box[3] - region.box[1]
-    back = np.asarray(out.resize((box_w, box_h), Image.LANCZOS), dtype=np.float32)
-    result = np.asarray(src, dtype=np.uint8).copy()
-    x0, y0, x1, y1 = region.box
-    keep = m[y0:y1, x0:x1, None]
-    old = result[y0:y1, x0:x1]
-    blended = np.clip((old.astype(np.float32) * (1 - keep) + back * keep).round(), 0, 255).astype(np.uint8)
-    result[y0:y1, x0:x1] = np.where(keep > 0, blended, old)
-    return Image.fromarray(result)
+    back = torch.from_numpy(np.asarray(out.resize((box_w, box_h), Image.LANCZOS)).copy())
+    result = stitch(torch.from_numpy(np.asarray(src).copy()), back, torch.from_numpy(m), region.box)
+    return Image.fromarray(result.numpy())
