@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,7 +39,8 @@ def model(model_file):
 
 @pytest.fixture(scope="module")
 def workers(model_file):
-    with Workers(DitFile(str(model_file)), ["cpu", "cpu"], threads=1, timeout_s=30) as w:
+    here = str(Path(__file__).parent)  # the workers import this module for `refuse_on_rank_1`
+    with Workers(DitFile(str(model_file)), ["cpu", "cpu"], threads=1, timeout_s=30, paths=[here]) as w:
         yield w
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .workers import Context, Interrupted
+from .serve import Context, Interrupted
 
 
 def _to(x, device):
@@ -21,7 +21,7 @@ def forward(ctx: Context, img, timestep, txt, txt_mask=None, ref_latents=None, *
     d = ctx.device
     with torch.inference_mode():
         out = ctx.forward(_to(img, d), _to(timestep, d), _to(txt, d), _to(txt_mask, d), _to(ref_latents, d), **kwargs)
-    return out.cpu().clone()  # a clone outside inference mode: an ordinary tensor the queue can share
+    return out.cpu().clone()  # cloned outside inference mode: an ordinary tensor
 
 
 def sample(ctx: Context, noise, cond, uncond=None, **kwargs) -> torch.Tensor:
