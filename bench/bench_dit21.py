@@ -9,8 +9,11 @@ target latent (1024 tokens = a 512² image). Rows, each the median of `--repeats
 * a cached step (the target's tokens only, prefix K/V from the cache), ours and diffusers';
 * our prefill (computing the cache once) for scale.
 The per-step saving of the cache is uncached / cached.
+A second table: the offload planner's predictions for the real 7B bf16 DiT on 8-24 GB cards at 1024² and
+2048², text-to-image and with one reference of the target's size (prefix K/V cache included).
 
     .venv/bin/python bench/bench_dit21.py [--blocks 2] [--repeats 3] [--threads 2] [--size 32] [--ref 32]
+                                          [--skip-forward]
 """
 
 from __future__ import annotations
@@ -62,7 +65,35 @@ def main():
     ap.add_argument("--size", type=int, default=32, help="target latent side (tokens)")
     ap.add_argument("--ref", type=int, default=32, help="reference latent side (tokens); 0: none")
     ap.add_argument("--text", type=int, default=128, help="text tokens of the condition")
+    ap.add_argument("--skip-forward", action="store_true", help="only the offload predictions")
     args = ap.parse_args()
+    if not args.skip_forward:
+        forward_table(args)
+    plan_table()
+
+
+def plan_table():
+    from qwen_image_core.costs import CARDS, GiB
+    from qwen_image_core.offload_plan import PlanError
+    from qwen_image_core.qwen21.plan import Workload21, plan_dit21, prefix_cache_bytes
+
+    model = W.meta_model()
+    print("\nOffload predictions, Qwen-Image-2.1 DiT 7B bf16 (13.9 GB of blocks), 512 text tokens, cfg 1:")
+    print(f"{'card':16s} {'workload':26s} {'cache GB':>8s} {'resident':>8s} {'s/step':>7s} {'exposed':>7s}")
+    for size in (1024, 2048):
+        for refs in ((), ((size, size),)):
+            wl = Workload21(width=size, height=size, references=refs)
+            for card in CARDS.values():
+                cache = prefix_cache_bytes(model, wl) / 1e9
+                try:
+                    p = plan_dit21(model, card.vram - GiB, card, wl)
+                    row = f"{len(p.resident):>5d}/32 {p.step_s:7.2f} {p.exposed_s:7.2f}"
+                except PlanError:
+                    row = f"{'does not fit':>24s}"
+                print(f"{card.name:16s} {wl.describe():26s} {cache:8.2f} {row}")
+
+
+def forward_table(args):
     torch.set_num_threads(args.threads)
     from diffusers.models.transformers.transformer_qwenimage21 import QwenImage21KVCache
 
