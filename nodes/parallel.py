@@ -60,7 +60,8 @@ def _workers(core, devices: tuple[str, ...]) -> Workers:
         return held
     if held is not None:
         held.stop()
-    options = (("zero_cond_t", core.zero_cond_t),)
+    gpus = all(torch.device(d).type == "cuda" for d in devices)  # mapped: each worker copies it to its GPU
+    options = (("zero_cond_t", core.zero_cond_t), ("mmap", gpus))
     core.parallel_workers = Workers(DitFile(str(core.path), options), devices)
     return core.parallel_workers
 
