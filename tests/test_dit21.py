@@ -151,3 +151,5 @@ def test_bad_inputs_are_clear_errors(tiny):
             ours(img[:, :16], sigma, txt[:, :2])
         with pytest.raises(ValueError, match="does not fill whole 2x2 image slots"):
             ours(img, sigma, txt, slots, latents((3, 3)))
+        with pytest.raises(ValueError, match="11 references: Qwen-Image-2.1 takes at most 10"):
+            ours(img, sigma, txt, slots, latents(*[(2, 2)] * 11))

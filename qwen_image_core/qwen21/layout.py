@@ -23,6 +23,7 @@ import torch
 from .. import rope
 
 SLOT_TOKENS = 4  # latent tokens per image slot of the condition encoder (a 2 x 2 group)
+MAX_REFERENCES = 10  # the most references Qwen-Image-2.1 takes (<image1> .. <image10>)
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,8 @@ def build_layout(text_len: int, image_slots: torch.Tensor | None, ref_grids: lis
     """The prefix layout of an encoder sequence of `text_len` positions whose `image_slots` [text_len] bool
     (None: no images) mark the references' slots, the references having token grids `ref_grids` (h, w) in
     prompt order. Each reference needs h*w/4 consecutive slots; a mismatch is a ValueError naming it."""
+    if len(ref_grids) > MAX_REFERENCES:
+        raise ValueError(f"{len(ref_grids)} references: Qwen-Image-2.1 takes at most {MAX_REFERENCES}")
     slots = [] if image_slots is None else [bool(s) for s in image_slots.reshape(-1).tolist()]
     if slots and len(slots) != text_len:
         raise ValueError(f"image_slots has {len(slots)} entries for {text_len} condition tokens")
