@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from qwen_image_core.mmdit import load_dit
+from qwen_image_core.offload_plan import split_blocks
 from qwen_image_core.parallel import jobs
 from qwen_image_core.parallel.ulysses import Shards
 from qwen_image_core.parallel.workers import DitFile, WorkerDied, WorkerError, Workers
@@ -149,3 +150,20 @@ def test_killed_worker_is_a_clear_error_then_a_fresh_start(workers):
     assert time.monotonic() - t0 < 20 and not workers.alive
     img, t, txt, kw = inputs("t2i")
     assert workers.run(jobs.forward, img, t, txt, **kw).shape == img.shape and victim not in workers.pids
+
+
+def test_workers_stream_what_their_budget_does_not_hold(tmp_path):
+    """Each rank holds the DiT's streaming plan within a device budget (the offload executor, CPU accounting):
+    the same numbers, blocks streamed, the device bytes never above the budget."""
+    cfg = D.tiny_config(num_heads=4, num_layers=4, zero_cond_t=True)
+    path = D.write_comfy(tmp_path / "dit4.safetensors", cfg, dtype=torch.float32)
+    model = load_dit(path)
+    sizes, fixed = split_blocks(model, model.transformer_blocks)
+    budget = fixed + 3 * max(sizes)  # one block resident, three streamed through two staging buffers
+    img, t, txt, kw = inputs("edit_2511")
+    ref = model(img, t, txt, **kw)
+    with Workers(DitFile(str(path), budget=budget), ["cpu", "cpu"], threads=1, timeout_s=30) as w:
+        out = w.run(jobs.forward, img, t, txt, **kw)
+        where = w.run(jobs.placement)
+    print(f"streamed blocks {where['streamed']}, peak {where['peak']} of {budget} bytes")
+    assert torch.equal(out, ref) and where["streamed"] and where["peak"] <= budget

@@ -37,3 +37,12 @@ def sample(ctx: Context, noise, cond, uncond=None, **kwargs) -> torch.Tensor:
     with torch.inference_mode():
         out = run(ctx.model, noise, cond, uncond, forward=ctx.forward, callback=callback, **kwargs)
     return out.cpu().clone()
+
+
+def placement(ctx: Context) -> dict:
+    """Where this rank's DiT lives: {"streamed": block indices copied every step, "peak": the most device
+    bytes held so far, "resident": blocks kept} (rank 0's; all ranks plan alike)."""
+    if ctx.streamer is None:
+        return {"streamed": [], "peak": None, "resident": len(ctx.model.transformer_blocks)}
+    plan, t = ctx.streamer.plan, ctx.streamer.transfer
+    return {"streamed": list(plan.streamed), "peak": getattr(t, "peak", None), "resident": len(plan.resident)}

@@ -35,6 +35,7 @@ class Context:
     model: torch.nn.Module  # this rank's DiT
     forward: SequenceParallel  # the DiT's forward with the sequence split over the ranks
     conn: Connection  # to the controller
+    streamer: object = None  # the offload executor (offload.BlockStreamer) when the DiT streams, else None
     stopped: bool = False  # the controller's "stop" arrived during this job
 
     def stop_requested(self) -> bool:
@@ -58,8 +59,22 @@ def _start(conn: Connection, rank: int) -> Context:
     device = join(spec, rank)
     from ..mmdit import load_dit  # noqa: PLC0415 (after the group: a bad device fails before minutes of loading)
 
-    model = load_dit(config["dit"], **config["options"]).to(device)
-    return Context(rank, spec.world, device, model, SequenceParallel(model), conn)
+    model = load_dit(config["dit"], **config["options"])
+    if config["budget"] is None:
+        return Context(rank, spec.world, device, model.to(device), SequenceParallel(model), conn)
+    return Context(rank, spec.world, device, model, SequenceParallel(model), conn, _stream(model, device, config))
+
+
+def _stream(model, device: torch.device, config: dict):
+    """The DiT placed within `config["budget"]` device bytes: resident blocks and streamed ones (offload.py)."""
+    from ..offload import BlockStreamer, default_transfer  # noqa: PLC0415
+    from ..offload_plan import CARDS, plan_blocks, split_blocks, storage_label  # noqa: PLC0415
+
+    sizes, fixed = split_blocks(model, model.transformer_blocks)
+    card = CARDS["24GB"]  # the time model only orders equal-fit candidates; the budget decides what fits
+    plan = plan_blocks(sizes, fixed, config["budget"], 0, 0, 1.0, card.h2d_gbps * 1e9, f"rank on {device}",
+                       storage_label(model.transformer_blocks))  # fmt: skip
+    return BlockStreamer(model, model.transformer_blocks, plan, default_transfer(device)).attach()
 
 
 def main() -> None:

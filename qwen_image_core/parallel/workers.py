@@ -54,10 +54,13 @@ class WorkerDied(RuntimeError):
 
 @dataclass(frozen=True)
 class DitFile:
-    """The DiT each worker loads (`mmdit.load_dit(path, **options)`) onto its device, once."""
+    """The DiT each worker loads (`mmdit.load_dit(path, **options)`) onto its device, once. `budget`: device
+    bytes the DiT may take on each worker: the offload planner keeps the blocks that fit resident and the
+    executor streams the others from host memory every step (None: the whole DiT moves to the device)."""
 
     path: str
     options: tuple[tuple[str, object], ...] = ()
+    budget: int | None = None
 
 
 def _shutdown(procs, conns, logs, folder, grace_s: float = 5.0) -> None:
@@ -125,6 +128,7 @@ class Workers:
         config = {
             "devices": list(self.devices), "store": os.path.join(folder, "store"), "timeout_s": self.timeout_s,
             "threads": self.threads, "dit": self.dit.path, "options": dict(self.dit.options), "paths": self.paths,
+            "budget": self.dit.budget,
         }  # fmt: skip
         self._log_paths = [os.path.join(folder, f"rank{r}.log") for r in range(len(self.devices))]
         for rank, log_path in enumerate(self._log_paths):
