@@ -79,10 +79,12 @@ def plan_table():
 
     model = W.meta_model()
     print("\nOffload predictions, Qwen-Image-2.1 DiT 7B bf16 (13.9 GB of blocks), 512 text tokens, cfg 1:")
-    print(f"{'card':16s} {'workload':26s} {'cache GB':>8s} {'resident':>8s} {'s/step':>7s} {'exposed':>7s}")
+    print(f"{'card':16s} {'workload':41s} {'cache GB':>8s} {'resident':>8s} {'s/step':>7s} {'exposed':>7s}")
     for size in (1024, 2048):
-        for refs in ((), ((size, size),)):
-            wl = Workload21(width=size, height=size, references=refs)
+        for refs, host in (((), False), (((size, size),), False), (((size, size),), True)):
+            if host and size < 2048:
+                continue
+            wl = Workload21(width=size, height=size, references=refs, cache_on_host=host)
             for card in CARDS.values():
                 cache = prefix_cache_bytes(model, wl) / 1e9
                 try:
@@ -90,7 +92,7 @@ def plan_table():
                     row = f"{len(p.resident):>5d}/32 {p.step_s:7.2f} {p.exposed_s:7.2f}"
                 except PlanError:
                     row = f"{'does not fit':>24s}"
-                print(f"{card.name:16s} {wl.describe():26s} {cache:8.2f} {row}")
+                print(f"{card.name:16s} {wl.describe():41s} {cache:8.2f} {row}")
 
 
 def forward_table(args):

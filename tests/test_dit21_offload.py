@@ -62,3 +62,29 @@ def test_a_cache_that_cannot_fit_is_named():
     wl = Workload21(references=((2048, 2048),) * 3)  # 3 x 16384 reference tokens: a 27 GB cache
     with pytest.raises(P.PlanError, match="prefix K/V cache"):
         plan_dit21(model, 23 * GiB, CARDS["24GB"], wl)
+
+
+def test_a_host_cache_lets_2048_with_a_reference_fit_12_gb():
+    """On the device the plan then counts one block's keys and values, and their copy in each block's time."""
+    model = W.meta_model()
+    on_device = Workload21(references=((2048, 2048),))
+    on_host = Workload21(references=((2048, 2048),), cache_on_host=True)
+    with pytest.raises(P.PlanError, match="cache_on_host"):
+        plan_dit21(model, 11 * GiB, CARDS["12GB"], on_device)
+    plan = plan_dit21(model, 11 * GiB, CARDS["12GB"], on_host)
+    _, fixed = P.split_blocks(model, model.transformer_blocks)
+    assert plan.fixed_bytes == fixed + prefix_cache_bytes(model, on_host) // 32 and len(plan.resident) > 0
+    assert plan.compute_s > plan_dit21(model, 23 * GiB, CARDS["24GB"], on_device).compute_s * 165.2 / 58.3
+
+
+def test_a_cache_kept_on_another_device_is_copied_in_per_block():
+    """cache_device: the keys and values are kept there and fetched per block (the same device here: CPU only)."""
+    cfg = W.tiny_config(num_layers=2)
+    model = DiT21(cfg)
+    model.load_state_dict(W.state_dict(cfg))
+    txt = torch.randn(1, 6, cfg.text_dim)
+    img = torch.randn(1, 64, 4, 4)
+    with torch.no_grad():
+        cache = model.prefill(txt, cache_device="cpu")
+        assert cache.device == "cpu" and all(k.device.type == "cpu" for k in cache.keys)
+        assert torch.equal(model(img, torch.tensor([0.5]), cache=cache), model(img, torch.tensor([0.5]), txt))

@@ -53,7 +53,11 @@ def segment_attention(
 @dataclass
 class PrefixCache:
     """Per-block prefix keys and values [B, H, P, hd] (post norm and RoPE), with what a step needs besides:
-    the prefix's key padding [B, P] (or None), the running RoPE position after it, and its batch."""
+    the prefix's key padding [B, P] (or None), the running RoPE position after it, and its batch.
+
+    `device`: where the keys and values are kept (None: where they were computed). A host device keeps a
+    large cache (2048² references) out of the GPU: each block's pair is then copied to the compute device
+    when the block runs (into pinned host memory at the prefill, so the copies are asynchronous)."""
 
     keys: list[torch.Tensor] = field(default_factory=list)
     values: list[torch.Tensor] = field(default_factory=list)
@@ -61,18 +65,30 @@ class PrefixCache:
     cursor: int = 0  # the target's RoPE frame position
     batch: int = 0  # rows of the condition (1 broadcasts over any image batch)
     prefix_len: int = 0
+    device: torch.device | None = None  # storage of keys and values; None: the compute device
+
+    def _keep(self, t: torch.Tensor) -> torch.Tensor:
+        # a copy in any case: a view would keep the whole prefill activation alive for the run
+        if self.device is None or torch.device(self.device) == t.device:
+            return t.clone()
+        pin = torch.device(self.device).type == "cpu" and t.device.type == "cuda"
+        out = torch.empty(t.shape, dtype=t.dtype, device=self.device, pin_memory=pin)
+        return out.copy_(t, non_blocking=pin)  # stream-ordered before the step's copy back
 
     def put(self, block: int, k: torch.Tensor, v: torch.Tensor) -> None:
         if block != len(self.keys):
             raise RuntimeError(f"prefix cache filled out of order (block {block} after {len(self.keys)})")
-        # clone: a view would keep the whole prefill activation alive for the run
-        self.keys.append(k.clone())
-        self.values.append(v.clone())
+        self.keys.append(self._keep(k))
+        self.values.append(self._keep(v))
 
-    def get(self, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def get(self, block: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block `block`'s keys and values on `device` (default: where they are kept)."""
         if block >= len(self.keys):
             raise RuntimeError(f"the prefix cache holds {len(self.keys)} blocks; block {block} was asked for")
-        return self.keys[block], self.values[block]
+        k, v = self.keys[block], self.values[block]
+        if device is not None and k.device != torch.device(device):
+            k, v = k.to(device, non_blocking=k.is_pinned()), v.to(device, non_blocking=v.is_pinned())
+        return k, v
 
     @property
     def nbytes(self) -> int:

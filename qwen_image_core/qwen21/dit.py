@@ -196,7 +196,7 @@ class SingleStreamBlock(nn.Module):
             if ctx.store:
                 ctx.cache.put(index, kp, vp)
         else:
-            kp, vp = ctx.cache.get(index)
+            kp, vp = ctx.cache.get(index, target.h.device)
         if target is not None:
             qx, kx, vx = self.attn.qkv(self._normed(target, 0, dt), target.rot)
             b = qx.shape[0]
@@ -294,18 +294,20 @@ class DiT21(nn.Module):
             block(target, prefix, ctx, i, dt)
 
     # -- entry points
-    def prefill(self, txt, image_slots=None, ref_latents=None, txt_mask=None, *, dtype=None, attention_fn=None):
+    def prefill(self, txt, image_slots=None, ref_latents=None, txt_mask=None, *, dtype=None, attention_fn=None,
+                cache_device=None):  # fmt: skip
         """The prefix K/V cache of a condition, computed once for a whole run of steps.
 
         txt [B, L, text_dim]: the condition encoder's hidden states (image slots included); image_slots [L]
         bool: True at the references' slots (h*w/4 consecutive slots per reference); ref_latents: the
         references [1 or B, 64, h, w] in prompt order; txt_mask [B, L] bool (True = real token) or None;
-        dtype: the compute dtype (default: txt's)."""
+        dtype: the compute dtype (default: txt's); cache_device: where the cache is kept (default: txt's device;
+        "cpu" keeps a large one off the GPU, each block's keys and values then copied in as it runs)."""
         if not self.config.causal_condition:
             raise ValueError("this DiT does not modulate the condition at t = 0 (causal_condition off): no cache")
         dt = dtype or txt.dtype
         prefix, layout, key_valid = self._prefix(txt, image_slots, ref_latents, txt_mask, dt, txt.device)
-        cache = PrefixCache(key_valid=key_valid, cursor=layout.cursor, batch=txt.shape[0])
+        cache = PrefixCache(key_valid=key_valid, cursor=layout.cursor, batch=txt.shape[0], device=cache_device)
         cache.prefix_len = layout.prefix_len
         ctx = Context(
             layout.segments, key_valid, cache, True, attention_fn or attention, len(self.transformer_blocks) - 1

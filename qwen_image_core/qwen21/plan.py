@@ -6,6 +6,8 @@ A run computes the prefix (text + references) once (`prefill`), keeps its keys a
 then runs the target's tokens only at every step. The plan therefore holds: the non-block weights, the cache,
 the resident blocks, the staging ring, and the activations of the larger of the two passes (the prefill over
 the prefix, a step over the target attending to prefix + target keys). Its time model is a cached step.
+With `cache_on_host` the cache stays in (pinned) host memory and only one block's keys and values are on the
+device at a time, their copy counted in line with the block's compute.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class Workload21:
     text_tokens: int = 512  # condition tokens besides the references' image slots
     references: tuple[tuple[int, int], ...] = ()  # (width, height) pixels of each reference
     compute_bytes: int = 2  # bytes per activation element (bf16)
+    cache_on_host: bool = False  # the prefix cache in host memory, one block's keys and values copied in at a time
 
     @property
     def rows(self) -> int:
@@ -51,7 +54,8 @@ class Workload21:
 
     def describe(self) -> str:
         refs = f" +{len(self.references)} ref" if self.references else ""
-        return f"2.1 {self.width}x{self.height}{refs} {'CFG' if self.cfg else 'cfg 1'}"
+        host = ", cache on host" if self.cache_on_host else ""
+        return f"2.1 {self.width}x{self.height}{refs} {'CFG' if self.cfg else 'cfg 1'}{host}"
 
 
 def block_flops(wl: Workload21, hidden: int, mlp: int) -> float:
@@ -90,12 +94,18 @@ def plan_dit21(model: nn.Module, free: int, card: Card, workload: Workload21 | N
     sizes, fixed = split_blocks(model, model.transformer_blocks)
     act = activation_bytes(wl, cfg.hidden, cfg.mlp_dim) if activation is None else activation
     cache = prefix_cache_bytes(model, wl)
+    block_s = block_flops(wl, cfg.hidden, cfg.mlp_dim) / (card.tflops * 1e12 * card.mfu)
+    if wl.cache_on_host:  # one block's pair on the device at a time, its copy in line with the compute
+        cache //= cfg.num_layers
+        block_s += cache / (card.h2d_gbps * GB)
     try:
         return plan_blocks(
-            sizes, fixed + cache, free, reserve, act,
-            block_flops(wl, cfg.hidden, cfg.mlp_dim) / (card.tflops * 1e12 * card.mfu), card.h2d_gbps * GB,
+            sizes, fixed + cache, free, reserve, act, block_s, card.h2d_gbps * GB,
             name=f"{card.name}, {wl.describe()}", storage=storage_label(model.transformer_blocks),
             max_resident=max_resident,
         )  # fmt: skip
     except PlanError as e:
-        raise PlanError(f"{e}; the non-block bytes include the prefix K/V cache, {cache / GB:.2f} GB") from None
+        raise PlanError(
+            f"{e}; the non-block bytes include the prefix K/V cache on the device, {cache / GB:.2f} GB"
+            + ("" if wl.cache_on_host else " (cache_on_host keeps it in host memory)")
+        ) from None

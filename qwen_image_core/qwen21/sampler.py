@@ -35,22 +35,25 @@ class Condition21:
 
 class Velocity21:
     """`v(x, sigma)` of one run: prefix caches filled at the first call (use_cache=False: the whole sequence
-    every step, for comparison); `negative` with cfg_scale != 1 adds the guided pass."""
+    every step, for comparison; cache_device: where they are kept, see `PrefixCache`); `negative` with
+    cfg_scale != 1 adds the guided pass."""
 
     def __init__(self, model: DiT21, cond: Condition21, negative: Condition21 | None = None, cfg_scale: float = 1.0,
-                 use_cache: bool = True, attention_fn: Callable | None = None):  # fmt: skip
+                 use_cache: bool = True, attention_fn: Callable | None = None, cache_device=None):  # fmt: skip
         if negative is None and cfg_scale != 1.0:
             raise ValueError(f"cfg_scale {cfg_scale} needs a negative condition")
         self.model, self.cond, self.cfg_scale, self.use_cache = model, cond, cfg_scale, use_cache
         self.negative = negative if cfg_scale != 1.0 else None
-        self.attention_fn = attention_fn
+        self.attention_fn, self.cache_device = attention_fn, cache_device
         self.caches: dict[str, PrefixCache] = {}
 
     def _one(self, name: str, c: Condition21, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         if not self.use_cache:
             return self.model(x, sigma, *c.args(), attention_fn=self.attention_fn)
         if name not in self.caches:
-            self.caches[name] = self.model.prefill(*c.args(), dtype=x.dtype, attention_fn=self.attention_fn)
+            self.caches[name] = self.model.prefill(
+                *c.args(), dtype=x.dtype, attention_fn=self.attention_fn, cache_device=self.cache_device
+            )
         return self.model(x, sigma, cache=self.caches[name], attention_fn=self.attention_fn)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
