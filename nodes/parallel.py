@@ -53,16 +53,16 @@ def _devices(text: str) -> tuple[str, ...]:
     return devices
 
 
-def _workers(core, devices: tuple[str, ...]) -> Workers:
+def _workers(core, devices: tuple[str, ...], budget: int | None) -> Workers:
     """The workers of this DiT on these devices, started on first use and kept on the model between prompts."""
+    gpus = all(torch.device(d).type == "cuda" for d in devices)  # mapped: each worker copies it to its GPU
+    dit = DitFile(str(core.path), (("zero_cond_t", core.zero_cond_t), ("mmap", gpus)), budget)
     held = getattr(core, "parallel_workers", None)
-    if held is not None and held.devices == devices and held.dit.path == str(core.path):
+    if held is not None and held.devices == devices and held.dit == dit:
         return held
     if held is not None:
         held.stop()
-    gpus = all(torch.device(d).type == "cuda" for d in devices)  # mapped: each worker copies it to its GPU
-    options = (("zero_cond_t", core.zero_cond_t), ("mmap", gpus))
-    core.parallel_workers = Workers(DitFile(str(core.path), options), devices)
+    core.parallel_workers = Workers(dit, devices)
     return core.parallel_workers
 
 
@@ -126,10 +126,23 @@ class QwenPixParallelSampler:
                         "tooltip": "One device per worker, comma-separated (all CUDA: NCCL; cpu,cpu: gloo, for tests).",
                     },
                 ),
-            }
+            },
+            "optional": {
+                "dit_gb_per_device": (
+                    "FLOAT",
+                    {
+                        "default": 0.0,
+                        "min": 0.0,
+                        "max": 1024.0,
+                        "step": 0.5,
+                        "tooltip": "GB of each device the DiT may take; the blocks that do not fit stream from "
+                        "host memory every step. 0: the whole DiT on each device.",
+                    },
+                ),
+            },
         }
 
-    def sample(self, dit, positive, negative, latent_image, seed, steps, cfg, shift, devices):
+    def sample(self, dit, positive, negative, latent_image, seed, steps, cfg, shift, devices, dit_gb_per_device=0.0):
         cfg = checks.finite_number("cfg", cfg, "set cfg from 0 to 100 (4 is the official default)")
         shift = checks.finite_number("shift", shift, "set shift above 0 (3.1 as the official workflows)")
         devices = _devices(devices)
@@ -159,7 +172,8 @@ class QwenPixParallelSampler:
         h, w = noise.shape[-2:]
         sigmas = make_sigmas(float(shift), steps, h * 8, w * 8)
         bar = comfy.utils.ProgressBar(steps)
-        latents = _workers(core, devices).run(
+        gb = checks.finite_number("dit_gb_per_device", dit_gb_per_device, "set it to 0 or the GB per device")
+        latents = _workers(core, devices, int(gb * 1e9) if gb > 0 else None).run(
             jobs.sample, noise, cond, uncond, sigmas=sigmas, cfg_scale=cfg,
             check_interrupt=host.check_interrupt, on_progress=lambda i, n: bar.update_absolute(i, n),
         )  # fmt: skip
