@@ -45,6 +45,18 @@ def runs(comfy, tiny_comfy_vae):
     twin(graph, "inpaint_controlnet", lambda side: {"k": ksampler(f"{side}_ms", pos="alimama", neg="alimama", steps=3)})
     for side in ("o", "n"):
         graph[f"inpaint_controlnet_{side}_k"]["inputs"]["negative"] = ["alimama", 1]
+    graph.update({  # the pack's ControlNet loader feeding ComfyUI's apply nodes, on ComfyUI's own model
+        "qcn": node("QwenPixControlNetLoader", control_net_name=CNET, compute_dtype="fp32", positions="ComfyUI native"),
+        "qcn_inpaint": node("QwenPixControlNetLoader", control_net_name=INPAINT, compute_dtype="fp32",
+                            positions="ComfyUI native"),
+        "qapply": {**graph["apply"], "inputs": {**graph["apply"]["inputs"], "control_net": ["qcn", 0]}},
+        "qalimama": {**graph["alimama"], "inputs": {**graph["alimama"]["inputs"], "control_net": ["qcn_inpaint", 0]}},
+    })  # fmt: skip
+    for case, ours, theirs in (("our_loader", "qapply", "apply"), ("our_inpaint_loader", "qalimama", "alimama")):
+        twin(graph, case, lambda side, o=ours, t=theirs: {
+            "k": ksampler("n_ms", pos=o if side == "o" else t, neg=o if side == "o" else t, steps=3)})  # fmt: skip
+        for side, src in (("o", ours), ("n", theirs)):
+            graph[f"{case}_{side}_k"]["inputs"]["negative"] = [src, 1]
     twin(graph, "one_controlnet", lambda side: {"k": ksampler(f"{side}_ms", pos="apply", neg="apply", steps=3)})
     for side in ("o", "n"):  # (the negative output of ControlNetApplyAdvanced is slot 1)
         graph[f"one_controlnet_{side}_k"]["inputs"]["negative"] = ["apply", 1]
@@ -54,6 +66,11 @@ def runs(comfy, tiny_comfy_vae):
     twin(graph, "no_controlnet", lambda side: {"k": ksampler(f"{side}_ms", steps=3)})
     run(comfy, graph)
     return comfy
+
+
+@pytest.mark.parametrize("case", ["our_loader", "our_inpaint_loader"])
+def test_our_loader_matches_comfyuis_loader(runs, case):
+    assert close(runs, case) <= 1e-4
 
 
 @pytest.mark.parametrize("case", ["one_controlnet", "two_controlnets", "inpaint_controlnet"])
