@@ -108,9 +108,10 @@ def _ref_tokens(ref_latents, patch: int) -> int:
 
 
 class SequenceParallel:
-    """`MMDiT.forward` with the joint sequence split over the ranks of `group` (torch.distributed, initialised;
-    gloo on CPU, NCCL on GPUs). Call it as the model, on every rank with the same inputs; it runs the model's
-    own forward and blocks (through its block hook) and returns the same velocity on every rank.
+    """`MMDiT.forward` with the image tokens split over the ranks of `group` and the text on every rank
+    (torch.distributed, initialised; gloo on CPU, NCCL on GPUs). Call it as the model, on every rank with the
+    same inputs; it runs the model's own forward and blocks (through its block hook, so an offload executor's
+    module hooks still stream the blocks) and returns the same velocity on every rank.
 
     Not supported (a clear error): a caller's block hook (ControlNet residuals, block patches), whose
     residuals are whole-sequence tensors."""
