@@ -105,6 +105,21 @@ def test_layered_dit_masked_batch_and_fp8mixed(files):
                      diffusers_layered_velocity(ref, img, cond, sigma, txt, mask))  # fmt: skip
 
 
+def test_layered_gguf_with_a_quantised_embedding(tmp_path):
+    """Converted GGUFs quantise the 2 x 3072 addition_t_embedding (over 1024 values): it loads as float."""
+    from tools.checkpoints import gguf as G
+
+    key = "time_text_embed.addition_t_embedding.weight"
+    path = G.write_gguf(tmp_path / "qwen_image_layered-Q8_0.gguf", CFG, "Q8_0", types={key: "Q8_0"})
+    assert G.file_types(path)[key] == "Q8_0"
+    ours = load_dit(path)
+    assert ours.config.layer3d_rope and ours.config.additional_t_cond
+    img, cond, sigma, txt = layered_inputs(1, 2, 6, 8, 6, 8, seed=5)
+    want = diffusers_layered_velocity(diffusers_layered_dit(G.dequantized(path)), img, cond, sigma, txt)
+    with torch.no_grad():
+        assert_close(ours(img, sigma, txt, ref_latents=[cond]), want)
+
+
 def test_plain_dit_refuses_layered_latents(tmp_path):
     plain = load_dit(W.write_comfy(tmp_path / "qwen_image.safetensors", W.tiny_config(), dtype=torch.float32))
     assert not plain.config.layer3d_rope and not plain.config.additional_t_cond

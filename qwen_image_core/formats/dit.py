@@ -315,5 +315,9 @@ def read_gguf(path: Path, mmap: bool = False, overrides: Mapping | None = None) 
     if names.pop(ZERO_COND_MARKER, None) is not None:
         config.setdefault("zero_cond_t", True)
     config = infer_config({n: f.shape(k) for n, k in names.items()}, {**config, **(overrides or {})}, path)
-    tensors, packed = gguf.load_weights(f, names, lambda name, shape: name.endswith(".weight") and len(shape) == 2)
+
+    def linear(name, shape):  # stays packed; Qwen-Image-Layered's embedding table (quantised too) loads as float
+        return name.endswith(".weight") and len(shape) == 2 and name != LAYERED_KEY
+
+    tensors, packed = gguf.load_weights(f, names, linear)
     return DiTWeights(Path(path), tensors, {}, config, gguf.describe(f, names.values()), packed)
