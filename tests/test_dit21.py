@@ -85,7 +85,7 @@ def test_padded_batch_matches_diffusers_and_unpadded_rows(tiny):
 
 
 def test_cache_reused_over_steps_equals_uncached_and_diffusers_cache(tiny):
-    """One prefill, several steps at other sigmas and latents: each equals the uncached forward, and
+    """One prefill, steps at other sigmas and latents: each equals the uncached forward, and
     diffusers' extract-then-cached run (within 1e-5 relative)."""
     from diffusers.models.transformers.transformer_qwenimage21 import QwenImage21KVCache
 
@@ -95,7 +95,7 @@ def test_cache_reused_over_steps_equals_uncached_and_diffusers_cache(tiny):
     kv = QwenImage21KVCache(cfg.num_layers)
     with torch.no_grad():
         cache = ours.prefill(txt, slots, refs)
-        for step, s in enumerate((1.0, 0.6, 0.1)):
+        for step, s in enumerate((1.0, 0.3)):
             (img,) = latents((6, 4), seed=20 + step)
             sigma = torch.tensor([s])
             cached = ours(img, sigma, cache=cache)
