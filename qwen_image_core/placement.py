@@ -112,7 +112,8 @@ class Offloaded:
 class Component:
     """A model the job runs. `planner(free, max_resident)` plans its blocks (None: the whole model is one
     resident unit, like the VAE); `on_device=False` runs it where its weights are (e.g. the text encoder
-    on the CPU by choice)."""
+    on the CPU by choice); `skip`: modules left on the host, neither placed nor streamed (the DiT's modulation
+    layers when the sampler precomputes them, with a planner made by `plan_dit(modulation=True)`)."""
 
     name: str
     model: nn.Module
@@ -120,6 +121,7 @@ class Component:
     planner: Planner | None = None
     on_device: bool = True
     root: nn.Module | None = None
+    skip: Sequence[nn.Module] = ()
 
 
 class Placement:
@@ -177,7 +179,8 @@ class Placement:
         def bounded(free: int | None, max_resident: int | None) -> Plan:
             return planner(left if free is None else min(left, free), max_resident)
 
-        off = self._offloaded.setdefault(name, Offloaded(c.model, c.blocks, bounded, self.transfer, c.root))
+        off = self._offloaded.get(name) or Offloaded(c.model, c.blocks, bounded, self.transfer, c.root, skip=c.skip)
+        self._offloaded[name] = off
         off.planner = bounded
         self.placed[name] = off.attach()
         self.log.append(self.placed[name].plan.explain())

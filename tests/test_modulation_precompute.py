@@ -130,3 +130,33 @@ def test_streaming_leaves_the_modulation_on_the_host_and_moves_fewer_bytes(model
     assert reads == 2 * LAYERS + 1  # with the table: each modulation weight read once in the run
     mod_block_bytes = sum(P.tensor_bytes(m) for m in skip[:-1])
     assert moved[False] - moved[True] == mod_block_bytes
+
+
+def test_a_placed_dit_with_the_modulation_skipped_samples_the_same(model):
+    """The core's component placement (placement.Placement) with a modulation-precomputed plan: in the same budget
+    more blocks stay resident and fewer bytes stream, the same latents."""
+    from qwen_image_core import placement as PL  # noqa: PLC0415
+
+    dit, _ = model
+    noise, cond, uncond = conds(dit.config, refs=False)
+    sigmas = sigmas_comfy(3)
+    ref = sample(dit, noise, cond, uncond, sigmas, 3.0, precompute_modulation=False)
+    skip = [m for _, m in M.modulation_layers(dit)]
+    plain = P.split_blocks(dit, dit.transformer_blocks)
+    budget = plain[1] + 5 * max(plain[0]) // 2  # without the precompute: a ring of 2, nothing else fits
+    resident, moved = {}, {}
+    for pre in (False, True):
+        s, f = P.split_blocks(dit, dit.transformer_blocks, skip) if pre else plain
+
+        def planner(free, max_resident, s=s, f=f):
+            return P.plan_blocks(s, f, budget if free is None else free, 0, 0, 1.0, 1e9, max_resident=max_resident)
+
+        t = O.Transfer()
+        comp = PL.Component("dit", dit, dit.transformer_blocks, planner, skip=skip if pre else ())
+        place = PL.Placement(t, budget, [comp])
+        with place.running("dit") as off:
+            out = sample(dit, noise, cond, uncond, sigmas, 3.0, precompute_modulation=pre)
+            resident[pre], moved[pre] = len(off.plan.resident), off.streamer.stats.bytes_moved
+            assert t.peak <= budget
+        assert torch.equal(out, ref)
+    assert resident == {False: 0, True: 3} and moved[True] < moved[False]  # all 3 blocks fit once the modulation left
