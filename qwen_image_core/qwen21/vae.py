@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..vae import Conv2d, ImageVAE, MidBlock, ResidualBlock, RMSNorm, upsample2x_conv3x3
+from ..vae_tiling import choose_tiling
 
 # fmt: off
 # per-channel statistics of raw latents (diffusers' AutoencoderKLQwenImage21 config defaults)
@@ -77,11 +78,6 @@ class VAE21Config:
     def scale(self) -> int:
         """Pixels per latent along each axis (16)."""
         return 2 ** (len(self.dim_mult) - 1)
-
-    @property
-    def base_dim(self) -> int:
-        """The width `vae_tiling`'s memory estimate scales with: the wider full-resolution stage (conservative)."""
-        return max(self.encoder_dim, self.decoder_dim)
 
 
 def space_to_channels_mean(x: torch.Tensor, cout: int, time: int, space: int) -> torch.Tensor:
@@ -201,9 +197,25 @@ class Decoder21(nn.Module):
         return self.conv_out(F.silu(self.norm_out(x, inplace=True), inplace=True))  # [B, 4, 16h, 16w]
 
 
+# The width `vae_tiling`'s working-memory estimate (v1's bytes per pixel at width 96) is scaled by, per direction,
+# for the real 2.1 VAE. Measured like bench_vae.py --calibrate (peak RSS minus RSS before the run, untiled, float32,
+# CPU, one image at 256² and 512²): encode 123 / 302 MB (slope 228 B per pixel per byte of dtype: v1's 300 at width
+# 96 covers it), decode 195 / 1029 MB (slope 1060: v1's 420 scaled to width 256 gives 1120).
+TILING_WIDTH = {"encode": 96, "decode": 256}
+
+
+@dataclass(frozen=True)
+class _TilingView:
+    """What `vae_tiling.choose_tiling` reads of a config: pixels per latent and the width its estimate scales by."""
+
+    scale: int  # pixels per latent
+    base_dim: int  # TILING_WIDTH of the direction
+
+
 class ImageVAE21(ImageVAE):
     """Encode and decode still RGBA images (v1's `ImageVAE` behaviour: edge padding to multiples of 16, tiling,
-    normalised latents). RGB inputs get an opaque alpha channel (1.0), as the reference converts to RGBA."""
+    normalised latents). RGB inputs get an opaque alpha channel (1.0), as the reference converts to RGBA.
+    Automatic tiling uses this VAE's own working-memory estimate (TILING_WIDTH)."""
 
     def __init__(self, cfg: VAE21Config = VAE21Config()):
         nn.Module.__init__(self)
@@ -213,10 +225,27 @@ class ImageVAE21(ImageVAE):
         self.post_quant_conv = Conv2d(cfg.z_dim, cfg.z_dim, 1)
         self.decoder = Decoder21(cfg)
 
+    def tiling(self, tile, kind: str, x: torch.Tensor, budget: int | None):
+        """The `tile` argument for ImageVAE's encode/decode: an explicit choice as given, "auto" / None resolved
+        with this VAE's estimate (a Tiling, or False for one pass)."""
+        if tile not in (None, "auto"):
+            return tile
+        plan = choose_tiling(tile, kind, x, _TilingView(self.cfg.scale, TILING_WIDTH[kind]), budget)
+        return False if plan is None else plan
+
     @torch.no_grad()
-    def encode(self, images: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def encode(self, images: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None,
+               tile=None, budget: int | None = None,
+               check: Callable[[], None] | None = None) -> torch.Tensor:  # fmt: skip
         """Images [B, 4 (or 3), H, W] in [-1, 1] -> normalised latents [B, 64, ceil(H/16), ceil(W/16)]
-        (`ImageVAE.encode`'s options: sample, generator, tile, budget, check)."""
+        (the options of `ImageVAE.encode`)."""
         if images.shape[1] == 3:
             images = torch.cat([images, torch.ones_like(images[:, :1])], 1)
-        return super().encode(images, *args, **kwargs)
+        tile = self.tiling(tile, "encode", images, budget)
+        return super().encode(images, sample, generator, tile, budget, check)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, tile=None, budget: int | None = None,
+               check: Callable[[], None] | None = None) -> torch.Tensor:  # fmt: skip
+        """Normalised latents [B, 64, h, w] -> RGBA images [B, 4, 16h, 16w] in [-1, 1] (`ImageVAE.decode`)."""
+        return super().decode(latents, self.tiling(tile, "decode", latents, budget), budget, check)
