@@ -170,3 +170,13 @@ def test_real_8b_config_names_and_shapes():
     fields = F.config_fields(shapes, {}, "the 8B shapes")
     vision = fields.pop("vision")
     assert Qwen3VLConfig(**fields, vision=Vision3Config(**vision)) == Qwen3VLConfig()
+
+
+def test_tokenizer_found_in_the_repo_processor_folder(files, tmp_path):
+    import shutil
+
+    repo = tmp_path / "Qwen-Image-2.1"
+    shutil.copytree(files / "hf" / "text_encoder", repo / "text_encoder")
+    shutil.copytree(TOKENIZER, repo / "processor")
+    enc = load_qwen3_vl(repo / "text_encoder")
+    assert enc.drop() == len(enc.tokenizer(P.SYSTEM_BLOCK)["input_ids"]) > 5

@@ -113,9 +113,10 @@ def load_qwen3_vl(
     """Load a Qwen3-VL encoder from any supported file or folder.
 
     tokenizer: a loaded tokenizer, a folder to search (`prompts.find_tokenizer`), or None to search next to the
-    weights. Sizes come from `sizes` (Qwen3VLConfig fields) and `vision` (Vision3Config fields), then the
-    folder's config.json, then the shapes (see `formats.qwen3_vl`). Refuses other files, the v1 Qwen2.5-VL
-    encoder included, with a message saying what they are.
+    weights (and a diffusers repo's `processor/` or `tokenizer/`; then an importable ComfyUI's Qwen tokenizer).
+    Sizes come from `sizes` (Qwen3VLConfig fields) and `vision` (Vision3Config fields), then the folder's
+    config.json or the file's `config` metadata, then the shapes (see `formats.qwen3_vl`). Refuses other files,
+    the v1 Qwen2.5-VL encoder included, with a message saying what they are.
     """
     unknown = sorted(set(sizes) - set(Qwen3VLConfig.__dataclass_fields__))
     if unknown:
@@ -141,8 +142,9 @@ def load_qwen3_vl(
     assign_weights(model, weights, scales, ckpt.path, fmt.WHAT, packed)
     model.storage, model.path = storage, ckpt.path
     model.eval().requires_grad_(False)
-    if tokenizer is None:
-        tokenizer = load_tokenizer(find_tokenizer(None, search=[path]))
+    if tokenizer is None:  # beside the weights, or the diffusers repo's processor/ (Qwen/Qwen-Image-2.1's layout)
+        root = path if path.is_dir() else path.parent
+        tokenizer = load_tokenizer(find_tokenizer(None, search=[path, root.parent / "processor"]))
     elif isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = load_tokenizer(find_tokenizer(tokenizer))
     return Qwen3VLEncoder(model, tokenizer, source=str(path))
