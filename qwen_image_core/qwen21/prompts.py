@@ -112,7 +112,11 @@ def official_resize(image, resolution: int = 1024) -> Image.Image:
 def pad_to_multiple(image, multiple: int = RESIZE_MULTIPLE) -> tuple[Image.Image, tuple[int, int]]:
     """A reference padded, not resampled, to sides that are multiples of `multiple` (edge pixels repeated on the
     right and bottom, so pixel (0, 0) stays put and nothing shifts or zooms), RGBA, and its own (width, height)
-    to crop the result back to. The alternative to `official_resize` for edits that must keep their pixels."""
+    to crop the result back to. The alternative to `official_resize` for edits that must keep their pixels.
+
+    The vision tower's processor scales images under 65536 pixels (256^2) up (its smart resize): for those the
+    vision slots no longer cover 2x2 latents each, so a caller that keeps sizes needs references of at least
+    that area (the official resize at resolution >= 256 always gives them)."""
     img = to_pil_rgba(image)
     w, h = img.size
     a = np.asarray(img)
