@@ -43,6 +43,16 @@ class ComfyControlNet(nn.Module):
         return {"input": [r for r in res for _ in range(repeat)][:MAIN_BLOCKS]}
 
 
+def plan_line(net: InstantXControlNet) -> str:
+    """What the loader shows: kind, blocks, storage and size, and where it runs (ComfyUI loads it whole)."""
+    held = sum(t.numel() * t.element_size() for t in net.state_dict().values())
+    size = f"{held / 1e9:.2f} GB" if held >= 1e8 else f"{held / 1e6:.1f} MB"
+    return (
+        f"InstantX {net.kind} ControlNet: {net.config.num_layers} blocks, {net.storage or 'weights'}; {size}, "
+        "resident (ComfyUI's model management loads it whole beside the DiT; not streamed)"
+    )
+
+
 class QwenPixControlNetLoader:
     DISPLAY_NAME = "Load Qwen-Image ControlNet"
     CATEGORY = CATEGORY
@@ -84,7 +94,7 @@ class QwenPixControlNetLoader:
             model, compression_ratio=1, latent_format=comfy.latent_formats.Wan21(), concat_mask=net.kind == "inpaint",
             load_device=comfy.model_management.get_torch_device(), manual_cast_dtype=None, extra_conds=[],
         )  # fmt: skip
-        return (control,)
+        return {"ui": {"qwenpix_plan": [plan_line(net)]}, "result": (control,)}
 
 
 NODES = {"QwenPixControlNetLoader": QwenPixControlNetLoader}
