@@ -1,0 +1,176 @@
+"""Example workflows of issue 15, described as data in tools/make_workflows.py's format: ControlNet text-to-image,
+inpainting with the InstantX Inpainting ControlNet, and a masked edit with crop-and-stitch.
+
+    python -m tools.workflow_control     # writes these examples (UI files + API twins), as make_workflows does
+
+Kept apart from make_workflows.py while that file is reorganised; `graphs()` returns the same (note, graph) pairs
+as `make_workflows.graphs()`, so hooking them in is one `update(workflow_control.graphs())` and their TITLES.
+The main job's smoke weights do not cover ControlNet files yet, so the API twins are not written into
+workflows/api/ by default (see `main`).
+"""
+
+from __future__ import annotations
+
+HF = "https://huggingface.co"
+REPO_T2I = f"{HF}/Comfy-Org/Qwen-Image_ComfyUI/resolve/main/split_files"
+REPO_EDIT = f"{HF}/Comfy-Org/Qwen-Image-Edit_ComfyUI/resolve/main/split_files"
+REPO_CN = f"{HF}/Comfy-Org/Qwen-Image-InstantX-ControlNets/resolve/main/split_files/controlnet"
+UNION, INPAINT = (
+    "Qwen-Image-InstantX-ControlNet-Union.safetensors",
+    "Qwen-Image-InstantX-ControlNet-Inpainting.safetensors",
+)
+# file name -> (models sub-folder, where the file is published)
+SOURCES = {
+    "qwen_image_fp8_e4m3fn.safetensors": ("diffusion_models", REPO_T2I + "/diffusion_models"),
+    "qwen_image_edit_2509_fp8_e4m3fn.safetensors": ("diffusion_models", REPO_EDIT + "/diffusion_models"),
+    "qwen_2.5_vl_7b_fp8_scaled.safetensors": ("text_encoders", REPO_T2I + "/text_encoders"),
+    "qwen_image_vae.safetensors": ("vae", REPO_T2I + "/vae"),
+    UNION: ("controlnet", REPO_CN),
+    INPAINT: ("controlnet", REPO_CN),
+}
+TITLES = {
+    "qwen_image_controlnet_union": "Qwen-Image ControlNet Union (canny, depth, pose)",
+    "qwen_image_controlnet_inpaint": "Qwen-Image Inpainting ControlNet",
+    "qwen_image_edit_masked_crop_stitch": "Qwen-Image-Edit-2509 Masked Edit (crop and stitch)",
+}
+IMAGE = "qwenpix_example_1.png"  # an example input (workflows/inputs); its alpha is the mask where one is used
+POSITIVE, NEGATIVE = {"title": "Positive Prompt"}, {"title": "Negative Prompt"}
+
+
+def _base(dit: str) -> dict:
+    return {
+        "dit": ("QwenPixDiTLoader", {"dit_name": dit, "compute_dtype": "auto", "positions": "official (diffusers)"}),
+        "te": ("QwenPixTextEncoderLoader", {"text_encoder_name": "qwen_2.5_vl_7b_fp8_scaled.safetensors"}),
+        "vae": ("QwenPixVAELoader", {"vae_name": "qwen_image_vae.safetensors"}),
+        "cvae": ("VAELoader", {"vae_name": "qwen_image_vae.safetensors"}, {"title": "VAE for the control image"}),
+        "ms": ("ModelSamplingAuraFlow", {"model": ("dit", 0), "shift": 3.1}),
+        "img": ("LoadImage", {"image": IMAGE}),
+    }
+
+
+def _prompts(text: str) -> dict:
+    return {
+        "pos": ("QwenPixTextEncode", {"text_encoder": ("te", 0), "prompt": text}, POSITIVE),
+        "neg": ("QwenPixTextEncode", {"text_encoder": ("te", 0), "prompt": " "}, NEGATIVE),
+    }
+
+
+def _ksampler(cond: str, latent: tuple, steps: int = 20, cfg: float = 4.0) -> tuple:
+    return ("KSampler", {
+        "model": ("ms", 0), "seed": 42, "steps": steps, "cfg": cfg, "sampler_name": "euler", "scheduler": "simple",
+        "positive": (cond, 0), "negative": (cond, 1), "latent_image": latent, "denoise": 1.0,
+    })  # fmt: skip
+
+
+def controlnet_union() -> dict:
+    g = {**_base("qwen_image_fp8_e4m3fn.safetensors"), **_prompts("A modern glass house in a pine forest at dawn.")}
+    g.update({
+        "cn": ("QwenPixControlNetLoader", {"control_net_name": UNION, "compute_dtype": "bf16",
+                                           "positions": "official (diffusers)"}),
+        "hint": ("Canny", {"image": ("img", 0), "low_threshold": 0.4, "high_threshold": 0.8}),
+        "apply": ("ControlNetApplyAdvanced", {
+            "positive": ("pos", 0), "negative": ("neg", 0), "control_net": ("cn", 0), "image": ("hint", 0),
+            "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0, "vae": ("cvae", 0)}),
+        "latent": ("QwenPixEmptyLatent", {"aspect": "1:1 (1328x1328)", "width": 1328, "height": 1328, "batch_size": 1}),
+        "sampler": _ksampler("apply", ("latent", 0)),
+        "decode": ("VAEDecode", {"samples": ("sampler", 0), "vae": ("cvae", 0)}),
+        "save": ("SaveImage", {"images": ("decode", 0), "filename_prefix": "QwenPix/controlnet_union"}),
+    })  # fmt: skip
+    return g
+
+
+def controlnet_inpaint() -> dict:
+    g = {**_base("qwen_image_fp8_e4m3fn.safetensors"), **_prompts("A red wooden door with a brass handle.")}
+    g.update({
+        "cn": ("QwenPixControlNetLoader", {"control_net_name": INPAINT, "compute_dtype": "bf16",
+                                           "positions": "official (diffusers)"}),
+        "apply": ("ControlNetInpaintingAliMamaApply", {
+            "positive": ("pos", 0), "negative": ("neg", 0), "control_net": ("cn", 0), "vae": ("cvae", 0),
+            "image": ("img", 0), "mask": ("img", 1), "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}),
+        "enc": ("VAEEncode", {"pixels": ("img", 0), "vae": ("cvae", 0)}),
+        "noise_mask": ("SetLatentNoiseMask", {"samples": ("enc", 0), "mask": ("img", 1)}),
+        "sampler": _ksampler("apply", ("noise_mask", 0)),
+        "decode": ("VAEDecode", {"samples": ("sampler", 0), "vae": ("cvae", 0)}),
+        "composite": ("ImageCompositeMasked", {"destination": ("img", 0), "source": ("decode", 0), "x": 0, "y": 0,
+                                               "resize_source": False, "mask": ("img", 1)}),
+        "save": ("SaveImage", {"images": ("composite", 0), "filename_prefix": "QwenPix/controlnet_inpaint"}),
+    })  # fmt: skip
+    return g
+
+
+def masked_edit() -> dict:
+    g = _base("qwen_image_edit_2509_fp8_e4m3fn.safetensors")
+    del g["cvae"], g["ms"]
+    common = {"text_encoder": ("te", 0), "vae": ("vae", 0), "variant": "edit_plus (2509 / 2511)",
+              "resize": "keep size (no shift/zoom)", "image1": ("crop", 0)}  # fmt: skip
+    g.update({
+        "crop": ("QwenPixMaskCrop", {"image": ("img", 0), "mask": ("img", 1), "padding": 32, "megapixels": 1.0}),
+        "pos": ("QwenPixEditEncode", {**common, "prompt": "Turn the masked object into a bronze statue."}, POSITIVE),
+        "neg": ("QwenPixEditEncode", {**common, "prompt": " "}, NEGATIVE),
+        "sampler": ("QwenPixSampler", {
+            "dit": ("dit", 0), "positive": ("pos", 0), "negative": ("neg", 0), "latent_image": ("pos", 1),
+            "seed": 42, "steps": 20, "cfg": 4.0, "sampler_name": "euler", "schedule": "shift (ComfyUI workflows)",
+            "shift": 3.0, "cfg_rescale": "CFGNorm (ComfyUI)", "denoise": 1.0}),
+        "decode": ("QwenPixDecode", {"vae": ("vae", 0), "samples": ("sampler", 0), "tiling": "auto",
+                                     "tile_size": 512, "overlap": 64}),
+        "stitch": ("QwenPixMaskStitch", {"original": ("img", 0), "edited": ("decode", 0), "mask": ("img", 1),
+                                         "crop": ("crop", 2)}),
+        "save": ("SaveImage", {"images": ("stitch", 0), "filename_prefix": "QwenPix/masked_edit"}),
+    })  # fmt: skip
+    return g
+
+
+USAGE = {
+    "qwen_image_controlnet_union": (
+        "InstantX ControlNet Union on Qwen-Image: the control image (here ComfyUI's Canny of the input; a depth "
+        "or pose map works the same) steers the layout. Strength 1, start 0, end 1 as the official workflow."
+    ),
+    "qwen_image_controlnet_inpaint": (
+        "InstantX Inpainting ControlNet: paint the mask in the Mask Editor (Load Image's alpha); only the masked "
+        "area is repainted (latent noise mask) and composited back onto the original."
+    ),
+    "qwen_image_edit_masked_crop_stitch": (
+        "Masked edit with Edit-2509: the masked area (plus 32 px) is cut out and edited at ~1 MP, and only the "
+        "masked pixels are stitched back: everything outside the mask keeps its exact pixels."
+    ),
+}
+
+
+def note_text(name: str, graph: dict) -> str:
+    files = sorted({v for e in graph.values() for v in e[1].values() if isinstance(v, str) and v in SOURCES})
+    lines = ["## Model files", "", "| file | put it in | download |", "| --- | --- | --- |"]
+    lines += [f"| {f} | ComfyUI/models/{SOURCES[f][0]}/ | [{f}]({SOURCES[f][1]}/{f}) |" for f in files]
+    return "\n".join([*lines, "", "## Usage", "", USAGE[name]])
+
+
+def graphs() -> dict[str, tuple[str, dict]]:
+    """name -> (note text, graph), as make_workflows.graphs()."""
+    built = {
+        "qwen_image_controlnet_union": controlnet_union(),
+        "qwen_image_controlnet_inpaint": controlnet_inpaint(),
+        "qwen_image_edit_masked_crop_stitch": masked_edit(),
+    }
+    return {name: (note_text(name, g), g) for name, g in built.items()}
+
+
+def main() -> None:
+    """Write the UI workflows (+ thumbnails) to example_workflows/ with make_workflows' converters."""
+    import json  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    from tools import make_workflows as mw  # noqa: PLC0415
+    from tools.comfy_harness import ComfyClient, ComfyServer  # noqa: PLC0415
+
+    with tempfile.TemporaryDirectory() as tmp, ComfyServer(Path(tmp)) as server:
+        info = ComfyClient(server.url).object_info()
+    mw.EXAMPLES.mkdir(exist_ok=True)
+    for name, (text, graph) in graphs().items():
+        g, title = mw.complete(graph, info), TITLES[name]
+        (mw.EXAMPLES / f"{title}.json").write_text(json.dumps(mw.to_ui(g, info, text), indent=2) + "\n")
+        mw.write_thumbnail(mw.EXAMPLES / f"{title}.jpg", title, g)
+        print(f"wrote example_workflows/{title}.json (+ .jpg)")
+
+
+if __name__ == "__main__":
+    main()
