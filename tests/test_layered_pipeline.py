@@ -105,6 +105,12 @@ def test_decompose_matches_diffusers(ours, reference, layers, cfg_scale, normali
     assert err <= ATOL, f"max abs diff {err:.3g} > {ATOL}"
 
 
+def test_one_step_schedule_is_finite():
+    """The reference's terminal stretch is 0 / 0 for one step; ours is [1, 0] then."""
+    assert layered.layered_sigmas(1, (12, 20)).tolist() == [1.0, 0.0]
+    assert torch.isfinite(layered.layered_sigmas(3, (12, 20))).all()
+
+
 def test_decompose_refuses_bad_inputs(ours, tmp_path):
     dit, vae, te = ours
     image = picture(64, 64, seed=0)
