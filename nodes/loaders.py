@@ -123,6 +123,8 @@ class QwenPixDiTLoader:
         native.set_attachments("qwenpix_compute", compute_dtype)
         plan = placement.describe_default_plan(model)  # shown on the node by the web extension
         lines = [weights_line(model) + " ·", plan] + ([matmul_seam.coverage(model, matmul)] if matmul != "off" else [])
+        if model.config.layer3d_rope:  # issue 16: say what drives it (ComfyUI 0.3.75 has no layered latents)
+            lines.insert(0, "Qwen-Image-Layered: sample it with the Qwen-Image Layered Sampler ·")
         return {"ui": {"qwenpix_plan": lines}, "result": (native,)}
 
 
@@ -179,7 +181,10 @@ class QwenPixVAELoader:
     RETURN_TYPES = (VAE,)
     OUTPUT_TOOLTIPS = ("The Qwen-Image VAE as a fast 2D image network.",)
     FUNCTION = "load"
-    DESCRIPTION = "Loads qwen_image_vae.safetensors (or a diffusers vae/ folder) as a single-frame image VAE."
+    DESCRIPTION = (
+        "Loads qwen_image_vae.safetensors (or a diffusers vae/ folder) as a single-frame image VAE; "
+        "qwen_image_layered_vae (4 channels) as the RGBA VAE of Qwen-Image-Layered."
+    )
 
     @classmethod
     def INPUT_TYPES(cls):

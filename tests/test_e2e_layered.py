@@ -72,6 +72,7 @@ def test_layers_saved_as_rgba_pngs_keep_the_decoded_alpha(layered_models, client
     prompt["dump_composite"] = node("QwenPixTestDumpImage", images=["decode", 2], name="layered_composite")
     res = client.run(prompt, timeout=300)
     assert res.status == "success", (res.error() or {}).get("exception_message")
+    assert "Qwen-Image-Layered" in str(res.outputs["dit"]["qwenpix_plan"])  # the loader says what drives it
     out = layered_models.output_dir
     layers = np.load(out / "layered_layers.npy")
     assert layers.shape == (2, 512, 768, 4)  # 96x64 -> about 640^2 at 3:2, sides multiples of 32
