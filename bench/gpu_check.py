@@ -32,25 +32,25 @@ import time
 import traceback
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
-from qwen_image_core import compiled as compiled_blocks  # noqa: E402
-from qwen_image_core import matmul as MM  # noqa: E402
-from qwen_image_core import modulation as M  # noqa: E402
+import gpu_check_seams as seams  # noqa: E402
+
 from qwen_image_core import offload as O  # noqa: E402
 from qwen_image_core import offload_plan as P  # noqa: E402
 from qwen_image_core import rope  # noqa: E402
 from qwen_image_core.attention import attention, per_row  # noqa: E402
 from qwen_image_core.formats.common import assign_weights  # noqa: E402
 from qwen_image_core.mmdit import DoubleStreamBlock, MMDiT, MMDiTConfig  # noqa: E402
-from qwen_image_core.ops import Linear, lora_to, set_packed  # noqa: E402
+from qwen_image_core.ops import Linear, lora_to  # noqa: E402
 from qwen_image_core.placement import Offloaded  # noqa: E402
-from qwen_image_core.quant_comfy import Int8  # noqa: E402
 from qwen_image_core.transfer import CudaTransfer, Transfer, default_transfer, measure_h2d_gbps  # noqa: E402
 
 FP8 = torch.float8_e4m3fn
@@ -455,94 +455,6 @@ def compiled(c: Check, e: dict) -> None:
     c.verdict(e, "compiled_matches", diff <= (1e-2 if c.cuda else 1e-4), diff)
 
 
-def modulation_phase(c: Check, e: dict) -> None:
-    """Modulation precomputed for 20 steps: the same forward, bytes off each block, time against per-step."""
-    model = random_dit(c, 2 if c.tiny else 6).to(c.device)
-    img, t, txt, _ = workload(c, 1024, True)
-    dt, rows, steps = img.dtype, img.shape[0], 20
-    sigmas = torch.linspace(1.0, 0.05, steps)
-    layers = [m for _, m in M.modulation_layers(model)]
-    with torch.no_grad():
-        sync = torch.cuda.synchronize if c.cuda else (lambda: None)
-        t0 = time.perf_counter()
-        table = M.precompute(model, sigmas, rows, dt, c.device)
-        sync()
-        e["precompute_ms"] = 1e3 * (time.perf_counter() - t0)
-        silu = torch.randn(rows, model.config.hidden, device=c.device, dtype=dt)
-        runs = dict(warmup=0, runs=1) if c.tiny else {}
-        e["per_step_modulation_ms"] = 1e3 * c.timed(lambda: [m(silu) for m in layers], **runs)
-        ok = True
-        for k in (0, steps // 2):
-            tk = torch.full((rows,), float(sigmas[k]), device=c.device)
-            ok &= torch.equal(model(img, tk, txt, step_mod=table.steps[k]), model(img, tk, txt))
-    c.verdict(e, "precomputed_equals_per_step", ok)
-    c.verdict(e, "weights_read_once", set(table.reads.values()) == {1}, dict(list(table.reads.items())[:2]))
-    sizes, _ = P.split_blocks(model, model.transformer_blocks)
-    freed, _ = P.split_blocks(model, model.transformer_blocks, layers)
-    e["block_mb"], e["block_mb_without_modulation"] = sizes[0] / 1e6, freed[0] / 1e6
-    e["table_mb_per_step"] = table.nbytes / steps / 1e6
-    e["steps_to_repay_precompute"] = e["precompute_ms"] / max(1e-9, e["per_step_modulation_ms"])
-
-
-def matmul_phase(c: Check, e: dict) -> None:
-    """fp8 (_scaled_mm) and int8 (_int_mm) seams at the MLP shape: time and error against the dequantised GEMM."""
-    k, n, m = (256, 512, 64) if c.tiny else (3072, 12288, 2 * 4096)
-    dt = torch.bfloat16 if c.cuda else torch.float32
-    g = torch.Generator(device=c.device).manual_seed(0)
-    x = torch.randn(m, k, device=c.device, generator=g, dtype=dt)
-    fp8 = Linear(k, n).to(c.device)
-    fp8.weight.data = (torch.randn(n, k, device=c.device, generator=g) * 0.5).to(FP8)
-    fp8.weight_scale = torch.tensor([0.02], device=c.device)
-    int8 = Linear(k, n).to(c.device)
-    q = torch.randint(-127, 128, (n, k), device=c.device, dtype=torch.int8, generator=g)
-    set_packed(int8, q, Int8((n, k), convrot=256), {"weight_scale": torch.rand(n, device=c.device) * 1e-3 + 1e-4})
-    e["fp8_native"] = MM.fp8_capable(x.device)
-    for name, layer, mode in (("fp8", fp8, "fp8"), ("int8", int8, "int8")):
-        layer.bias.data = layer.bias.data.to(dt)  # (the weight keeps its stored dtype)
-        with torch.no_grad():
-            off = layer(x)
-            e[f"{name}_ms_dequantised"] = 1e3 * c.timed(lambda layer=layer: layer(x))
-            with MM.using(layer, mode):
-                y = layer(x)
-                e[f"{name}_ms_native"] = 1e3 * c.timed(lambda layer=layer: layer(x))
-        err = ((y.float() - off.float()).norm() / off.float().norm()).item()
-        e[f"{name}_rel_error"] = err
-        c.verdict(e, f"{name}_close_to_dequantised", err < (0.05 if name == "fp8" else 0.02), err)
-    xq, xs = MM.quantize_rows_fp8(x)
-    if e["fp8_native"]:
-        nat = MM.fp8_mm(xq, xs, fp8.weight, fp8.weight_scale, dt, native=True).float()
-        twin = MM.fp8_mm(xq, xs, fp8.weight, fp8.weight_scale, dt, native=False).float()
-        d = ((nat - twin).norm() / twin.norm()).item()
-        c.verdict(e, "fp8_native_equals_twin", d < 1e-2, d)
-
-
-def compile_streamed(c: Check, e: dict) -> None:
-    """Per-block compile (compiled.using) with 2 of 3 blocks streaming: equal to eager, no recompiles."""
-    import torch._dynamo  # noqa: PLC0415
-
-    model = random_dit(c, 3)
-    img, t, txt, lengths = workload(c, 1024, True)
-    plan = plan_with(model, 1, 2)
-    transfer = default_transfer(c.device)
-    backend = "inductor" if c.cuda else "eager"  # inductor builds for about a minute on a small CPU
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    with torch.no_grad(), O.BlockStreamer(model, model.transformer_blocks, plan, transfer):
-        ref = model(img, t, txt, txt_lengths=lengths)
-        with compiled_blocks.using(model.transformer_blocks, backend):
-            t0 = time.monotonic()
-            out = model(img, t, txt, txt_lengths=lengths)
-            e["first_pass_s"] = round(time.monotonic() - t0, 1)
-            runs = dict(warmup=0, runs=1) if c.tiny else dict(warmup=1, runs=3)
-            e["ms_compiled"] = 1e3 * c.timed(lambda: model(img, t, txt, txt_lengths=lengths), **runs)
-        e["ms_eager"] = 1e3 * c.timed(lambda: model(img, t, txt, txt_lengths=lengths), **runs)
-    diff = ((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp(min=1e-6)).item()
-    c.verdict(e, "compiled_streamed_matches", diff <= (1e-2 if c.cuda else 0.0), diff)
-    c.verdict(e, "no_recompiles", not torch._dynamo.utils.counters["recompiles"],
-              dict(torch._dynamo.utils.counters["stats"]))  # fmt: skip
-    e["backend"] = backend
-
-
 PHASES = [  # (name, function, seconds needed on a GPU)
     ("0_environment", environment, 5),
     ("1_attention", attention_kernels, 30),
@@ -552,9 +464,15 @@ PHASES = [  # (name, function, seconds needed on a GPU)
     ("5_overlap", overlap, 180),
     ("6_oom_and_pins", oom_and_pins, 40),
     ("7_compile", compiled, 60),
-    ("8_modulation", modulation_phase, 30),
-    ("9_matmul", matmul_phase, 20),
-    ("10_compile_streamed", compile_streamed, 90),
+]
+_HELPERS = SimpleNamespace(random_dit=random_dit, workload=workload, plan_with=plan_with, FP8=FP8)
+PHASES += [  # issue 13's seams (bench/gpu_check_seams.py)
+    (name, lambda c, e, fn=fn: fn(c, e, _HELPERS), need)
+    for name, fn, need in (
+        ("8_modulation", seams.modulation_phase, 30),
+        ("9_matmul", seams.matmul_phase, 20),
+        ("10_compile_streamed", seams.compile_streamed, 90),
+    )
 ]
 
 
