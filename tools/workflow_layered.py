@@ -10,7 +10,6 @@ and saved with SaveImage, one PNG with alpha per layer, plus the composite.
 from __future__ import annotations
 
 NAME = "qwen_image_layered"
-TITLE = "Qwen-Image-Layered Decompose into RGBA Layers"
 REPO = "https://huggingface.co/Comfy-Org/Qwen-Image-Layered_ComfyUI/resolve/main/split_files"
 REPO_T2I = "https://huggingface.co/Comfy-Org/Qwen-Image_ComfyUI/resolve/main/split_files"
 # file name -> (models sub-folder, where the file is published)
@@ -98,13 +97,13 @@ def main() -> None:
     assert (mw.INPUTS / IMAGE).is_file(), "run python -m tools.make_workflows first (it draws the example inputs)"
     with tempfile.TemporaryDirectory() as tmp, ComfyServer(Path(tmp)) as server:
         info = ComfyClient(server.url).object_info()
-    g = mw.complete(graph(), info)
+    g, title = mw.complete(graph(), info), mw.title_of(NAME)  # the template card's title, as the tests expect
     (mw.OUT / "api").mkdir(parents=True, exist_ok=True)
     mw.EXAMPLES.mkdir(exist_ok=True)
     (mw.OUT / "api" / f"{NAME}.json").write_text(json.dumps(mw.to_api(g, info), indent=2) + "\n")
-    (mw.EXAMPLES / f"{TITLE}.json").write_text(json.dumps(mw.to_ui(g, info, note_text()), indent=2) + "\n")
-    mw.write_thumbnail(mw.EXAMPLES / f"{TITLE}.jpg", TITLE, g)
-    print(f"wrote example_workflows/{TITLE}.json (+ .jpg) and workflows/api/{NAME}.json")
+    (mw.EXAMPLES / f"{title}.json").write_text(json.dumps(mw.to_ui(g, info, note_text()), indent=2) + "\n")
+    mw.write_thumbnail(mw.EXAMPLES / f"{title}.jpg", title, g)
+    print(f"wrote example_workflows/{title}.json (+ .jpg) and workflows/api/{NAME}.json")
 
 
 if __name__ == "__main__":
