@@ -8,6 +8,8 @@ stops every worker at the same step; a worker's error or death is this node's er
 
 from __future__ import annotations
 
+import os
+
 import comfy.sample
 import comfy.utils
 import torch
@@ -62,7 +64,8 @@ def _workers(core, devices: tuple[str, ...], budget: int | None) -> Workers:
         return held
     if held is not None:
         held.stop()
-    core.parallel_workers = Workers(dit, devices)
+    threads = 0 if gpus else max(1, (os.cpu_count() or 1) // len(devices))  # CPU ranks share the cores
+    core.parallel_workers = Workers(dit, devices, threads=threads)
     return core.parallel_workers
 
 

@@ -101,7 +101,17 @@ class Stop(Exception):
     pass
 
 
-def test_interrupt_stops_every_rank_and_keeps_the_workers(workers):
+def raise_at_step_2(steps):
+    def on_progress(i, n):  # as ComfyUI's progress hook raises its interrupt
+        steps.append(i)
+        if i == 2:
+            raise Stop("interrupted from the progress hook")
+
+    return on_progress
+
+
+@pytest.mark.parametrize("where", ["check_interrupt", "on_progress"])
+def test_interrupt_stops_every_rank_and_keeps_the_workers(workers, where):
     noise, cond, uncond = sampling_inputs()
     pids, steps = workers.pids, []
 
@@ -109,11 +119,11 @@ def test_interrupt_stops_every_rank_and_keeps_the_workers(workers):
         if steps:
             raise Stop("interrupted by the host")
 
+    hooks = {"check_interrupt": check, "on_progress": lambda i, n: steps.append(i)}
+    if where == "on_progress":
+        hooks = {"on_progress": raise_at_step_2(steps)}
     with pytest.raises(Stop):
-        workers.run(
-            jobs.sample, noise, cond, uncond, sigmas=sigmas_comfy(200, shift=3.1), cfg_scale=4.0,
-            check_interrupt=check, on_progress=lambda i, n: steps.append(i),
-        )  # fmt: skip
+        workers.run(jobs.sample, noise, cond, uncond, sigmas=sigmas_comfy(200, shift=3.1), cfg_scale=4.0, **hooks)
     assert steps and steps[-1] < 200 and workers.pids == pids and workers.alive
     img, t, txt, kw = inputs("t2i")
     assert workers.run(jobs.forward, img, t, txt, **kw).shape == img.shape  # the same workers go on

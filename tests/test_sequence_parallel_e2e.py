@@ -5,6 +5,7 @@ clear error before any worker starts."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -28,9 +29,9 @@ def server(comfy):
     return comfy
 
 
-def graph(devices="cpu,cpu", seed=5) -> dict:
-    common = dict(positive=["pos", 0], negative=["neg", 0], latent_image=["lat", 0], seed=seed, steps=3, cfg=4.0)
-    return {
+def graph(devices="cpu,cpu", seed=5, steps=3, single=True) -> dict:
+    common = dict(positive=["pos", 0], negative=["neg", 0], latent_image=["lat", 0], seed=seed, steps=steps, cfg=4.0)
+    g = {
         "dit": node("QwenPixDiTLoader", dit_name=DIT, compute_dtype="fp32"),
         "pos": node("QwenPixTestConditioning", seed=1, tokens=7, dim=DIM),
         "neg": node("QwenPixTestConditioning", seed=2, tokens=3, dim=DIM),
@@ -49,6 +50,9 @@ def graph(devices="cpu,cpu", seed=5) -> dict:
         "pd": node("QwenPixTestDumpLatent", samples=["p", 0], name=f"parallel_{seed}"),
         "sd": node("QwenPixTestDumpLatent", samples=["s", 0], name=f"single_{seed}"),
     }
+    if not single:
+        del g["s"], g["sd"]
+    return g
 
 
 def test_two_cpu_workers_equal_one_device(server):
@@ -65,6 +69,31 @@ def test_two_cpu_workers_equal_one_device(server):
         assert a.shape == b.shape and np.isfinite(a).all() and d <= 1e-5 * max(1.0, float(np.abs(b).max()))
     print(f"prompt with worker start {times[0]:.1f} s, next prompt {times[1]:.1f} s")
     assert times[1] < times[0]
+
+
+def test_cancel_stops_the_workers_and_they_serve_the_next_prompt(server):
+    client = ComfyClient(server.url).connect()
+    try:
+        pid = client.queue(graph(seed=7, steps=400, single=False))
+
+        def cancel_after_a_step():
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                if any(e["type"] == "progress" and e["data"]["node"] == "p" for e in client.events_for(pid)):
+                    client.interrupt()
+                    return
+                time.sleep(0.05)
+
+        t = threading.Thread(target=cancel_after_a_step)
+        t.start()
+        res = client.wait(pid, timeout=300)
+        t.join()
+        steps = max(e["data"]["value"] for e in res.events if e["type"] == "progress" and e["data"]["node"] == "p")
+        print(f"\ncancelled after {steps} of 400 steps")
+        assert res.status == "interrupted" and steps < 400
+        assert client.run(graph(seed=8, single=False), timeout=300).status == "success"
+    finally:
+        client.close()
 
 
 def test_missing_gpus_and_uneven_heads_are_named(server):

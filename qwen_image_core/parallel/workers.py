@@ -109,6 +109,7 @@ class Workers:
         self.dit, self.timeout_s, self.start_timeout_s, self.poll_s = dit, timeout_s, start_timeout_s, poll_s
         self.threads, self.paths = threads, [str(p) for p in paths]
         self._procs, self._conns, self._logs, self._job, self._finalizer = [], [], [], 0, None
+        self._pending = False  # a job was sent and not every rank has replied
 
     @property
     def alive(self) -> bool:
@@ -161,14 +162,19 @@ class Workers:
         msg = (self._job, reference(fn), encode(args), encode(kwargs))
         for c in self._conns:
             send(c, msg)
-        return self._collect(self._job, fn.__name__, None, check_interrupt, on_progress)
+        self._pending = True  # until every rank has replied: a job left running would eat the next one's message
+        try:
+            return self._collect(self._job, fn.__name__, None, check_interrupt, on_progress)
+        finally:
+            if self._pending:  # left by an exception of our own (e.g. KeyboardInterrupt): the workers go
+                self.stop(grace_s=1.0)
 
     def stop(self, grace_s: float = 5.0) -> None:
         """End the workers (idempotent): each is asked to exit, and killed after `grace_s`."""
         held = self._finalizer.detach() if self._finalizer is not None else None
         if held is not None:
             _shutdown(*held[2], grace_s=grace_s)
-        self._procs, self._conns, self._logs, self._finalizer = [], [], [], None
+        self._procs, self._conns, self._logs, self._finalizer, self._pending = [], [], [], None, False
 
     def __enter__(self):
         self.start()
@@ -189,8 +195,11 @@ class Workers:
                 except (EOFError, OSError):  # its end closed: it is exiting
                     self._watch(what, wait_s=5.0)
                     continue
-                if kind == "progress" and on_progress is not None:
-                    on_progress(*payload)
+                if kind == "progress" and on_progress is not None and interrupt is None:
+                    try:
+                        on_progress(*payload)
+                    except BaseException as e:  # noqa: BLE001 (a host's progress hook may raise its interrupt)
+                        interrupt = self._stop_job(e)
                 elif kind == "error" and jid == job:
                     last = payload.strip().splitlines()[-1]
                     self._watch(what, wait_s=1.0, then=f"; rank {rank} then failed with {last}")  # a peer died?
@@ -204,14 +213,19 @@ class Workers:
                 try:
                     check_interrupt()
                 except BaseException as e:  # noqa: BLE001 (re-raised once every rank has stopped)
-                    interrupt = e
-                    for c in self._conns:
-                        send(c, "stop")
+                    interrupt = self._stop_job(e)
+        self._pending = False
         if interrupt is not None:
             raise interrupt
         if any(kind == "interrupted" for kind, _ in replies.values()):
             raise Interrupted(f"{what} was stopped")
         return decode(replies[0][1])
+
+    def _stop_job(self, reason: BaseException) -> BaseException:
+        """Ask every rank to stop the running job (they agree on the step); `reason` is raised once they have."""
+        for c in self._conns:
+            send(c, "stop")
+        return reason
 
     def _watch(self, what: str, wait_s: float = 0.0, then: str = "") -> None:
         """WorkerDied when a worker has ended (looking for `wait_s`: a peer's error may arrive before the death)."""
