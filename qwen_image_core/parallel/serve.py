@@ -41,7 +41,10 @@ class Context:
     def stop_requested(self) -> bool:
         """Whether the controller asked to stop; the same answer on every rank (call it on all, at the same point)."""
         while not self.stopped and self.conn.poll():  # during a job the controller only ever sends "stop"
-            self.stopped = recv(self.conn) == "stop"
+            msg = recv(self.conn)
+            if msg != "stop":
+                raise RuntimeError(f"sequence-parallel worker: {type(msg).__name__} from the controller during a job")
+            self.stopped = True
         return agree(self.stopped, self.device)
 
     def progress(self, step: int, steps: int) -> None:
