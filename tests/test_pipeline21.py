@@ -25,7 +25,7 @@ from qwen_image_core.qwen21 import DiT21
 from qwen_image_core.qwen21.encoder import load_qwen3_vl
 from qwen_image_core.qwen21.pipeline import QwenImage21Pipeline, make_sigmas
 from qwen_image_core.qwen21.schedule import turbo_sigmas
-from qwen_image_core.qwen21.vae import VAE21Config, ImageVAE21
+from qwen_image_core.qwen21.vae import ImageVAE21, VAE21Config
 from qwen_image_core.text_encoder import TextEncoder
 from qwen_image_core.vae import ImageVAE, VAEConfig
 from tools.checkpoints import dit as WD1
@@ -79,7 +79,8 @@ def reference_pipeline(m, cfg_scale: float, record: list):
     vae.load_state_dict(WV.random_weights(m["vae"].cfg), strict=True)  # the float32 file ours loads
     pipe = QwenImage21AutoBlocks().init_pipeline()
     pipe.update_components(
-        text_encoder=m["te"], processor=qwen3_processor(m["tok"]), vae=vae, transformer=diffusers_dit21(m["cfg"], m["sd"]),
+        text_encoder=m["te"], processor=qwen3_processor(m["tok"]), vae=vae,
+        transformer=diffusers_dit21(m["cfg"], m["sd"]),
         scheduler=RecordingScheduler.make(record), guider=ClassifierFreeGuidance(guidance_scale=cfg_scale),
         image_processor=VaeImageProcessor(vae_scale_factor=16),
     )  # fmt: skip
@@ -87,14 +88,14 @@ def reference_pipeline(m, cfg_scale: float, record: list):
 
 
 def ours_recording(record: list):
-    def callback(i, n, x, denoised, sigmas=[]):
+    def callback(i, n, x, denoised):
         record.append((x, denoised))
 
     return callback
 
 
 def velocities(steps, sigmas):
-    return [(x - d) / float(s) for (x, d), s in zip(steps, sigmas)]
+    return [(x - d) / float(s) for (x, d), s in zip(steps, sigmas[:-1], strict=True)]
 
 
 def packed(v: torch.Tensor) -> torch.Tensor:
@@ -191,18 +192,20 @@ class OntoImage1(DiT21):
 def test_a_reference_not_a_multiple_of_32_round_trips_without_a_shift(models):
     pipe = QwenImage21Pipeline(OntoImage1(WD.tiny_config(in_channels=1024, out_channels=1024, text_dim=256)),
                                SpaceToChannelVAE(), models["encoder"])  # fmt: skip
-    a = np.full((150, 200, 4), 40, dtype=np.uint8)  # 200 x 150: neither side a multiple of 32 (nor of 16)
+    a = np.full((230, 300, 4), 40, dtype=np.uint8)  # 300 x 230: neither side a multiple of 32 (nor of 16)
     a[..., 3] = 255
     a[:, :50, 3] = 0  # a transparent band: alpha must come through
-    a[147, 197] = (255, 0, 0, 255)  # 1-pixel markers near the padded corner and the origin
+    a[227, 297] = (255, 0, 0, 255)  # 1-pixel markers near the padded corner and the origin
     a[3, 5] = (0, 255, 0, 128)
-    other = noise_image(70, 90, 0)
+    other = noise_image(260, 270, 0)
     out = pipe.edit("keep it", [Image.fromarray(a, "RGBA"), other], steps=2, cfg_scale=1.0)
-    assert out.shape == (1, 4, 150, 200)
+    assert out.shape == (1, 4, 230, 300)
     got = (out[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
     assert np.array_equal(got, a)  # every pixel, alpha included, where it was
     red = (got[..., 0].astype(int) - got[..., 1]).argmax()
-    assert np.unravel_index(red, got.shape[:2]) == (147, 197)
+    assert np.unravel_index(red, got.shape[:2]) == (227, 297)
+    with pytest.raises(ValueError, match=r"images\[1\] \(image2\): 90x70, padded to 96x96, is outside"):
+        pipe.edit("keep it", [Image.fromarray(a, "RGBA"), noise_image(70, 90, 0)], steps=1, cfg_scale=1.0)
 
 
 # -- bad inputs

@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 
 from .. import sampling
+from . import prompts as P
 from .dit import DiT21
 from .encoder import Qwen3VLEncoder
 from .layout import MAX_REFERENCES
@@ -84,6 +85,13 @@ def prepare_references(images, resize: str = "pad", resolution: int = 1024) -> R
         )
     if resize == "pad":
         padded = [pad_to_multiple(r, RESIZE_MULTIPLE) for r in refs]
+        for i, (p, (w, h)) in enumerate(padded):
+            if not P.VL_MIN_PIXELS <= p.width * p.height <= P.VL_MAX_PIXELS:  # the vision tower would resample it
+                raise ValueError(
+                    f"images[{i}] (image{i + 1}): {w}x{h}, padded to {p.width}x{p.height}, is outside the "
+                    f"{P.VL_MIN_PIXELS} .. {P.VL_MAX_PIXELS} pixels the vision tower reads unresampled; use "
+                    "resize='official' or a larger image"
+                )
         return References21([p for p, _ in padded], padded[0][1])
     if resize == "official":
         return References21([official_resize(r, resolution) for r in refs], None)
