@@ -18,7 +18,7 @@ from .loaders import TEXT_ENCODER, VAE
 CATEGORY = "QwenPix/conditioning"
 VARIANTS = {"edit_plus (2509 / 2511)": "edit_plus", "edit (original Qwen-Image-Edit)": "edit"}
 RESIZES = {"official (~1 MP)": "official", "keep size (no shift/zoom)": "keep"}
-MAX_IMAGES = 3
+MAX_IMAGES = 10  # Picture 1..10: as many as community packs offer for 2509 / 2511 (the core node has 3)
 
 
 def _conditioning(embeds: torch.Tensor, extra: dict | None = None) -> list:
@@ -65,7 +65,10 @@ class QwenPixEditEncode:
         "(keep size).",
     )
     FUNCTION = "encode"
-    DESCRIPTION = "Encodes an edit instruction with 1-3 reference images for Qwen-Image-Edit / 2509 / 2511."
+    DESCRIPTION = (
+        f"Encodes an edit instruction with 1-{MAX_IMAGES} reference images ('Picture 1'..'Picture {MAX_IMAGES}' "
+        "in the prompt) for Qwen-Image-Edit / 2509 / 2511; the canvas follows Picture 1."
+    )
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -98,15 +101,17 @@ class QwenPixEditEncode:
                 ),
             },
             "optional": {
-                "image2": ("IMAGE", {"tooltip": "Second reference ('Picture 2'), edit_plus only."}),
-                "image3": ("IMAGE", {"tooltip": "Third reference ('Picture 3'), edit_plus only."}),
+                f"image{i}": (
+                    "IMAGE",
+                    {"tooltip": f"Reference 'Picture {i}' (edit_plus only; 2509 works best with 1-3)."},
+                )
+                for i in range(2, MAX_IMAGES + 1)
             },
         }
 
-    def encode(
-        self, text_encoder, vae, prompt: str, image1, variant: str, resize: str, image2=None, image3=None, **more
-    ):
-        if more:  # ComfyUI passes linked inputs the node does not declare (image4 sent through the API)
+    def encode(self, text_encoder, vae, prompt: str, image1, variant: str, resize: str, **more):
+        given = {f"image{i}": more.pop(f"image{i}") for i in range(2, MAX_IMAGES + 1) if f"image{i}" in more}
+        if more:  # ComfyUI passes linked inputs the node does not declare (image11 sent through the API)
             extra = ", ".join(sorted(more))
             raise host.InputError(
                 f"{extra}: not an input of this node, which takes at most {MAX_IMAGES} reference images "
@@ -114,14 +119,17 @@ class QwenPixEditEncode:
                 "into one (e.g. side by side) before encoding"
             )
         checks.check_text("prompt", prompt)
-        named = [(f"image{i}", im) for i, im in enumerate((image1, image2, image3), 1) if im is not None]
+        # in input order: a gap (image2 empty, image3 connected) numbers the pictures as connected, 1, 2, ...
+        named = [("image1", image1)] + [
+            (n, given[n]) for n in sorted(given, key=lambda n: int(n[5:])) if given[n] is not None
+        ]
         for name, im in named:
             checks.check_image(name, im)
             if im.shape[0] > 1:
                 logging.warning("QwenPix edit encode: %s is a batch of %d; using its first image", name, im.shape[0])
             check_reference(name, im.shape[2], im.shape[1], RESIZES[resize] == "keep")
         images = [im[0] for _, im in named]  # first image of each batch
-        fix = "use the 'edit_plus (2509 / 2511)' variant for several reference images, or remove image2/image3"
+        fix = "use the 'edit_plus (2509 / 2511)' variant for several reference images, or keep only image1"
         with host.input_problem("variant", variant, fix):
             # the canvas follows Picture 1, as the official ComfyUI workflows size it (diffusers: the last image)
             refs = prepare_references(images, VARIANTS[variant], RESIZES[resize], canvas="first")

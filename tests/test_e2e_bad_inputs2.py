@@ -316,15 +316,15 @@ def test_tiling_errors_use_the_node_inputs(client, files, tile_size, overlap, fr
     then_good(client, files)
 
 
-def test_a_fourth_edit_image_is_refused(client, files):
-    prompt = {**loaders(files), "img": rgb_image(), "x": edit_encode(image2=("img", 0), image4=("img", 0))}
+def test_an_eleventh_edit_image_is_refused(client, files):
+    prompt = {**loaders(files), "img": rgb_image(), "x": edit_encode(image2=("img", 0), image11=("img", 0))}
     prompt["out"] = sink(("x", 1), next(SALT))
     fails(
         client,
         prompt,
         "x",
-        "image4: not an input of this node, which takes at most 3 reference images",
-        "remove image4",
+        "image11: not an input of this node, which takes at most 10 reference images",
+        "remove image11",
     )
     then_good(client, files)
 

@@ -6,8 +6,10 @@ queues it from the page (`app.queuePrompt`); queues it again with a native Basic
 `sigmas` (the sampler then warns that its own steps and schedule are unused), waits for the extension's toast
 with that warning and checks the fallback banner for frontends without toasts; loads every UI workflow, lists
 node types the frontend does not know and converts the graph to an API prompt (`app.graphToPrompt`); and
-changes the aspect preset of a new Empty Latent node. The tests below check its report against the API twins
-in workflows/api/ and the server's /history.
+changes the aspect preset of a new Empty Latent node; opens the template browser and reads the pack's cards
+(title, thumbnail); loads workflows saved by the previous release (tests/fixtures/previous_release/); reloads
+the editor in English and Chinese and reads node titles and input labels (locales/). The tests below check its
+report against the API twins in workflows/api/ and the server's /history.
 
 The browser comes from tools/setup_browser.sh (run by this module if it has not been run); the tests skip only
 when that script could not install it.
@@ -25,16 +27,22 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tools.comfy_harness import ComfyClient
+from tools.comfy_harness import PACK_NAME, ComfyClient
+from tools.make_workflows import THUMB_SIZE, title_of, widget_default
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parent.parent
-UI = sorted((ROOT / "workflows").glob("*.json"))
+UI = sorted((ROOT / "example_workflows").glob("*.json"))
 API_DIR = ROOT / "workflows" / "api"
+TWIN = {title_of(p.stem): p.stem for p in API_DIR.glob("*.json")}  # example title -> its API twin's name
+PREVIOUS = ROOT / "tests" / "fixtures" / "previous_release"  # UI + API files as the previous release shipped them
+OLD = sorted(p for p in PREVIOUS.glob("*.json") if not p.name.endswith(".api.json"))
+LOCALE_TYPES = ["QwenPixDiTLoader", "QwenPixSampler", "QwenPixEditEncode", "QwenPixTextEncode"]
 SCRIPT = ROOT / "tests" / "frontend" / "drive_frontend.mjs"
 BROWSER_DIR = ROOT / ".comfyui" / "browser"  # playwright-core, installed by tools/setup_browser.sh
 CHROMIUM = Path(os.environ.get("QWENPIX_CHROMIUM", "/usr/bin/chromium"))
 RUN_WORKFLOW = "qwen_image_t2i"
+RUN_FILE = ROOT / "example_workflows" / f"{title_of(RUN_WORKFLOW)}.json"
 RUN_PREFIX = "test/frontend_page_run"
 # widget edits made in the page before queueing (in order): 2 steps and a small custom size, to fit CI on a CPU
 RUN_WIDGETS = {
@@ -45,6 +53,13 @@ RUN_WIDGETS = {
 PRESET = "16:9 (1664x928)"
 WARNING_PREFIX = "test/frontend_page_warning"
 WARNING_WIDGETS = {**RUN_WIDGETS, "SaveImage": {"filename_prefix": WARNING_PREFIX}}
+EDIT_WORKFLOW, EDIT_PREFIX = "qwen_image_edit_2509_two_images", "test/frontend_page_edit6"
+EDIT_WIDGETS = {  # 2 steps, the references' own (small) size, to fit CI on a CPU
+    "QwenPixSampler": {"steps": 2},
+    "QwenPixEditEncode": {"resize": "keep size (no shift/zoom)"},
+    "SaveImage": {"filename_prefix": EDIT_PREFIX},
+}
+EDIT_MORE = [f"qwenpix_example_{i % 3 + 1}.png" for i in range(2, 6)]  # Picture 3..6 on top of the example's two
 WARNING_SCHEDULER = {"scheduler": "simple", "steps": 2, "denoise": 1.0}  # the BasicScheduler's widgets
 
 
@@ -82,14 +97,26 @@ def report(node_bin, example_models, tmp_path_factory) -> dict:
         "url": example_models.url,
         "browser_dir": str(BROWSER_DIR),
         "chromium": str(CHROMIUM),
-        "workflows": {p.stem: str(p) for p in UI},
-        "run": {"workflow": str(ROOT / "workflows" / f"{RUN_WORKFLOW}.json"), "widgets": RUN_WIDGETS},
+        "workflows": {**{p.stem: str(p) for p in UI}, **{f"previous/{p.stem}": str(p) for p in OLD}},
+        "run": {"workflow": str(RUN_FILE), "widgets": RUN_WIDGETS},
         "warning": {
-            "workflow": str(ROOT / "workflows" / f"{RUN_WORKFLOW}.json"),
+            "workflow": str(RUN_FILE),
             "widgets": WARNING_WIDGETS,
             "scheduler": WARNING_SCHEDULER,
             "timeout_ms": 240000,
         },
+        "edit": {
+            "workflow": str(ROOT / "example_workflows" / f"{title_of(EDIT_WORKFLOW)}.json"),
+            "widgets": EDIT_WIDGETS,
+            "images": EDIT_MORE,
+        },
+        "templates": {
+            "module": PACK_NAME,
+            "label": "QwenPix",
+            "names": [p.stem for p in UI],
+            "screenshot": str(work / "templates.png"),
+        },
+        "locales": {"langs": ["en", "zh"], "types": LOCALE_TYPES},
         "screenshot": str(work / "after_queue.png"),
         "result": str(work / "report.json"),
     }
@@ -112,9 +139,13 @@ def _ok(record: dict) -> dict:
     return record
 
 
-def test_every_ui_workflow_has_an_api_twin():
-    assert UI, "no UI workflows in workflows/"
-    assert [p.stem for p in UI] == sorted(p.stem for p in API_DIR.glob("*.json"))
+def test_every_ui_workflow_has_an_api_twin_and_a_thumbnail():
+    assert UI, "no UI workflows in example_workflows/"
+    assert sorted(TWIN) == [p.stem for p in UI]
+    assert not list((ROOT / "workflows").glob("*.json")), "UI files in workflows/ would be listed twice as templates"
+    for path in UI:
+        with Image.open(path.with_suffix(".jpg")) as im:  # the frontend asks for <name>.jpg
+            assert (im.format, im.size) == ("JPEG", THUMB_SIZE)
 
 
 def test_the_pack_extension_is_registered_without_page_errors(report):
@@ -132,14 +163,15 @@ def test_ui_workflow_loads_with_every_node_type_known(report, path):
 
 @pytest.mark.parametrize("path", UI, ids=[p.stem for p in UI])
 def test_ui_workflow_nodes_do_not_overlap_once_sized_by_the_frontend(report, path):
-    assert _ok(report["workflows"][path.stem])["overlaps"] == []
+    record = _ok(report["workflows"][path.stem])
+    assert record["overlaps"] == [], json.dumps(record["sizes"])  # [x, y, width, height] of each node
 
 
 @pytest.mark.parametrize("path", UI, ids=[p.stem for p in UI])
 def test_frontend_converts_ui_workflow_to_its_api_twin(report, path):
     record = _ok(report["workflows"][path.stem])
     got = _graph(record["output"])
-    want = _graph(json.loads((API_DIR / path.name).read_text()))
+    want = _graph(json.loads((API_DIR / f"{TWIN[path.stem]}.json").read_text()))
     assert sorted(got) == sorted(want), "node ids differ"
     diffs = {nid: {"frontend": got[nid], "api file": want[nid]} for nid in want if got[nid] != want[nid]}
     assert not diffs, json.dumps(diffs, indent=1)
@@ -207,3 +239,70 @@ def test_aspect_preset_sets_width_and_height(report):
     assert preset["prompt_inputs"] == {"aspect": PRESET, "width": 1664, "height": 928, "batch_size": 1}
     # back to custom: editable again, starting from the preset's size
     assert (again["width"], again["height"], again["width_disabled"]) == (1664, 928, False)
+
+
+def test_template_browser_shows_each_example_with_its_title_and_thumbnail(report):
+    templates = _ok(report["templates"])
+    assert sorted(templates["listed"][PACK_NAME]) == [p.stem for p in UI]  # listed once each
+    for path in UI:
+        card = templates["cards"][path.stem]
+        assert card["title"] == path.stem, card
+        # the page fetched the same-name thumbnail and shows it (a blob: URL) at its own size
+        assert templates["fetched"].get(f"/api/workflow_templates/{PACK_NAME}/{path.stem}.jpg") == 200, templates
+        assert (card["width"], card["height"]) == THUMB_SIZE, card
+
+
+@pytest.mark.parametrize("path", OLD, ids=[p.stem for p in OLD])
+def test_workflow_saved_by_the_previous_release_loads_unchanged(report, path, example_models):
+    record = _ok(report["workflows"][f"previous/{path.stem}"])
+    assert record["missing"] == [] and record["loaded_nodes"] == record["nodes"]
+    # the frontend still turns it into the prompt the previous release queued (node ids and input names are
+    # stable), plus any widget added since at its default
+    info = ComfyClient(example_models.url).object_info()
+    want = _graph(json.loads(path.with_suffix(".api.json").read_text()))
+    for nid, (cls, inputs) in _graph(record["output"]).items():
+        assert nid in want and want[nid][0] == cls, nid
+        old = want[nid][1]
+        assert {k: inputs.get(k) for k in old} == old, (nid, cls)
+        spec = {**info[cls]["input"]["required"], **info[cls]["input"].get("optional", {})}
+        added = {k: v for k, v in inputs.items() if k not in old}
+        assert added == {k: widget_default(spec[k]) for k in added}, (nid, cls, added)
+    assert sorted(_graph(record["output"])) == sorted(want)
+
+
+def test_examples_title_positive_and_negative_prompts_apart():
+    for path in UI:
+        nodes = json.loads(path.read_text())["nodes"]
+        prompts = [n for n in nodes if n["type"] in ("QwenPixTextEncode", "QwenPixEditEncode")]
+        titles = [n.get("title") for n in prompts]
+        assert "Negative Prompt" in titles and None not in titles and len(set(titles)) == len(titles), path.stem
+        seeds = [n["widgets_values"] for n in nodes if n["type"].endswith(("Sampler", "KSampler"))]
+        assert seeds and all("randomize" in w for w in seeds), path.stem
+
+
+def test_locales_name_nodes_and_inputs_in_english_and_chinese(report):
+    locales = _ok(report["locales"])
+    en, zh = locales["en"], locales["zh"]
+    assert en["QwenPixDiTLoader"]["title"] == "Load Qwen-Image Diffusion Model"
+    assert en["QwenPixDiTLoader"]["widgets"]["dit_name"] == "unet_name"
+    assert en["QwenPixSampler"]["widgets"]["cfg_rescale"] == "CFG rescale"
+    assert zh["QwenPixDiTLoader"]["title"] == "加载 Qwen-Image 扩散模型"
+    assert zh["QwenPixSampler"]["title"] == "Qwen-Image 采样器"
+    assert zh["QwenPixEditEncode"]["inputs"]["image1"] == "图 1"
+    for lang in (en, zh):  # every node title translated, no key left as its raw name
+        for node_type, labels in lang.items():
+            assert labels["title"] != node_type
+
+
+def test_six_image_edit_built_in_the_page_runs(report, example_models):
+    edit = _ok(report["edit"])
+    assert edit["status"] == 200 and edit["response"]["node_errors"] == {}, edit["response"]
+    encoders = [n["inputs"] for n in edit["output"].values() if n["class_type"] == "QwenPixEditEncode"]
+    assert len(encoders) == 2 and all(
+        sorted(k for k in e if k.startswith("image")) == [f"image{i}" for i in range(1, 7)] for e in encoders
+    ), encoders
+    res = ComfyClient(example_models.url).wait(edit["prompt_id"], timeout=300)
+    assert res.status == "success", res.error()
+    (img,) = res.images()
+    with Image.open(example_models.output_dir / img["subfolder"] / img["filename"]) as im:
+        assert im.size == (384, 256)  # the canvas is Picture 1's own size (keep size)

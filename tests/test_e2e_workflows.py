@@ -23,7 +23,7 @@ API = sorted((ROOT / "workflows" / "api").glob("*.json"))
 # (width, height) each workflow produces: presets, the official edit size of the 384x256 example (about
 # 1 MP at 3:2, sides multiples of 32) and, for "keep size", the first reference's own size
 EXPECTED_SIZE = {
-    "qwen_image_t2i": (1664, 928),
+    "qwen_image_t2i": (1328, 1328),  # the official template's size
     "qwen_image_lightning_8step": (1328, 1328),
     "qwen_image_edit": (1248, 832),
     "qwen_image_edit_2509_two_images": (1248, 832),

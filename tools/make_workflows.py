@@ -1,6 +1,12 @@
-"""Write the example workflows: each graph once, as UI format (workflows/) and API format (workflows/api/).
+"""Write the example workflows: each graph once, as UI format and API format.
 
     python -m tools.make_workflows
+
+Where they go (ComfyUI's custom-node template browser reads `example_workflows/*.json` and a same-name `.jpg`
+thumbnail, and shows the file name as the card's title; ComfyUI 0.3.75's server also lists `workflows/*.json`,
+so no UI file is kept there, which would show every example twice):
+- `example_workflows/<title>.json` + `<title>.jpg`: the UI workflow under its human title (TITLES) and its card;
+- `workflows/api/<name>.json`: its API-format twin under the stable snake-case name (the main job, the tests).
 
 The graphs are described below as data; the node specs (which inputs are widgets, their order, their
 defaults, the socket types: MODEL for the diffusion model, the pack's own types for the text encoder and
@@ -8,6 +14,12 @@ VAE) come from a running ComfyUI's /object_info, so the UI files are what the fr
 Widgets a description leaves out (optional ones such as the loader's `positions`) get the node's default
 in both formats, as the frontend sends them. The end-to-end tests check that the frontend turns each UI
 file back into its API twin.
+
+A node is `(class_type, inputs)` or `(class_type, inputs, ui)`; `ui` holds what only the UI file has:
+`title` (the node's title), `mode` (BYPASS: a bypassed node, which the API twin leaves out as the frontend
+does), `group` (the titled group around the node; bypass a group to switch a branch off) and `col` (the
+layout column, default: its dependency depth). To add an example: a builder returning such a graph, one
+entry in `graphs()` and one in TITLES.
 """
 
 from __future__ import annotations
@@ -16,13 +28,26 @@ import json
 import tempfile
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from tools.comfy_harness import ComfyClient, ComfyServer
 from tools.comfy_paths import ROOT
 
-OUT = ROOT / "workflows"
+OUT = ROOT / "workflows"  # api/ (API-format twins) and inputs/
+EXAMPLES = ROOT / "example_workflows"  # UI workflows and thumbnails, as ComfyUI's template browser reads them
 INPUTS = OUT / "inputs"  # example reference images; the main job copies them into ComfyUI's input folder
+BYPASS = 4  # LiteGraph's node mode for "bypassed"
+# name -> the title the template browser shows (the UI file's name); a name without one gets a title from its name
+TITLES = {
+    "qwen_image_t2i": "Qwen-Image Text to Image",
+    "qwen_image_lightning_8step": "Qwen-Image Lightning 8 Steps",
+    "qwen_image_edit": "Qwen-Image-Edit One Image",
+    "qwen_image_edit_2509_two_images": "Qwen-Image-Edit-2509 Two Images",
+    "qwen_image_edit_2511_three_images": "Qwen-Image-Edit-2511 Three Images Keep Size",
+    "qwen_image_native_ksampler": "QwenPix Loaders with Native KSampler",
+    "qwen_image_layered": "Qwen-Image-Layered Decompose into RGBA Layers",  # tools/workflow_layered.py
+}
+POSITIVE, NEGATIVE = {"title": "Positive Prompt"}, {"title": "Negative Prompt"}
 HF = "https://huggingface.co"
 REPO_T2I = f"{HF}/Comfy-Org/Qwen-Image_ComfyUI/resolve/main/split_files"
 REPO_EDIT = f"{HF}/Comfy-Org/Qwen-Image-Edit_ComfyUI/resolve/main/split_files"
@@ -49,7 +74,14 @@ def _loaders(dit: str) -> dict:
     }
 
 
-def _sampler(model: str, latent: tuple, steps: int, cfg: float, schedule: str, shift: float, rescale: str) -> tuple:
+def title_of(name: str) -> str:
+    """The example's title: the UI file's name, which the template browser shows on its card."""
+    return TITLES.get(name) or name.replace("_", " ").title()
+
+
+def _sampler(
+    model: str, latent: tuple, steps: int, cfg: float, schedule: str, shift: float, rescale: str, ui: dict | None = None
+) -> tuple:
     return (
         "QwenPixSampler",
         {
@@ -66,6 +98,7 @@ def _sampler(model: str, latent: tuple, steps: int, cfg: float, schedule: str, s
             "cfg_rescale": rescale,
             "denoise": 1.0,
         },
+        *([ui] if ui else []),
     )
 
 
@@ -86,8 +119,8 @@ def _edit(dit: str, images: int, variant: str, resize: str, prompt: str, steps: 
         g[f"img{i + 1}"] = ("LoadImage", {"image": EXAMPLE_IMAGES[i]})
         refs[f"image{i + 1}"] = (f"img{i + 1}", 0)
     common = {"text_encoder": ("te", 0), "vae": ("vae", 0), "variant": variant, "resize": resize, **refs}
-    g["pos"] = ("QwenPixEditEncode", {**common, "prompt": prompt})
-    g["neg"] = ("QwenPixEditEncode", {**common, "prompt": " "})
+    g["pos"] = ("QwenPixEditEncode", {**common, "prompt": prompt}, POSITIVE)
+    g["neg"] = ("QwenPixEditEncode", {**common, "prompt": " "}, NEGATIVE)
     g["sampler"] = _sampler("dit", ("pos", 1), steps, cfg, "shift (ComfyUI workflows)", shift, "CFGNorm (ComfyUI)")
     return g
 
@@ -104,22 +137,16 @@ def graphs() -> dict[str, tuple[str, dict]]:
                 "warm light through the window, a cat asleep on the counter, Ultra HD, 4K, cinematic composition."
             ),
         },
+        POSITIVE,
     )
-    t2i["neg"] = ("QwenPixTextEncode", {"text_encoder": ("te", 0), "prompt": " "})
-    t2i["latent"] = ("QwenPixEmptyLatent", {"aspect": "16:9 (1664x928)", "width": 1664, "height": 928, "batch_size": 1})
-
-    lightning = dict(t2i)
-    lora = {"dit": ("dit", 0), "lora_name": "Qwen-Image-Lightning-8steps-V1.0.safetensors", "strength": 1.0}
-    lightning["lora"] = ("QwenPixLoraLoader", lora)
-    lightning["latent"] = (
+    t2i["neg"] = ("QwenPixTextEncode", {"text_encoder": ("te", 0), "prompt": " "}, NEGATIVE)
+    # the official template's size, steps, CFG, shift; no rescale (its graph has no CFGNorm)
+    t2i["latent"] = (
         "QwenPixEmptyLatent",
         {"aspect": "1:1 (1328x1328)", "width": 1328, "height": 1328, "batch_size": 1},
     )
-
-    t2i["sampler"] = _sampler("dit", ("latent", 0), 20, 4.0, "shift (ComfyUI workflows)", 3.1, "norm (diffusers)")
-    lightning["sampler"] = _sampler(
-        "lora", ("latent", 0), 8, 1.0, "lightning (4/8-step LoRAs)", 3.0, "norm (diffusers)"
-    )
+    lightning = _lightning_switch(dict(t2i))
+    t2i["sampler"] = _sampler("dit", ("latent", 0), 20, 4.0, "shift (ComfyUI workflows)", 3.1, "none")
 
     edit = _edit(
         "qwen_image_edit_fp8_e4m3fn.safetensors",
@@ -161,11 +188,15 @@ def graphs() -> dict[str, tuple[str, dict]]:
         (native, "native_ksampler"),
     ):
         g.update(_tail(prefix))
-    official = "Text to image, 20 steps, true CFG 4, shift 3.1 (the official ComfyUI settings)."
+    official = (
+        "Text to image at 1328x1328, 20 steps, true CFG 4, shift 3.1, no CFG rescale: the settings of the "
+        "official ComfyUI workflow. The seed is randomised after each run (set 'control after generate' to "
+        "fixed to repeat an image)."
+    )
     return {
         "qwen_image_t2i": (note(t2i, official), t2i),
         "qwen_image_lightning_8step": (
-            note(lightning, "Lightning LoRA: 8 steps, CFG 1, shift-3 schedule. Use the 4-step LoRA with steps 4."),
+            note(lightning, LIGHTNING_USAGE),
             lightning,
         ),
         "qwen_image_edit": (
@@ -187,6 +218,17 @@ def graphs() -> dict[str, tuple[str, dict]]:
         "qwen_image_native_ksampler": (note(native, NATIVE_USAGE), native),
     }
 
+
+LIGHTNING_USAGE = """\
+Lightning LoRA on/off, as the official workflow's switch: two groups, one of them bypassed.
+
+- **Lightning (on)**: the Lightning LoRA and a sampler with 8 steps, CFG 1 (the official Lightning settings).
+- **Standard (off)**: a sampler with 20 steps, CFG 4, the settings without the LoRA.
+
+To switch, bypass the group you do not want and un-bypass the other (right-click the group > Bypass Group
+Nodes, or select it and press Ctrl+B). Exactly one group should be active: a bypassed sampler passes its
+latent through. Both use shift 3.1 as the official workflow does (the sampler's 'lightning' schedule is the
+LoRA authors' plain shift 3). Use the 4-step LoRA with steps 4."""
 
 NATIVE_USAGE = """\
 The QwenPix loaders driving ComfyUI's own KSampler: ModelSamplingAuraFlow shift 3.1, euler / simple, 20 steps,
@@ -213,6 +255,30 @@ edit text tokens differently from the official code, which the default "official
 "ComfyUI native" also batches as ComfyUI does (prompts of different lengths in separate passes)."""
 
 
+def _lightning_switch(g: dict) -> dict:
+    """The text-to-image graph with a Lightning on/off switch (the bypass pattern): the standard sampler (bypassed)
+    feeds its latent input through to the Lightning sampler, which samples with the LoRA; bypassing the Lightning
+    group instead passes the standard sampler's result through."""
+    lora = {"dit": ("dit", 0), "lora_name": "Qwen-Image-Lightning-8steps-V1.0.safetensors", "strength": 1.0}
+    on, off = "Lightning (on): 8 steps, CFG 1", "Standard (off): 20 steps, CFG 4"
+    schedule = "shift (ComfyUI workflows)"
+    g["standard"] = _sampler(
+        "dit",
+        ("latent", 0),
+        20,
+        4.0,
+        schedule,
+        3.1,
+        "none",
+        {"title": "Sampler (standard)", "mode": BYPASS, "group": off},
+    )
+    g["lora"] = ("QwenPixLoraLoader", lora, {"title": "Lightning LoRA", "group": on, "col": 3})
+    g["sampler"] = _sampler(
+        "lora", ("standard", 0), 8, 1.0, schedule, 3.1, "none", {"title": "Sampler (Lightning)", "group": on}
+    )
+    return g
+
+
 def _native_ksampler(t2i: dict) -> dict:
     """Our loaders and text encoders, ComfyUI's ModelSamplingAuraFlow + KSampler + EmptySD3LatentImage."""
     g = {key: t2i[key] for key in ("dit", "te", "vae", "pos", "neg")}
@@ -237,7 +303,7 @@ def _native_ksampler(t2i: dict) -> dict:
 
 
 def note(graph: dict, usage: str) -> str:
-    files = sorted({v for _, inputs in graph.values() for v in inputs.values() if isinstance(v, str) and v in MODELS})
+    files = sorted({v for entry in graph.values() for v in entry[1].values() if isinstance(v, str) and v in MODELS})
     lines = ["## Model files", "", "| file | put it in | download |", "| --- | --- | --- |"]
     lines += [f"| {f} | ComfyUI/models/{MODELS[f][0]}/ | [{f}]({MODELS[f][1]}) |" for f in files]
     lines += [
@@ -252,7 +318,7 @@ def note(graph: dict, usage: str) -> str:
     return "\n".join(lines)
 
 
-def _default(spec: list):
+def widget_default(spec: list):
     """The value the frontend gives a widget the workflow does not set."""
     kind, opts = spec[0], (spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {})
     if "default" in opts:
@@ -267,14 +333,39 @@ def _default(spec: list):
 def complete(graph: dict, info: dict) -> dict:
     """The graph with every widget input of each node: the description's values, else the node's default."""
     out = {}
-    for key, (cls, inputs) in graph.items():
+    for key, (cls, inputs, ui) in _entries(graph):
         full = dict(inputs)
         for group in ("required", "optional"):
             for name, spec in info[cls]["input"].get(group, {}).items():
                 if _is_widget(spec) and name not in full:
-                    full[name] = _default(spec)
-        out[key] = (cls, full)
+                    full[name] = widget_default(spec)
+        out[key] = (cls, full, ui)
     return out
+
+
+def _entries(graph: dict):
+    """(key, (class_type, inputs, ui)) for each node, `ui` {} where the description has none."""
+    for key, entry in graph.items():
+        yield key, (entry[0], entry[1], entry[2] if len(entry) > 2 else {})
+
+
+def _through_bypassed(graph: dict, link: tuple, info: dict) -> tuple | None:
+    """Where a link really comes from once bypassed nodes are left out: a bypassed node passes on its first
+    linked input of the output's type (the frontend's rule), else the link is dropped (None)."""
+    while link is not None and len(graph[link[0]]) > 2 and graph[link[0]][2].get("mode") == BYPASS:
+        cls, inputs = graph[link[0]][0], graph[link[0]][1]
+        want = _output_type(cls, link[1], info)
+        link = next((v for n, v in inputs.items() if isinstance(v, tuple) and _input_type(cls, n, info) == want), None)
+    return link
+
+
+def _output_type(cls: str, slot: int, info: dict) -> str:
+    return info[cls]["output"][slot]
+
+
+def _input_type(cls: str, name: str, info: dict) -> str | None:
+    spec = {**info[cls]["input"].get("required", {}), **info[cls]["input"].get("optional", {})}.get(name)
+    return spec[0] if spec and isinstance(spec[0], str) else None
 
 
 # -- serialisation
@@ -284,6 +375,7 @@ def complete(graph: dict, info: dict) -> dict:
 NODE_W, GAP_X, GAP_Y, TITLE_H = 340, 60, 50, 30
 NOTE_W, NOTE_LINE_H = 760, 21  # the note above the graph, as tall as its text
 SLOT_H, WIDGET_H, MARGIN_H, MULTILINE_H, PREVIEW_H = 20, 24, 14, 110, 200
+GROUP_TOP, GROUP_PAD, GROUP_TITLE_H = 120, 10, 34  # a grouped column starts lower, leaving room for the group title
 
 
 def _is_widget(spec: list) -> bool:
@@ -315,11 +407,21 @@ def _depths(graph: dict) -> dict[str, int]:
     return depth
 
 
-def to_api(graph: dict) -> dict:
+def to_api(graph: dict, info: dict) -> dict:
+    """The API prompt the frontend makes of the UI file: bypassed nodes left out, links routed through them."""
     ids = {key: str(i + 1) for i, key in enumerate(graph)}
     out = {}
-    for key, (cls, inputs) in graph.items():
-        vals = {k: ([ids[v[0]], v[1]] if isinstance(v, tuple) else v) for k, v in inputs.items()}
+    for key, (cls, inputs, ui) in _entries(graph):
+        if ui.get("mode") == BYPASS:
+            continue
+        vals = {}
+        for k, v in inputs.items():
+            if isinstance(v, tuple):
+                v = _through_bypassed(graph, v, info)
+                if v is not None:
+                    vals[k] = [ids[v[0]], v[1]]
+            else:
+                vals[k] = v
         out[ids[key]] = {"class_type": cls, "inputs": vals}
     return out
 
@@ -328,7 +430,7 @@ def to_ui(graph: dict, info: dict, note_text: str) -> dict:
     ids = {key: i + 1 for i, key in enumerate(graph)}
     links, nodes = [], []
     out_links: dict[tuple[int, int], list[int]] = {}
-    for key, (_, inputs) in graph.items():
+    for key, (_, inputs, _ui) in _entries(graph):
         for name, v in inputs.items():
             if isinstance(v, tuple):
                 lid = len(links) + 1
@@ -337,7 +439,8 @@ def to_ui(graph: dict, info: dict, note_text: str) -> dict:
     link_by_target = {(link[3], link[4]): link for link in links}
     depths = _depths(graph)
     column_y: dict[int, int] = {}  # depth -> where the next node of that column starts
-    for order, (key, (cls, inputs)) in enumerate(graph.items()):
+    groups: dict[str, list[dict]] = {}  # group title -> its nodes
+    for order, (key, (cls, inputs, ui)) in enumerate(_entries(graph)):
         nid, spec = ids[key], info[cls]
         node_inputs, widgets = [], []
         for group in ("required", "optional"):
@@ -346,7 +449,7 @@ def to_ui(graph: dict, info: dict, note_text: str) -> dict:
                     if name in inputs:
                         widgets.append(inputs[name])
                         if name == "seed":
-                            widgets.append("fixed")  # the frontend's "control after generate" value
+                            widgets.append("randomize")  # "control after generate", as the official workflows
                         if cls == "LoadImage" and name == "image":
                             widgets.append("image")  # the upload widget
                 elif name in inputs or group == "required":
@@ -364,25 +467,28 @@ def to_ui(graph: dict, info: dict, note_text: str) -> dict:
         ]
         if models:
             props["models"] = models
-        col = depths[key]
+        col = ui.get("col", depths[key])
         height = _height(cls, spec, len(widgets))
-        y = column_y.get(col, 40)
+        y = column_y.get(col, GROUP_TOP if "group" in ui else 40)
         column_y[col] = y + height + TITLE_H + GAP_Y
-        nodes.append(
-            {
-                "id": nid,
-                "type": cls,
-                "pos": [40 + (NODE_W + GAP_X) * col, y],
-                "size": [NODE_W, height],
-                "flags": {},
-                "order": order,
-                "mode": 0,
-                "inputs": node_inputs,
-                "outputs": outputs,
-                "properties": props,
-                "widgets_values": widgets,
-            }
-        )
+        node = {
+            "id": nid,
+            "type": cls,
+            "pos": [40 + (NODE_W + GAP_X) * col, y],
+            "size": [NODE_W, height],
+            "flags": {},
+            "order": order,
+            "mode": ui.get("mode", 0),
+            "inputs": node_inputs,
+            "outputs": outputs,
+            "properties": props,
+            "widgets_values": widgets,
+        }
+        if "title" in ui:
+            node["title"] = ui["title"]
+        nodes.append(node)
+        if "group" in ui:
+            groups.setdefault(ui["group"], []).append(node)
     note_id = len(graph) + 1
     note_h = max(380, NOTE_LINE_H * (note_text.count("\n") + 1) + 60)
     nodes.append(
@@ -411,10 +517,26 @@ def to_ui(graph: dict, info: dict, note_text: str) -> dict:
         "last_link_id": len(links),
         "nodes": nodes,
         "links": ui_links,
-        "groups": [],
+        "groups": [_group(i + 1, title, members) for i, (title, members) in enumerate(groups.items())],
         "config": {},
         "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}},
         "version": 0.4,
+    }
+
+
+def _group(gid: int, title: str, members: list[dict]) -> dict:
+    """A titled group around its nodes (title bars included), as the frontend saves one."""
+    x0 = min(n["pos"][0] for n in members) - GROUP_PAD
+    y0 = min(n["pos"][1] for n in members) - TITLE_H - GROUP_TITLE_H - GROUP_PAD
+    x1 = max(n["pos"][0] + n["size"][0] for n in members) + GROUP_PAD
+    y1 = max(n["pos"][1] + n["size"][1] for n in members) + GROUP_PAD
+    return {
+        "id": gid,
+        "title": title,
+        "bounding": [x0, y0, x1 - x0, y1 - y0],
+        "color": "#3f789e",
+        "font_size": 24,
+        "flags": {},
     }
 
 
@@ -442,16 +564,53 @@ def write_example_images() -> None:
         img.save(INPUTS / name, optimize=True)
 
 
+THUMB_SIZE = (512, 384)  # the template card's 4:3 thumbnail
+
+
+def write_thumbnail(path: Path, title: str, graph: dict) -> None:
+    """The template card: the title over the example's reference images (edits) or its prompt (text to image).
+    Drawn, not rendered by the model: the examples ship without weights."""
+    w, h = THUMB_SIZE
+    img = Image.new("RGB", THUMB_SIZE, (28, 32, 48))
+    d = ImageDraw.Draw(img)
+    for y in range(h):  # a dusk gradient
+        t = y / h
+        d.line(((0, y), (w, y)), fill=(int(40 + 120 * t), int(50 + 40 * t), int(110 - 40 * t)))
+    refs = [v for cls, inputs, _ in (e for _, e in _entries(graph)) if cls == "LoadImage" for v in [inputs["image"]]]
+    if refs:
+        tile = (w - 40 - 16 * (len(refs) - 1)) // len(refs)
+        for i, name in enumerate(refs):
+            with Image.open(INPUTS / name) as ref:
+                ref = ref.convert("RGB")
+                ref.thumbnail((tile, 170))
+                img.paste(ref, (20 + i * (tile + 16), 150))
+    else:
+        prompt = next(e[1]["prompt"] for _, e in _entries(graph) if e[2].get("title") == POSITIVE["title"])
+        d.rounded_rectangle((20, 140, w - 20, h - 60), 14, fill=(245, 240, 230))
+        font = ImageFont.load_default(size=18)
+        words, lines = prompt.split(), [""]
+        for word in words:
+            if d.textlength(f"{lines[-1]} {word}", font=font) > w - 70:
+                lines.append("")
+            lines[-1] = f"{lines[-1]} {word}".strip()
+        d.multiline_text((36, 152), "\n".join(lines[:6]), fill=(40, 40, 40), font=font, spacing=6)
+    d.text((20, 24), "QwenPix", fill=(255, 214, 120), font=ImageFont.load_default(size=22))
+    d.text((20, 60), title, fill=(255, 255, 255), font=ImageFont.load_default(size=30 if len(title) < 30 else 24))
+    img.save(path, quality=88)
+
+
 def main() -> None:
     write_example_images()
     with tempfile.TemporaryDirectory() as tmp, ComfyServer(Path(tmp)) as server:
         info = ComfyClient(server.url).object_info()
     (OUT / "api").mkdir(parents=True, exist_ok=True)
+    EXAMPLES.mkdir(exist_ok=True)
     for name, (text, graph) in graphs().items():
-        graph = complete(graph, info)
-        (OUT / "api" / f"{name}.json").write_text(json.dumps(to_api(graph), indent=2) + "\n")
-        (OUT / f"{name}.json").write_text(json.dumps(to_ui(graph, info, text), indent=2) + "\n")
-        print(f"wrote workflows/{name}.json and workflows/api/{name}.json")
+        graph, title = complete(graph, info), title_of(name)
+        (OUT / "api" / f"{name}.json").write_text(json.dumps(to_api(graph, info), indent=2) + "\n")
+        (EXAMPLES / f"{title}.json").write_text(json.dumps(to_ui(graph, info, text), indent=2) + "\n")
+        write_thumbnail(EXAMPLES / f"{title}.jpg", title, graph)
+        print(f"wrote example_workflows/{title}.json (+ .jpg) and workflows/api/{name}.json")
 
 
 if __name__ == "__main__":

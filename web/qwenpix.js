@@ -5,6 +5,8 @@
 // - Warnings: the backend's `qwenpix.warning` websocket event ({node, prompt_id, message}, nodes/notices.py) is
 //   shown as a toast naming the node (ComfyUI's new frontend), else as a small banner at the top right; the
 //   node gets an amber outline until the next prompt starts. Every warning also goes to the console.
+// - Translations: the pack's locales/<lang>/nodeDefs.json (node names, input labels, tooltips) for languages
+//   other than English, applied to the pack's own nodes (see applyTranslations).
 // User-provided or backend text is only ever set through textContent / widget values, never as HTML.
 import { api } from "../../scripts/api.js";
 import { app } from "../../scripts/app.js";
@@ -158,12 +160,60 @@ function showWarning(data) {
   }
 }
 
+// ComfyUI serves every pack's locales at /i18n and frontend 1.32 merges them at start-up, but it loads a
+// non-English language's own messages afterwards with setLocaleMessage, which replaces the merged ones: the pack's
+// Chinese names would never show. So for a non-English locale the extension reads the pack's entries itself and
+// puts them on its node definitions (names, descriptions, tooltips) and on each new node (input/widget labels).
+let translations = null; // node id -> {display_name, description, inputs: {name: {name, tooltip}}, outputs}
+
+async function loadTranslations() {
+  const lang = app.extensionManager?.setting?.get?.("Comfy.Locale") ?? "en";
+  if (!lang || lang === "en") return;
+  try {
+    const all = await (await api.fetchApi("/i18n")).json();
+    const defs = all?.[lang]?.nodeDefs ?? {};
+    translations = Object.fromEntries(Object.entries(defs).filter(([id]) => id.startsWith("QwenPix")));
+  } catch (e) {
+    console.warn("[QwenPix] translations not loaded:", e);
+  }
+}
+
+function translateDef(nodeData) {
+  const t = translations?.[nodeData.name];
+  if (!t) return;
+  if (t.display_name) nodeData.display_name = t.display_name;
+  if (t.description) nodeData.description = t.description;
+  for (const group of ["required", "optional"]) {
+    for (const [name, spec] of Object.entries(nodeData.input?.[group] ?? {})) {
+      const tip = t.inputs?.[name]?.tooltip;
+      if (tip && Array.isArray(spec)) spec[1] = { ...(spec[1] ?? {}), tooltip: tip };
+    }
+  }
+  const tips = nodeData.output_tooltips;
+  if (Array.isArray(tips)) tips.forEach((_, i) => (tips[i] = t.outputs?.[i]?.tooltip ?? tips[i]));
+}
+
+function translateNode(node) {
+  const t = translations?.[node.comfyClass];
+  if (!t) return;
+  for (const w of node.widgets ?? []) w.label = t.inputs?.[w.name]?.name ?? w.label;
+  for (const slot of node.inputs ?? []) slot.localized_name = t.inputs?.[slot.name]?.name ?? slot.localized_name;
+  (node.outputs ?? []).forEach((slot, i) => (slot.localized_name = t.outputs?.[i]?.name ?? slot.localized_name));
+}
+
 api.addEventListener(WARNING_EVENT, (event) => showWarning(event.detail));
 api.addEventListener("execution_start", clearMarks);
 
 app.registerExtension({
   name: "qwenpix.core",
+  async init() {
+    await loadTranslations();
+  },
+  beforeRegisterNodeDef(nodeType, nodeData) {
+    translateDef(nodeData);
+  },
   nodeCreated(node) {
+    translateNode(node);
     if (node.comfyClass === "QwenPixEmptyLatent") {
       const aspect = widget(node, "aspect");
       if (aspect) {

@@ -15,6 +15,13 @@
 //   "warning": {"workflow": "path", "widgets": {...}, "scheduler": {widget: value}, "timeout_ms": N}  the workflow
 //          with a BasicScheduler from its QwenPixDiTLoader into its QwenPixSampler's sigmas (the sampler warns that
 //          steps/schedule/... are unused), queued from the page; the toast it shows is recorded
+//   "templates": {"module": "qwenpix", "names": [...]}  open the template browser (Comfy.BrowseTemplates) and record
+//          each named card of that pack: its title, description and thumbnail (src, loaded size)
+//   "locales": {"langs": ["en", "zh"], "types": [node types]}  reload the page in each language (the Comfy.Locale
+//          setting, restored afterwards) and record each type's node title and input labels
+//   "edit": {"workflow": "path", "widgets": {nodeType: {widget: value}}, "images": [file names]}  an edit workflow
+//          whose encode nodes get one more LoadImage per extra file, linked to their next free imageN input
+//          (widgets set on every node of each type), queued from the page
 //   "screenshot": "path.png" (optional)       the editor after queueing, for debugging
 //   "result": "path.json" (optional)          where to write the result (default: stdout)
 // }
@@ -25,6 +32,10 @@
 //    "warning": {"prompt_id", "status", "response", "sampler": {"id", "title"}, "events": [qwenpix.warning data],
 //                "toasts": [{"summary", "detail", "severity"}], "marked": [the sampler's qwenpix_warnings],
 //                "fallback": {"banner": [texts]}},
+//    "templates": {"listed": /api/workflow_templates, "cards": {name: {"title", "description", "src", "width",
+//                  "height"}}, "fetched": {URL path of each pack file the page fetched: HTTP status}},
+//    "locales": {lang: {type: {"title", "inputs": {name: label}, "widgets": {name: label}}}},
+//    "edit": {"prompt_id", "status", "response", "output"},
 //    "console_errors": [...], "page_errors": [uncaught exceptions with their stacks]}
 // Each phase that fails records {"error": message} in its place instead of aborting the others.
 import { readFileSync, writeFileSync } from "node:fs";
@@ -76,7 +87,8 @@ async function loadAndConvert(page, workflow) {
         if (ax < bx + bw && bx < ax + aw && ay < by + bh && by < ay + ah) overlaps.push([name(a), name(b)]);
       }
     });
-    return { nodes: fileTypes.length, loaded_nodes: graphTypes.length, missing, overlaps, output };
+    const sizes = Object.fromEntries(nodes.map((n) => [name(n), [...n.pos, ...n.size]]));
+    return { nodes: fileTypes.length, loaded_nodes: graphTypes.length, missing, overlaps, sizes, output };
   }, workflow);
 }
 
@@ -119,6 +131,45 @@ async function runFromPage(page, run) {
     { timeout: 30000 },
   );
   await page.evaluate(() => window.app.queuePrompt(0, 1));
+  const response = await posted;
+  const body = await response.json();
+  return { prompt_id: body.prompt_id ?? null, status: response.status(), response: body, output };
+}
+
+// An edit graph with more reference images, built in the page as a user would (new LoadImage nodes linked to the
+// encoders' next free image inputs), then queued.
+async function editFromPage(page, edit) {
+  const posted = page.waitForResponse(
+    (r) => r.request().method() === "POST" && new URL(r.url()).pathname.endsWith("/prompt"),
+    { timeout: 30000 },
+  );
+  const output = await page.evaluate(
+    async ({ wf, widgets, images }) => {
+      const app = window.app;
+      await app.loadGraphData(wf, true, true, null);
+      for (const [type, values] of Object.entries(widgets)) {
+        for (const node of app.graph.nodes.filter((n) => n.type === type)) {
+          for (const [name, value] of Object.entries(values)) window.__qwenpixSetWidget(node, name, value);
+        }
+      }
+      const encoders = app.graph.nodes.filter((n) => n.type === "QwenPixEditEncode");
+      for (const [i, file] of images.entries()) {
+        const load = window.LiteGraph.createNode("LoadImage");
+        load.pos = [40, 900 + 360 * i];
+        app.graph.add(load);
+        window.__qwenpixSetWidget(load, "image", file);
+        for (const enc of encoders) {
+          const free = enc.inputs.findIndex((inp) => /^image\d+$/.test(inp.name) && inp.link == null);
+          if (free < 0) throw new Error(`no free image input on ${enc.type}#${enc.id}`);
+          load.connect(0, enc, free);
+        }
+      }
+      const { output } = await app.graphToPrompt();
+      await app.queuePrompt(0, 1);
+      return output;
+    },
+    { wf: JSON.parse(readFileSync(edit.workflow, "utf8")), widgets: edit.widgets, images: edit.images },
+  );
   const response = await posted;
   const body = await response.json();
   return { prompt_id: body.prompt_id ?? null, status: response.status(), response: body, output };
@@ -250,6 +301,90 @@ async function aspectSync(page) {
   );
 }
 
+// The template browser: each card of the pack, with its title, description and thumbnail once loaded.
+async function templateCards(page, templates) {
+  const listed = await page.evaluate(async () => (await window.comfyAPI.api.api.fetchApi("/workflow_templates")).json());
+  const fetched = {}; // thumbnail URL path -> HTTP status (the page shows them as blob: URLs)
+  const onResponse = (r) => {
+    const path = decodeURIComponent(new URL(r.url()).pathname);
+    if (path.includes(`/workflow_templates/${templates.module}/`)) fetched[path] = r.status();
+  };
+  page.on("response", onResponse);
+  await page.evaluate(() => window.app.extensionManager.command.execute("Comfy.BrowseTemplates"));
+  await page.waitForSelector('[data-testid="template-workflows-content"]', { timeout: 30000 });
+  // the pack's own category, under "Extensions" in the side bar (a collapsible group)
+  const dialog = page.locator(".p-dialog").filter({ has: page.locator('[data-testid="template-workflows-content"]') });
+  const item = dialog.getByText(templates.label ?? templates.module, { exact: true }).first();
+  if (!(await item.isVisible())) await dialog.getByText("Extensions", { exact: true }).first().click();
+  await item.click();
+  await page.waitForTimeout(300);
+  if (templates.screenshot) await page.screenshot({ path: templates.screenshot });
+  const cards = {};
+  for (const name of templates.names) {
+    const card = page.locator(`[data-testid="template-workflow-${name}"]`).first();
+    await card.waitFor({ timeout: 60000 });
+    await card.scrollIntoViewIfNeeded();
+    const img = card.locator("img").first();
+    await img.waitFor({ timeout: 60000 });
+    await page.waitForFunction((el) => el.complete && el.naturalWidth > 0, await img.elementHandle(), {
+      timeout: 15000,
+      polling: 100,
+    }).catch(() => {}); // reported as loaded size 0
+    cards[name] = await card.evaluate((el) => {
+      const im = el.querySelector("img");
+      return {
+        title: el.querySelector("h3")?.textContent?.trim() ?? null,
+        description: el.querySelector("p")?.textContent?.trim() ?? null,
+        src: im?.getAttribute("src") ?? null,
+        width: im?.naturalWidth ?? 0,
+        height: im?.naturalHeight ?? 0,
+      };
+    });
+  }
+  await page.keyboard.press("Escape");
+  page.off("response", onResponse);
+  return { listed, cards, fetched };
+}
+
+// The editor in another language: set Comfy.Locale, reload, read the titles and labels of fresh nodes, restore.
+async function localeLabels(page, locales) {
+  const setLocale = (lang) => page.evaluate((l) => window.app.extensionManager.setting.set("Comfy.Locale", l), lang);
+  const before = await page.evaluate(() => window.app.extensionManager.setting.get("Comfy.Locale"));
+  const out = {};
+  try {
+    for (const lang of locales.langs) {
+      await setLocale(lang);
+      await page.reload({ waitUntil: "domcontentloaded" });
+      // the editor is ready (its node definitions registered with the translations) once the canvas has a graph
+      await page.waitForFunction(
+        (type) => window.app?.vueAppReady && window.app.graph && window.LiteGraph?.registered_node_types?.[type],
+        locales.types[0],
+        { timeout: 60000 },
+      );
+      await page.waitForTimeout(1000);
+      out[lang] = await readLabels(page, locales.types);
+    }
+  } finally {
+    await setLocale(before ?? "en");
+  }
+  return out;
+}
+
+async function readLabels(page, types) {
+  return page.evaluate((types) => {
+      const out = {};
+      for (const type of types) {
+        const node = window.LiteGraph.createNode(type);
+        out[type] = {
+          title: node.title,
+          inputs: Object.fromEntries(node.inputs.map((i) => [i.name, i.localized_name ?? i.label ?? i.name])),
+          widgets: Object.fromEntries((node.widgets ?? []).map((w) => [w.name, w.label ?? w.name])),
+        };
+      }
+      return out;
+    }, types);
+}
+
 const browser = await chromium.launch({ executablePath: job.chromium, args: CHROMIUM_ARGS });
 const result = { workflows: {}, console_errors: [], page_errors: [] };
 try {
@@ -266,11 +401,14 @@ try {
   // queue first: the server runs the prompt while the page converts the workflows
   if (job.run) result.run = await phase(() => runFromPage(page, job.run));
   if (job.warning) result.warning = await phase(() => warningFromPage(page, job.warning));
+  if (job.edit) result.edit = await phase(() => editFromPage(page, job.edit));
   if (job.screenshot) await phase(() => page.screenshot({ path: job.screenshot }));
   for (const [name, path] of Object.entries(job.workflows ?? {})) {
     result.workflows[name] = await phase(() => loadAndConvert(page, JSON.parse(readFileSync(path, "utf8"))));
   }
   result.aspect = await phase(() => aspectSync(page));
+  if (job.templates) result.templates = await phase(() => templateCards(page, job.templates));
+  if (job.locales) result.locales = await phase(() => localeLabels(page, job.locales));
 } finally {
   await browser.close();
 }
