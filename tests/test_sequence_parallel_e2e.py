@@ -5,8 +5,11 @@ clear error before any worker starts."""
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -92,6 +95,50 @@ def test_cancel_stops_the_workers_and_they_serve_the_next_prompt(server):
         print(f"\ncancelled after {steps} of 400 steps")
         assert res.status == "interrupted" and steps < 400
         assert client.run(graph(seed=8, single=False), timeout=300).status == "success"
+    finally:
+        client.close()
+
+
+def workers_of(pid: int) -> list[int]:
+    """The sequence-parallel worker processes the server started (its children running serve.main)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        try:
+            stat = (d / "stat").read_text()
+            cmd = (d / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"parallel.serve import main" in cmd:
+            out.append(int(d.name))
+    return sorted(out)
+
+
+def test_killed_worker_fails_the_prompt_and_the_server_goes_on(server):
+    client = ComfyClient(server.url).connect()
+    try:
+        pid = client.queue(graph(seed=9, steps=400, single=False))
+        victims = []
+
+        def kill_after_a_step():
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                if any(e["type"] == "progress" and e["data"]["node"] == "p" for e in client.events_for(pid)):
+                    victims.extend(workers_of(server.proc.pid)[-1:])
+                    for v in victims:
+                        os.kill(v, signal.SIGKILL)
+                    return
+                time.sleep(0.05)
+
+        t = threading.Thread(target=kill_after_a_step)
+        t.start()
+        res = client.wait(pid, timeout=300)
+        t.join()
+        assert victims and res.status == "error", res.status
+        msg = res.error()["exception_message"]
+        print(f"\n{msg.splitlines()[0]}")
+        assert "was killed by signal 9" in msg and "next run starts them again" in msg
+        assert client.run(graph(seed=10, single=False), timeout=300).status == "success"  # fresh workers
+        assert victims[0] not in workers_of(server.proc.pid)
     finally:
         client.close()
 
