@@ -111,8 +111,8 @@ class QwenPixSampler:
                     list(RESCALES),
                     {
                         "tooltip": "How guided predictions are rescaled: diffusers' per-token norm, ComfyUI's "
-                        "CFGNorm (with rescale_strength), or none. The default is norm because the official (diffusers) "
-                        "pipeline rescales so; ComfyUI's t2i workflows use none, its edit workflows CFGNorm."
+                        "CFGNorm (with rescale_strength), or none. The default is norm because the official "
+                        "(diffusers) pipeline rescales so; ComfyUI's t2i workflows use none, edit ones CFGNorm."
                     },
                 ),
                 "denoise": (
