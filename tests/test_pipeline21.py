@@ -24,7 +24,7 @@ from qwen_image_core.mmdit import MMDiT
 from qwen_image_core.qwen21 import DiT21
 from qwen_image_core.qwen21.encoder import load_qwen3_vl
 from qwen_image_core.qwen21.pipeline import QwenImage21Pipeline, make_sigmas
-from qwen_image_core.qwen21.schedule import turbo_sigmas
+from qwen_image_core.qwen21.schedule import TURBO_SIGMAS, turbo_sigmas
 from qwen_image_core.qwen21.vae import ImageVAE21, VAE21Config
 from qwen_image_core.text_encoder import TextEncoder
 from qwen_image_core.vae import ImageVAE, VAEConfig
@@ -139,6 +139,29 @@ def test_edit_with_three_references_of_different_aspect_matches_diffusers(models
     errs = [rel_close(packed(o), t, TOL) for o, t in zip(velocities(ours_steps, sig), theirs_v, strict=True)]
     errs.append(rel_close(ours, expected, TOL))
     print("edit parity (velocities..., image):", errs)
+
+
+def test_turbo_text_to_image_matches_diffusers_turbo_blocks(models):
+    """The Turbo blocks (no guider; scheduler shift 1, no dynamic shifting) with the published sigma list."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.image_processor import VaeImageProcessor
+    from diffusers.modular_pipelines import QwenImage21TurboAutoBlocks
+
+    ref = reference_pipeline(models, 1.0, [])
+    turbo = QwenImage21TurboAutoBlocks().init_pipeline()
+    turbo.update_components(
+        text_encoder=ref.text_encoder, processor=ref.processor, vae=ref.vae, transformer=ref.transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False),
+        image_processor=VaeImageProcessor(vae_scale_factor=16),
+    )  # fmt: skip
+    with torch.no_grad():
+        expected = turbo(
+            prompt="a red fox", height=64, width=64, sigmas=list(TURBO_SIGMAS), num_inference_steps=8,
+            generator=torch.Generator().manual_seed(3), output="images", output_type="pt",
+        )  # fmt: skip
+    pipe = QwenImage21Pipeline(models["dit"], models["vae"], models["encoder"])
+    got = pipe.generate("a red fox", width=64, height=64, steps=8, cfg_scale=1.0, seed=3, schedule="turbo")
+    print("turbo parity (image):", rel_close(got, expected, TOL))
 
 
 def test_prefix_caches_are_filled_once_per_run(models):
