@@ -141,6 +141,26 @@ def test_edit_with_three_references_of_different_aspect_matches_diffusers(models
     print("edit parity (velocities..., image):", errs)
 
 
+def test_padded_edit_is_the_reference_on_padded_images_cropped_back(models):
+    """resize "pad": the references padded (not resampled) to 320 x 256, the output cropped to image_1's 300 x 230;
+    diffusers fed the padded images at an output_resolution whose resize keeps 320 x 256 (PIL's same-size copy)."""
+    from qwen_image_core.qwen21.prompts import pad_to_multiple
+
+    images = [noise_image(230, 300, 4), noise_image(250, 310, 5)]
+    pipe = QwenImage21Pipeline(models["dit"], models["vae"], models["encoder"])
+    ours = pipe.edit("swap <image1> and <image2>", images, steps=2, cfg_scale=1.0, seed=2)
+    assert ours.shape == (1, 4, 230, 300)
+    padded = [pad_to_multiple(im)[0] for im in images]
+    assert [p.size for p in padded] == [(320, 256)] * 2
+    with torch.no_grad():
+        expected = reference_pipeline(models, 1.0, [])(
+            prompt="swap <image1> and <image2>", image=padded, output_resolution=286, height=256, width=320,
+            num_inference_steps=2, generator=torch.Generator().manual_seed(2), output="images", output_type="pt",
+        )  # fmt: skip
+    assert expected.shape == (1, 4, 256, 320)
+    print("padded edit parity (image):", rel_close(ours, expected[..., :230, :300], TOL))
+
+
 def test_turbo_text_to_image_matches_diffusers_turbo_blocks(models):
     """The Turbo blocks (no guider; scheduler shift 1, no dynamic shifting) with the published sigma list."""
     from diffusers import FlowMatchEulerDiscreteScheduler
