@@ -16,6 +16,7 @@ from tools.checkpoints import dit as D
 pytestmark = pytest.mark.e2e
 DIT, CNET = "qp_cnet_wide_f32.safetensors", "qp_cnet_instantx_bf16.safetensors"
 INPAINT = "qp_cnet_instantx_inpaint_bf16.safetensors"  # InstantX Inpainting layout (4 extra control channels)
+PLANS: dict[str, list[str]] = {}  # node id -> the plan lines a loader showed
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +65,10 @@ def runs(comfy, tiny_comfy_vae):
     for side in ("o", "n"):
         graph[f"two_controlnets_{side}_k"]["inputs"]["negative"] = ["apply2", 1]
     twin(graph, "no_controlnet", lambda side: {"k": ksampler(f"{side}_ms", steps=3)})
-    run(comfy, graph)
+    res = run(comfy, graph)
+    comfy_plans = {e["data"]["node"]: e["data"]["output"]["qwenpix_plan"] for e in res.events
+                   if e["type"] == "executed" and "qwenpix_plan" in (e["data"].get("output") or {})}  # fmt: skip
+    PLANS.update(comfy_plans)
     return comfy
 
 
@@ -77,3 +81,9 @@ def test_our_loader_matches_comfyuis_loader(runs, case):
 def test_controlnets_match_comfyuis_model(runs, case):
     assert close(runs, case) == 0.0
     differs(runs, f"{case}_o", "no_controlnet_o")
+
+
+def test_our_loader_shows_the_controlnets_placement(runs):
+    assert PLANS["qcn"][0].startswith("InstantX union ControlNet: 1 blocks, bfloat16; "), PLANS
+    assert PLANS["qcn_inpaint"][0].startswith("InstantX inpaint ControlNet: 1 blocks, bfloat16; "), PLANS
+    assert "resident" in PLANS["qcn"][0]
