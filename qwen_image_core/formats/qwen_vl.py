@@ -44,10 +44,16 @@ VISION_PREFIX = "visual."
 
 # what other files look like: (a key fragment that identifies them, a human name); checked in order
 OTHER_FAMILIES = (
-    ("visual.deepstack_merger_list.", "the Qwen3-VL text encoder of Qwen-Image-2.1 (use qwen21's load_qwen3_vl), "
-     "not the Qwen2.5-VL encoder of Qwen-Image v1"),  # fmt: skip
-    ("self_attn.q_norm.weight", "a Qwen3 language model (a Qwen3 text encoder, or Qwen-Image-2.1's Qwen3-VL "
-     "encoder without its vision tower: use qwen21's load_qwen3_vl), not Qwen2.5-VL"),  # fmt: skip
+    (
+        "visual.deepstack_merger_list.",
+        "the Qwen3-VL text encoder of Qwen-Image-2.1 (use qwen21's load_qwen3_vl), "
+        "not the Qwen2.5-VL encoder of Qwen-Image v1",
+    ),
+    (
+        "self_attn.q_norm.weight",
+        "a Qwen3 language model (a Qwen3 text encoder, or Qwen-Image-2.1's Qwen3-VL "
+        "encoder without its vision tower: use qwen21's load_qwen3_vl), not Qwen2.5-VL",
+    ),
     ("double_blocks.0.img_attn", "a Flux diffusion model, not a Qwen2.5-VL text encoder"),
     ("blocks.0.self_attn.q.weight", "a Wan video diffusion model, not a Qwen2.5-VL text encoder"),
     ("transformer_blocks.0.img_mod.1.weight", "a Qwen-Image diffusion model (DiT), not its text encoder"),
