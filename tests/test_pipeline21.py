@@ -247,11 +247,13 @@ def test_a_reference_not_a_multiple_of_32_round_trips_without_a_shift(models):
     assert np.array_equal(got, a)  # every pixel, alpha included, where it was
     red = (got[..., 0].astype(int) - got[..., 1]).argmax()
     assert np.unravel_index(red, got.shape[:2]) == (227, 297)
-    official = pipe.edit("keep it", [Image.fromarray(a, "RGBA"), other], resize="official", resolution=256,
+    official = pipe.edit("keep it", [Image.fromarray(a, "RGBA"), other], resize="official", resolution=320,
                          steps=2, cfg_scale=1.0)  # fmt: skip
-    assert official.shape[-2:] == (224, 288)  # the official resize resamples 300 x 230: nothing stays in place
+    assert official.shape[-2:] == (288, 352)  # the official resize resamples 300 x 230: nothing stays in place
     with pytest.raises(ValueError, match=r"images\[1\] \(image2\): 90x70, padded to 96x96, is outside"):
         pipe.edit("keep it", [Image.fromarray(a, "RGBA"), noise_image(70, 90, 0)], steps=1, cfg_scale=1.0)
+    with pytest.raises(ValueError, match=r"images\[0\] \(image1\): 300x230, resized to 288x224, is outside"):
+        pipe.edit("keep it", [Image.fromarray(a, "RGBA")], resize="official", resolution=256, steps=1, cfg_scale=1.0)
 
 
 # -- bad inputs

@@ -85,17 +85,23 @@ def prepare_references(images, resize: str = "pad", resolution: int = 1024) -> R
         )
     if resize == "pad":
         padded = [pad_to_multiple(r, RESIZE_MULTIPLE) for r in refs]
-        for i, (p, (w, h)) in enumerate(padded):
-            if not P.VL_MIN_PIXELS <= p.width * p.height <= P.VL_MAX_PIXELS:  # the vision tower would resample it
-                raise ValueError(
-                    f"images[{i}] (image{i + 1}): {w}x{h}, padded to {p.width}x{p.height}, is outside the "
-                    f"{P.VL_MIN_PIXELS} .. {P.VL_MAX_PIXELS} pixels the vision tower reads unresampled; use "
-                    "resize='official' or a larger image"
-                )
-        return References21([p for p, _ in padded], padded[0][1])
-    if resize == "official":
-        return References21([official_resize(r, resolution) for r in refs], None)
-    raise ValueError(f"unknown resize {resize!r}: one of {', '.join(RESIZES)}")
+        out = References21([p for p, _ in padded], padded[0][1])
+        how = [f"{w}x{h}, padded to" for _, (w, h) in padded]
+        advice = "use resize='official' or a larger image"
+    elif resize == "official":
+        out = References21([official_resize(r, resolution) for r in refs], None)
+        how = [f"{to_pil_rgba(r).width}x{to_pil_rgba(r).height}, resized to" for r in refs]
+        advice = "use a larger resolution"
+    else:
+        raise ValueError(f"unknown resize {resize!r}: one of {', '.join(RESIZES)}")
+    for i, (im, said) in enumerate(zip(out.images, how, strict=True)):
+        # the vision tower resamples images outside this range: its slots would no longer cover 2x2 latents
+        if not P.VL_MIN_PIXELS <= im.width * im.height <= P.VL_MAX_PIXELS:
+            raise ValueError(
+                f"images[{i}] (image{i + 1}): {said} {im.width}x{im.height}, is outside the {P.VL_MIN_PIXELS} .. "
+                f"{P.VL_MAX_PIXELS} pixels the vision tower reads unresampled; {advice}"
+            )
+    return out
 
 
 class QwenImage21Pipeline:
