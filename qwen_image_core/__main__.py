@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .bench import load_for_bench, run
+from .costs import CARDS
 from .formats.vae import load_vae
 from .lora import load_lora
 from .mmdit import load_dit
@@ -82,7 +84,30 @@ def build_parser() -> argparse.ArgumentParser:
                 default="official",
                 help="'keep' preserves the reference's size (no shift/zoom)",
             )
+    b = sub.add_parser("bench", help="time a few DiT steps here, beside the planner's prediction")
+    b.add_argument("--dit", type=Path, help="your diffusion model file (default: synthetic random weights)")
+    b.add_argument("--synthetic", choices=("tiny", "full"), default="tiny", help="without --dit: toy or 20B widths")
+    b.add_argument("--layers", type=int, default=2, help="--synthetic full: blocks to build (the real model has 60)")
+    b.add_argument("--width", type=int, default=256)
+    b.add_argument("--height", type=int, default=256)
+    b.add_argument("--steps", type=int, default=3, help="timed steps, after one warm-up")
+    b.add_argument("--cfg", type=float, default=4.0, help="> 1: cond and uncond batched (CFG), 1: cond only")
+    b.add_argument("--dtype", choices=DTYPES, default=None, help="compute dtype (default bf16 on GPU, fp32 on CPU)")
+    b.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    b.add_argument("--card", choices=sorted(CARDS), default="24GB", help="the card to plan for without CUDA")
     return ap
+
+
+def bench(args) -> int:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dit, what = load_for_bench(args.dit, args.synthetic, args.layers)
+    res = run(dit, what, device, dtype, args.width, args.height, args.steps, args.cfg > 1, args.card)
+    print(res.table())
+    print()
+    print("paste into an issue:")
+    print(res.issue_line())
+    return 0
 
 
 def load_pipeline(args) -> QwenImagePipeline:
@@ -108,6 +133,8 @@ def save_pngs(images: torch.Tensor, out: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.job == "bench":
+        return bench(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     t0 = time.monotonic()
