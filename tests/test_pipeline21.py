@@ -118,6 +118,23 @@ def test_text_to_image_with_cfg_matches_diffusers(models):
     print("t2i parity (velocities..., image):", errs)
 
 
+def test_a_batch_of_prompts_of_different_lengths_matches_diffusers(models):
+    """Two prompts (padded rows, a key mask), two negatives, true CFG: one row each, the same noise draws."""
+    prompts, negatives = ["a red fox in the snow at dawn, watercolour", "owl"], ["blurry", "low quality, jpeg"]
+    ref = reference_pipeline(models, 2.5, [])
+    with torch.no_grad():
+        expected = ref(prompt=prompts, negative_prompt=negatives, height=64, width=64, num_inference_steps=2,
+                       generator=torch.Generator().manual_seed(1), output="images", output_type="pt")  # fmt: skip
+    pipe = QwenImage21Pipeline(models["dit"], models["vae"], models["encoder"])
+    got = pipe.generate(prompts, negatives, width=64, height=64, steps=2, cfg_scale=2.5, seed=1)
+    assert got.shape == expected.shape == (2, 4, 64, 64)
+    print("batch parity (images):", rel_close(got, expected, TOL))
+    with pytest.raises(ValueError, match="negative_prompt: 1 prompts for 2"):
+        pipe.generate(prompts, ["x"], width=64, height=64, steps=1)
+    with pytest.raises(ValueError, match=r"noise: shape \[1, 64, 4, 4\], expected \[2, 64, 4, 4\]"):
+        pipe.generate(prompts, width=64, height=64, steps=1, noise=torch.zeros(1, 64, 4, 4))
+
+
 def test_edit_with_three_references_of_different_aspect_matches_diffusers(models):
     rgba = np.random.RandomState(3).randint(0, 256, (200, 150, 4), dtype=np.uint8)
     rgba[..., 3] = np.where(np.arange(150)[None] < 60, 0, 180)  # transparent left part, translucent right part

@@ -186,14 +186,17 @@ class QwenImage21Pipeline:
         if noise is None:
             noise = self.noise(len(prompts), height, width, seed)
         expected = (self.dit.config.in_channels, height // VAE_SCALE, width // VAE_SCALE)
-        if tuple(noise.shape[1:]) != expected:
-            raise ValueError(f"noise: shape {list(noise.shape)}, expected [B, {', '.join(map(str, expected))}]")
+        if noise.dim() != 4 or tuple(noise.shape[1:]) != expected or noise.shape[0] != len(prompts):
+            shape = ", ".join(map(str, (len(prompts), *expected)))
+            raise ValueError(f"noise: shape {list(noise.shape)}, expected [{shape}] (one row per prompt and image)")
         cond = self.encode_prompt(prompts, images, dtype)
         cond.ref_latents = latents
         negative = None
         if cfg_scale != 1.0:  # the reference encodes the negative (default "") whenever guidance is on
             neg = negative_prompt if negative_prompt is not None else ""
             neg = [neg] * len(prompts) if isinstance(neg, str) else list(neg)
+            if len(neg) != len(prompts):
+                raise ValueError(f"negative_prompt: {len(neg)} prompts for {len(prompts)} prompts (or give one)")
             negative = self.encode_prompt(neg, images, dtype)
             negative.ref_latents = latents
         elif negative_prompt:
@@ -223,7 +226,8 @@ class QwenImage21Pipeline:
         prompts = _batch(prompt, batch_size)
         if rgba:
             prompts = [rgba_prompt(p) for p in prompts]
-        return self._run(prompts, negative_prompt, (), width, height, steps, cfg_scale, seed, noise, schedule,
+        negative = _batch_negative(negative_prompt, batch_size)
+        return self._run(prompts, negative, (), width, height, steps, cfg_scale, seed, noise, schedule,
                          callback, dtype, None)  # fmt: skip
 
     def edit(
@@ -258,11 +262,19 @@ class QwenImage21Pipeline:
         crop = refs.crop if width is None and height is None else None
         width, height = width or first[0], height or first[1]
         latents = self.encode_images(refs.images, dtype)
-        out = self._run(prompts, negative_prompt, refs.images, width, height, steps, cfg_scale, seed, noise, schedule,
+        negative = _batch_negative(negative_prompt, batch_size)
+        out = self._run(prompts, negative, refs.images, width, height, steps, cfg_scale, seed, noise, schedule,
                         callback, dtype, latents)  # fmt: skip
         return out if crop is None else out[..., : crop[1], : crop[0]]
 
 
 def _batch(prompt: str | Sequence[str], batch_size: int) -> list[str]:
+    """`batch_size` images per prompt, in prompt order (the reference's num_images_per_prompt)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, not {batch_size}")
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    return prompts * batch_size if len(prompts) == 1 else prompts
+    return [p for p in prompts for _ in range(batch_size)]
+
+
+def _batch_negative(negative: str | Sequence[str] | None, batch_size: int):
+    return negative if negative is None or isinstance(negative, str) else _batch(negative, batch_size)
