@@ -201,17 +201,20 @@ def test_turbo_text_to_image_matches_diffusers_turbo_blocks(models):
     print("turbo parity (image):", rel_close(got, expected, TOL))
 
 
-def test_prefix_caches_are_filled_once_per_run(models):
+def test_prefix_caches_are_filled_once_per_run_with_ten_references(models):
     pipe = QwenImage21Pipeline(models["dit"], models["vae"], models["encoder"])
     calls = []
     dit = models["dit"]
     prefill = DiT21.prefill
-    dit.prefill = lambda *a, **k: calls.append(1) or prefill(dit, *a, **k)
+    dit.prefill = lambda *a, **k: calls.append(len(k.get("ref_latents") or a[2] or [])) or prefill(dit, *a, **k)
     try:
         pipe.generate("a cat", width=64, height=64, steps=3, cfg_scale=2.0)
+        assert calls == [0, 0]  # condition and negative, once each for 3 steps
+        refs = [noise_image(256 + 32 * (i % 3), 256, i) for i in range(10)]
+        out = pipe.edit(" ".join(f"<image{i + 1}>" for i in range(10)), refs, steps=3, cfg_scale=2.0)
+        assert calls[2:] == [10, 10] and out.shape == (1, 4, 256, 256)
     finally:
         del dit.prefill
-    assert len(calls) == 2  # condition and negative, once each for 3 steps
 
 
 def test_turbo_schedule_and_steps(models):
