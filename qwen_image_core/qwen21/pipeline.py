@@ -14,9 +14,9 @@ Numerics follow diffusers' modular `qwenimage21` blocks, with two choices of our
   (about `resolution`^2 pixels, Lanczos); the VL and VAE copies are the same image in both cases, as there.
 * the output latent is sized to image_1 (the reference pipeline defaults to the last image's size); an explicit
   width/height overrides it.
-Images in are PIL images, uint8 arrays or [H, W, C] / [C, H, W] tensors in [0, 1], RGB or RGBA (alpha goes
-through the VAE's fourth channel; the vision tower sees it composited over white). Images out are float32
-[B, 4, H, W] in [0, 1].
+Images in are PIL images, uint8 arrays [H, W, C] or float tensors [H, W, C] in [0, 1] (ComfyUI's layout; a
+[B, H, W, C] batch is B references), RGB or RGBA (alpha goes through the VAE's fourth channel; the vision tower
+sees it composited over white). Images out are float32 [B, 4, H, W] in [0, 1].
 """
 
 from __future__ import annotations
