@@ -160,7 +160,7 @@ def test_bad_masks_are_named(ours):
 
 
 @pytest.mark.skipif(
-    not os.environ.get("QWENPIX_SLOW_PARITY"), reason="~160 s on 2 shared CPUs (diffusers forces a ~1 MP canvas): set "
+    not os.environ.get("QWENPIX_SLOW_PARITY"), reason="110-160 s on 2 shared CPUs (diffusers forces ~1 MP): set "
     "QWENPIX_SLOW_PARITY=1"
 )  # fmt: skip
 def test_edit_inpaint_matches_diffusers(ours, components):
