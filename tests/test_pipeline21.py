@@ -267,6 +267,8 @@ def test_a_reference_not_a_multiple_of_32_round_trips_without_a_shift(models):
     assert np.array_equal(got, a)  # every pixel, alpha included, where it was
     red = (got[..., 0].astype(int) - got[..., 1]).argmax()
     assert np.unravel_index(red, got.shape[:2]) == (227, 297)
+    comfy = torch.from_numpy(a)[None].float() / 255  # ComfyUI's IMAGE [B, H, W, C] batch: B references
+    assert torch.equal(pipe.edit("keep it", comfy, steps=2, cfg_scale=1.0), out)
     official = pipe.edit("keep it", [Image.fromarray(a, "RGBA"), other], resize="official", resolution=320,
                          steps=2, cfg_scale=1.0)  # fmt: skip
     assert official.shape[-2:] == (288, 352)  # the official resize resamples 300 x 230: nothing stays in place
