@@ -104,6 +104,7 @@ class QwenPixDiTLoader:
     def load(self, dit_name: str, compute_dtype: str, positions: str = "official (diffusers)", matmul: str = "off",
              compile: str = "off"):  # fmt: skip
         fix = "choose a complete Qwen-Image diffusion model (DiT) (.safetensors, .gguf) from models/diffusion_models"
+        fix += "; a Qwen-Image-2.1 DiT loads with 'Load Qwen-Image-2.1 Diffusion Model'"
         with host.input_problem("dit_name", dit_name, fix):
             path = host.model_path("diffusion_models", dit_name, "transformer")
             model = host.MODELS.get("DiT", path, lambda: load_dit(path))
@@ -163,7 +164,8 @@ class QwenPixTextEncoderLoader:
     def load(self, text_encoder_name: str):
         fix = (
             "choose a complete Qwen2.5-VL-7B .safetensors or llama.cpp .gguf file (e.g. qwen_2.5_vl_7b_fp8_scaled, "
-            "Qwen2.5-VL-7B-Instruct-Q4_K_M.gguf) from models/text_encoders"
+            "Qwen2.5-VL-7B-Instruct-Q4_K_M.gguf) from models/text_encoders; Qwen-Image-2.1's Qwen3-VL loads with "
+            "'Load Qwen-Image-2.1 Text Encoder'"
         )
         with host.input_problem("text_encoder_name", text_encoder_name, fix):
             path = host.model_path("text_encoders", text_encoder_name, "text_encoder")
@@ -204,6 +206,7 @@ class QwenPixVAELoader:
 
     def load(self, vae_name: str):
         fix = "choose the Qwen-Image VAE (qwen_image_vae.safetensors, complete) from models/vae"
+        fix += "; the Qwen-Image-2.1 VAE loads with 'Load Qwen-Image-2.1 VAE'"
         with host.input_problem("vae_name", vae_name, fix):
             path = host.model_path("vae", vae_name, "vae")
             return (host.MODELS.get("VAE", path, lambda: load_vae(path)),)

@@ -1,0 +1,455 @@
+"""Qwen-Image-2.1 nodes: loaders for its three files, the encode node (prompt + up to 10 references), the sampler
+(dynamic shift or the Turbo sigmas, true CFG, the prefix K/V cache filled once per run) and the RGBA decode.
+
+The 2.1 family is a second architecture (a 7B single-stream DiT, Qwen3-VL-8B, a 64-channel 16x RGBA VAE), so its
+files load with their own loaders and travel as their own types (QWENPIX21_*): a 2.1 output cannot be linked to a
+v1 node, the v1 loaders name these loaders when handed a 2.1 file, and these nodes name the v1 nodes when
+handed a v1 model. ComfyUI 0.3.75 has no Qwen-Image-2.1 model class, so the DiT is not a native MODEL (KSampler
+cannot run it): the 2.1 sampler runs the core's Euler loop (`qwen_image_core.qwen21.pipeline`).
+Every number comes from the core pipeline's pieces, in the same order as `QwenImage21Pipeline.generate/edit`,
+so a graph's image equals the core's for the same inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import comfy.utils
+import torch
+
+from ..qwen_image_core.formats.vae21 import load_vae21
+from ..qwen_image_core.qwen21 import DiT21, ImageVAE21, Qwen3VLEncoder, load_dit21, load_qwen3_vl
+from ..qwen_image_core.qwen21.layout import MAX_REFERENCES
+from ..qwen_image_core.qwen21.pipeline import (
+    RESIZES,
+    SIZE_MULTIPLE,
+    QwenImage21Pipeline,
+    make_sigmas,
+    prepare_references,
+)
+from ..qwen_image_core.qwen21.prompts import rgba_prompt
+from ..qwen_image_core.qwen21.sampler import Condition21
+from ..qwen_image_core.qwen21.schedule import VAE_SCALE
+from . import checks, host, placement
+from .loaders import DTYPES, weights_line
+
+CATEGORY = "QwenPix/Qwen-Image-2.1"
+DIT21, ENCODER21, VAE21, COND21 = "QWENPIX21_DIT", "QWENPIX21_TEXT_ENCODER", "QWENPIX21_VAE", "QWENPIX21_CONDITIONING"
+V1_DIT, V1_ENCODER, V1_VAE = "MODEL", "QWENPIX_TEXT_ENCODER", "QWENPIX_VAE"  # accepted only to be named clearly
+SCHEDULES = ("dynamic", "turbo")  # the base checkpoint's shift from the token count; the Turbo file's 8 sigmas
+NO_NATIVE = (
+    "ComfyUI 0.3.75 has no Qwen-Image-2.1 model class, so this is not a native MODEL (KSampler and model patches "
+    "cannot take it): sample it with the Qwen-Image-2.1 Sampler."
+)
+DIT_NODE, ENCODER_NODE, VAE_NODE = (
+    "'Load Qwen-Image-2.1 Diffusion Model'",
+    "'Load Qwen-Image-2.1 Text Encoder'",
+    "'Load Qwen-Image-2.1 VAE'",
+)
+
+
+@dataclass
+class DiT21Handle:
+    """The loaded 2.1 DiT and the dtype its math runs in."""
+
+    dit: DiT21
+    dtype: torch.dtype
+
+
+@dataclass
+class Conditioning21:
+    """What the encode node hands the sampler: the positive and negative conditions (reference latents set) and,
+    for an edit with resize "pad", the (width, height) to crop the decoded picture back to."""
+
+    positive: Condition21
+    negative: Condition21
+    crop: tuple[int, int] | None
+
+
+def _refuse_v1(name: str, value, want: type, node: str, v1_home: str):
+    if isinstance(value, want):
+        return value
+    what = type(getattr(value, "model", value)).__name__
+    raise host.InputError(
+        f"{name}: a {what}, not a Qwen-Image-2.1 component; the 2.1 nodes need the file loaded with {node}\n"
+        f"Fix: load a Qwen-Image-2.1 file with {node} (a Qwen-Image v1 model goes to {v1_home})"
+    )
+
+
+def _load(name: str, value: str, folder: str, repo_part: str, kind: str, fix: str, loader):
+    with host.input_problem(name, value, fix):
+        path = host.model_path(folder, value, repo_part)
+        return host.MODELS.get(kind, path, lambda: loader(path))
+
+
+class QwenPix21DiTLoader:
+    DISPLAY_NAME = "Load Qwen-Image-2.1 Diffusion Model"
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (DIT21,)
+    OUTPUT_TOOLTIPS = ("The Qwen-Image-2.1 DiT for the Qwen-Image-2.1 Sampler (not a native MODEL, see the help).",)
+    FUNCTION = "load"
+    DESCRIPTION = (
+        "Loads a Qwen-Image-2.1 diffusion model (qwen_image_2.1_bf16, _int8_convrot, the Turbo files, GGUF, a "
+        "diffusers transformer/ folder); weights stay in their stored form. " + NO_NATIVE
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "dit_name": (
+                    host.model_names("diffusion_models", "transformer"),
+                    {"tooltip": "A Qwen-Image-2.1 file from models/diffusion_models (e.g. qwen_image_2.1_bf16)."},
+                ),
+                "compute_dtype": (
+                    DTYPES,
+                    {
+                        "default": "auto",
+                        "tooltip": "Precision of the math. auto: bf16 on GPUs that have it, else fp16; fp32 on CPU.",
+                    },
+                ),  # fmt: skip
+            }
+        }
+
+    @classmethod
+    def IS_CHANGED(cls, dit_name: str, **other_inputs):
+        return host.model_fingerprint("diffusion_models", dit_name, "transformer")
+
+    def load(self, dit_name: str, compute_dtype: str):
+        fix = "choose a Qwen-Image-2.1 DiT from models/diffusion_models (a v1 Qwen-Image DiT: 'Load Qwen-Image "
+        fix += "Diffusion Model')"
+        dit = _load("dit_name", dit_name, "diffusion_models", "transformer", "DiT 2.1", fix, load_dit21)
+        dtype = host.compute_dtype(compute_dtype, host.compute_device())
+        return {"ui": {"qwenpix_plan": [weights_line(dit)]}, "result": (DiT21Handle(dit, dtype),)}
+
+
+class QwenPix21TextEncoderLoader:
+    DISPLAY_NAME = "Load Qwen-Image-2.1 Text Encoder"
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (ENCODER21,)
+    OUTPUT_TOOLTIPS = ("Qwen3-VL-8B with its tokenizer, for Qwen-Image-2.1 Encode.",)
+    FUNCTION = "load"
+    DESCRIPTION = "Loads the Qwen3-VL-8B condition encoder of Qwen-Image-2.1 (bf16, int8_convrot, w4a8, diffusers)."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "text_encoder_name": (
+                    host.model_names("text_encoders", "text_encoder"),
+                    {"tooltip": "A Qwen3-VL file from models/text_encoders (e.g. qwen_3_vl_8b_bf16)."},
+                ),
+            }
+        }
+
+    @classmethod
+    def IS_CHANGED(cls, text_encoder_name: str, **other_inputs):
+        return host.model_fingerprint("text_encoders", text_encoder_name, "text_encoder")
+
+    def load(self, text_encoder_name: str):
+        fix = "choose the Qwen3-VL encoder of Qwen-Image-2.1 from models/text_encoders (v1's Qwen2.5-VL: 'Load "
+        fix += "Qwen-Image Text Encoder')"
+
+        def loader(path):
+            beside = (path if path.is_dir() else path.parent) / "tokenizer"
+            return load_qwen3_vl(path, tokenizer=beside if beside.is_dir() else host.comfy_tokenizer_dir())
+
+        enc = _load("text_encoder_name", text_encoder_name, "text_encoders", "text_encoder", "Qwen3-VL", fix, loader)
+        return {"ui": {"qwenpix_plan": [weights_line(enc.model)]}, "result": (enc,)}
+
+
+class QwenPix21VAELoader:
+    DISPLAY_NAME = "Load Qwen-Image-2.1 VAE"
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (VAE21,)
+    OUTPUT_TOOLTIPS = ("The 64-channel, 16x RGBA VAE of Qwen-Image-2.1.",)
+    FUNCTION = "load"
+    DESCRIPTION = "Loads the Qwen-Image-2.1 VAE (64 latent channels, 16x, RGBA) from a single file or diffusers folder."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"vae_name": (host.model_names("vae", "vae"), {"tooltip": "A file from models/vae."})}}
+
+    @classmethod
+    def IS_CHANGED(cls, vae_name: str, **other_inputs):
+        return host.model_fingerprint("vae", vae_name, "vae")
+
+    def load(self, vae_name: str):
+        fix = "choose the Qwen-Image-2.1 VAE from models/vae (v1's qwen_image_vae: 'Load Qwen-Image VAE')"
+        return (_load("vae_name", vae_name, "vae", "vae", "VAE 2.1", fix, load_vae21),)
+
+
+def _image_inputs() -> dict:
+    tip = "Reference {i} (optional), addressed in the prompt as <image{i}>; RGBA keeps its alpha."
+    return {f"image{i}": ("IMAGE", {"tooltip": tip.format(i=i)}) for i in range(1, MAX_REFERENCES + 1)}
+
+
+def _references(images: dict) -> list[torch.Tensor]:
+    refs = []
+    for i in range(1, MAX_REFERENCES + 1):
+        image = images.pop(f"image{i}", None)
+        if image is None:
+            continue
+        checks.check_image(f"image{i}", image)
+        if image.shape[0] != 1 or image.shape[-1] not in (3, 4):
+            raise host.InputError(
+                f"image{i}: {list(image.shape)}; one RGB or RGBA picture per input\nFix: connect one colour image"
+            )
+        refs.append(image[0].float().cpu())
+    if images:
+        names = ", ".join(sorted(images))
+        raise host.InputError(
+            f"{names}: Qwen-Image-2.1 edits with at most {MAX_REFERENCES} references (image1 .. image"
+            f"{MAX_REFERENCES})\nFix: disconnect {names}"
+        )
+    return refs
+
+
+class QwenPix21Encode:
+    DISPLAY_NAME = "Qwen-Image-2.1 Encode"
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (COND21, "LATENT")
+    RETURN_NAMES = ("conditioning", "latent")
+    OUTPUT_TOOLTIPS = (
+        "The prompt and negative (with the references) for the Qwen-Image-2.1 Sampler.",
+        "An empty 2.1 latent: image1's size for edits (padded to 32), else width x height.",
+    )
+    FUNCTION = "encode"
+    DESCRIPTION = (
+        "Encodes a prompt (a STRING from any node) with Qwen3-VL and up to 10 reference pictures (image1 .. image10, "
+        "<image1> .. in the prompt); references are encoded by the 2.1 VAE too. Outputs the conditioning and an "
+        "empty latent sized to image1 (edits) or width x height (text-to-image)."
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "text_encoder": (f"{ENCODER21},{V1_ENCODER}", {"tooltip": "From Load Qwen-Image-2.1 Text Encoder."}),
+                "vae": (f"{VAE21},{V1_VAE}", {"tooltip": "From Load Qwen-Image-2.1 VAE (encodes the references)."}),
+                "prompt": ("STRING", {"multiline": True, "tooltip": "The prompt; refer to references as <image1>."}),
+                "negative_prompt": ("STRING", {"default": "", "tooltip": "Used by the sampler when cfg > 1."}),
+                "width": (
+                    "INT",
+                    {
+                        "default": 1024,
+                        "min": 32,
+                        "max": 4096,
+                        "step": 32,
+                        "tooltip": "Text-to-image width (edits take image1's size).",
+                    },
+                ),  # fmt: skip
+                "height": (
+                    "INT",
+                    {
+                        "default": 1024,
+                        "min": 32,
+                        "max": 4096,
+                        "step": 32,
+                        "tooltip": "Text-to-image height (edits take image1's size).",
+                    },
+                ),  # fmt: skip
+                "resize": (
+                    list(RESIZES),
+                    {
+                        "default": "pad",
+                        "tooltip": "pad: references padded to multiples of 32, "
+                        "never resampled, the output cropped back (pixels stay aligned). official: the "
+                        "reference's resize to about resolution² pixels.",
+                    },
+                ),  # fmt: skip
+                "resolution": (
+                    "INT",
+                    {
+                        "default": 1024,
+                        "min": 256,
+                        "max": 4096,
+                        "step": 32,
+                        "tooltip": "Only with resize 'official': the target side.",
+                    },
+                ),  # fmt: skip
+                "rgba": ("BOOLEAN", {"default": False, "tooltip": "Ask for a transparent background (RGBA prompt)."}),
+            },
+            "optional": _image_inputs(),
+        }
+
+    def encode(self, text_encoder, vae, prompt, negative_prompt, width, height, resize, resolution, rgba, **images):
+        encoder = _refuse_v1("text_encoder", text_encoder, Qwen3VLEncoder, ENCODER_NODE, "Qwen-Image Text Encode")
+        vae = _refuse_v1("vae", vae, ImageVAE21, VAE_NODE, "the v1 VAE nodes")
+        if not isinstance(prompt, str) or not isinstance(negative_prompt, str):
+            raise host.InputError("prompt / negative_prompt: expected STRING values\nFix: connect a STRING output")
+        refs = _references(images)
+        if resize not in RESIZES:
+            raise host.InputError(f"resize: {resize!r} is not one of {', '.join(RESIZES)}\nFix: choose 'pad'")
+        prompt = rgba_prompt(prompt) if rgba else prompt
+        crop = None
+        pictures, latents = (), None
+        if refs:
+            try:
+                prepared = prepare_references(refs, resize, int(resolution))
+            except ValueError as e:
+                raise host.InputError(f"{e}\nFix: connect larger references or set resize to 'official'") from None
+            pictures, crop = prepared.images, prepared.crop
+            width, height = pictures[0].size
+            with placement.vae_on_device(vae) as device:
+                latents = QwenImage21Pipeline.encode_images(_Holder(vae, device), pictures)
+        width, height = int(width) // SIZE_MULTIPLE * SIZE_MULTIPLE, int(height) // SIZE_MULTIPLE * SIZE_MULTIPLE
+        if width < SIZE_MULTIPLE or height < SIZE_MULTIPLE:
+            raise host.InputError(f"width/height: at least {SIZE_MULTIPLE} pixels a side\nFix: set a larger size")
+        with placement.vae_on_device(encoder.model) as device:
+            conds = [_condition(encoder, text, pictures, device) for text in (prompt, negative_prompt)]
+        for c in conds:
+            c.ref_latents = latents
+        channels = vae.cfg.z_dim
+        empty = torch.zeros(1, channels, height // VAE_SCALE, width // VAE_SCALE)
+        latent = {"samples": empty.to(host.intermediate_device()), "qwenpix21_crop": crop}
+        return (Conditioning21(conds[0], conds[1], crop), latent)
+
+
+class _Holder:
+    """The pipeline's `encode_images` needs only the VAE and the device."""
+
+    def __init__(self, vae, device):
+        self.vae, self.device = vae, device
+
+
+def _condition(encoder: Qwen3VLEncoder, text: str, pictures, device) -> Condition21:
+    feats, mask, slots = encoder.encode(
+        [text], pictures, dtype=torch.float32, device=device, check=host.check_interrupt
+    )
+    image_slots = slots[0] if bool(slots.any()) else None  # as QwenImage21Pipeline.encode_prompt
+    return Condition21(feats.cpu(), image_slots, None, None if bool(mask.all()) else mask)
+
+
+def _to(c: Condition21, device, dtype) -> Condition21:
+    mv = lambda t: None if t is None else t.to(device)  # noqa: E731
+    refs = None if c.ref_latents is None else [r.to(device) for r in c.ref_latents]
+    return Condition21(c.txt.to(device, dtype), mv(c.image_slots), refs, mv(c.txt_mask))
+
+
+class QwenPix21Sampler:
+    DISPLAY_NAME = "Qwen-Image-2.1 Sampler"
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("LATENT",)
+    OUTPUT_TOOLTIPS = ("The denoised 2.1 latent: decode it with Qwen-Image-2.1 Decode.",)
+    FUNCTION = "sample"
+    DESCRIPTION = (
+        "Samples Qwen-Image-2.1 with flow-matching Euler: the dynamic shift from the image's token count (the base "
+        "checkpoint) or the Turbo checkpoint's 8 sigmas, true CFG, the prefix K/V cache of text and references "
+        "computed once per run. " + NO_NATIVE
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "dit": (f"{DIT21},{V1_DIT}", {"tooltip": "From Load Qwen-Image-2.1 Diffusion Model."}),
+                "conditioning": (COND21, {"tooltip": "From Qwen-Image-2.1 Encode."}),
+                "latent": ("LATENT", {"tooltip": "The empty latent from Qwen-Image-2.1 Encode (sets the size)."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip": "Noise seed."}),
+                "steps": ("INT", {"default": 40, "min": 1, "max": 1000, "tooltip": "Euler steps (turbo: 8)."}),
+                "cfg": (
+                    "FLOAT",
+                    {
+                        "default": 4.0,
+                        "min": 0.0,
+                        "max": 100.0,
+                        "step": 0.1,
+                        "round": 0.01,
+                        "tooltip": "True-CFG scale (official 4; turbo 1). 1: no negative pass.",
+                    },
+                ),  # fmt: skip
+                "schedule": (
+                    list(SCHEDULES),
+                    {
+                        "default": "dynamic",
+                        "tooltip": "dynamic: shift from the token count "
+                        "(base checkpoint). turbo: the Turbo checkpoint's published 8 sigmas.",
+                    },
+                ),  # fmt: skip
+            }
+        }
+
+    def sample(self, dit, conditioning, latent, seed, steps, cfg, schedule):
+        handle = _refuse_v1("dit", dit, DiT21Handle, DIT_NODE, "KSampler or the Qwen-Image Sampler")
+        if not isinstance(conditioning, Conditioning21):
+            raise host.InputError("conditioning: not from Qwen-Image-2.1 Encode\nFix: connect Qwen-Image-2.1 Encode")
+        cfg = checks.finite_number("cfg", cfg, "set cfg from 0 to 100 (4 is the official default)")
+        samples = latent.get("samples") if isinstance(latent, dict) else None
+        channels = handle.dit.config.in_channels
+        if not isinstance(samples, torch.Tensor) or samples.dim() != 4 or samples.shape[1] != channels:
+            raise host.InputError(
+                f"latent: {checks.describe_value(samples)} is not a Qwen-Image-2.1 latent [B, {channels}, h, w]\n"
+                "Fix: connect the latent output of Qwen-Image-2.1 Encode"
+            )
+        height, width = samples.shape[-2] * VAE_SCALE, samples.shape[-1] * VAE_SCALE
+        try:
+            sig = make_sigmas(schedule, int(steps), height, width)
+        except ValueError as e:
+            raise host.InputError(f"schedule: {e}\nFix: with 'turbo' set steps to 8") from None
+        bar = comfy.utils.ProgressBar(len(sig) - 1)
+
+        def on_step(i, total, x, x0):
+            host.check_interrupt()
+            bar.update_absolute(i + 1, total)
+
+        with placement.vae_on_device(handle.dit) as device:
+            pipe = QwenImage21Pipeline.__new__(QwenImage21Pipeline)
+            pipe.dit, pipe.vae, pipe.encoder = handle.dit, None, None
+            pos = _to(conditioning.positive, device, handle.dtype)
+            neg = _to(conditioning.negative, device, handle.dtype) if cfg != 1.0 else None
+            noise = pipe.noise(samples.shape[0], height, width, int(seed))
+            out = pipe.sample(noise, sig, pos, neg, cfg, handle.dtype, on_step)
+        bad = checks.describe_non_finite(out)
+        if bad:
+            raise host.InputError(f"the 2.1 latents hold NaN/inf: {bad}\nFix: compute in bf16 or fp32 (loader)")
+        return ({"samples": out.to(handle.dtype).to(host.intermediate_device()), "qwenpix21_crop": conditioning.crop},)
+
+
+class QwenPix21Decode:
+    DISPLAY_NAME = "Qwen-Image-2.1 Decode"
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("IMAGE", "MASK")
+    RETURN_NAMES = ("image", "alpha_mask")
+    OUTPUT_TOOLTIPS = (
+        "The picture as RGB (edits with resize 'pad': cropped back to image1's size).",
+        "Its alpha as a MASK in ComfyUI's convention (1 - alpha; all 0 where the picture is opaque).",
+    )
+    FUNCTION = "decode"
+    DESCRIPTION = "Decodes a Qwen-Image-2.1 latent with the 2.1 RGBA VAE into an IMAGE and its alpha as a MASK."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "vae": (f"{VAE21},{V1_VAE}", {"tooltip": "From Load Qwen-Image-2.1 VAE."}),
+                "samples": ("LATENT", {"tooltip": "From the Qwen-Image-2.1 Sampler."}),
+            }
+        }
+
+    def decode(self, vae, samples):
+        vae = _refuse_v1("vae", vae, ImageVAE21, VAE_NODE, "Qwen-Image VAE Decode")
+        raw = samples.get("samples") if isinstance(samples, dict) else None
+        if not isinstance(raw, torch.Tensor) or raw.dim() != 4 or raw.shape[1] != vae.cfg.z_dim:
+            raise host.InputError(
+                f"samples: {checks.describe_value(raw)} is not a Qwen-Image-2.1 latent [B, {vae.cfg.z_dim}, h, w]\n"
+                "Fix: connect the Qwen-Image-2.1 Sampler"
+            )
+        with placement.vae_on_device(vae) as device:
+            decoded = vae.decode(raw.to(device), check=host.check_interrupt)
+            rgba = (decoded.float() / 2 + 0.5).clamp(0, 1)  # as QwenImage21Pipeline.decode
+        crop = samples.get("qwenpix21_crop")
+        if crop is not None:
+            rgba = rgba[..., : crop[1], : crop[0]]
+        out = rgba.movedim(1, -1).to(host.intermediate_device())  # [B, H, W, 4]
+        return (out[..., :3].contiguous(), 1.0 - out[..., 3])
+
+
+NODES = {
+    "QwenPix21DiTLoader": QwenPix21DiTLoader,
+    "QwenPix21TextEncoderLoader": QwenPix21TextEncoderLoader,
+    "QwenPix21VAELoader": QwenPix21VAELoader,
+    "QwenPix21Encode": QwenPix21Encode,
+    "QwenPix21Sampler": QwenPix21Sampler,
+    "QwenPix21Decode": QwenPix21Decode,
+}

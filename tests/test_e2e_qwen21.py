@@ -1,0 +1,121 @@
+"""Qwen-Image-2.1 through a real ComfyUI server (issue 17, part D): its loaders, Encode (prompt + references),
+Sampler and Decode run a text-to-image graph and an edit graph with 2 references (one RGBA), each equal to
+the core pipeline (`QwenImage21Pipeline.generate` / `edit`) on the same tiny files; wrong inputs are named."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from graphs import fails
+from native_graphs import node
+from oracles import TOKENIZER
+from qwen_image_core.formats.vae21 import load_vae21
+from qwen_image_core.qwen21 import QwenImage21Pipeline, load_dit21, load_qwen3_vl
+from tools.checkpoints import dit as WD1
+from tools.checkpoints import dit21 as WD
+from tools.checkpoints import qwen3_vl as WQ
+from tools.checkpoints import vae21 as WV
+
+pytestmark = pytest.mark.e2e
+
+DIT, V1_DIT = "qwen_image_2.1_e2e.safetensors", "qwen_image_v1_for_21_e2e.safetensors"
+TE, VAE = "qwen_3_vl_e2e.safetensors", "qwen_image_2.1_vae_e2e.safetensors"
+TOL = 1e-5  # max |graph - core| over the image
+PROMPT, NEGATIVE = "a red fox in the snow", "blurry"
+EDIT_PROMPT = "put the cat of <image2> into <image1>"
+REFS = (("rgb", 300, 230, 11), ("rgba", 260, 270, 12))  # (kind, width, height, seed): not multiples of 32
+
+
+@pytest.fixture(scope="module")
+def models21(comfy, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("qwen21_e2e")
+    te = WQ.reference_model(seed=0)
+    WQ.write_single(comfy.models_dir / "text_encoders" / TE, te)
+    cfg = WD.tiny_config(text_dim=te.config.text_config.hidden_size)
+    WD.write_comfy(comfy.models_dir / "diffusion_models" / DIT, cfg)
+    WD1.write_comfy(comfy.models_dir / "diffusion_models" / V1_DIT, WD1.tiny_config())
+    shutil.copyfile(WV.write_vae21(tmp, "single"), comfy.models_dir / "vae" / VAE)
+    dit = load_dit21(comfy.models_dir / "diffusion_models" / DIT)
+    encoder = load_qwen3_vl(comfy.models_dir / "text_encoders" / TE, tokenizer=TOKENIZER)
+    vae = load_vae21(comfy.models_dir / "vae" / VAE)
+    return QwenImage21Pipeline(dit, vae, encoder)
+
+
+def test_image(kind, width, height, seed) -> torch.Tensor:
+    """QwenPixTestImage's picture [H, W, C], regenerated here."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(1, height, width, 4 if kind == "rgba" else 3, generator=g)[0]
+
+
+test_image.__test__ = False  # a helper, not a test
+
+
+def graph(prompt=PROMPT, refs=(), dit=DIT, loader="QwenPix21DiTLoader", steps=2, cfg=2.0, seed=7):
+    g = {
+        "dit": node(loader, dit_name=dit, compute_dtype="fp32"),
+        "te": node("QwenPix21TextEncoderLoader", text_encoder_name=TE),
+        "vae": node("QwenPix21VAELoader", vae_name=VAE),
+        "enc": node("QwenPix21Encode", text_encoder=["te", 0], vae=["vae", 0], prompt=prompt, negative_prompt=NEGATIVE,
+                    width=64, height=96, resize="pad", resolution=1024, rgba=False),  # fmt: skip
+        "sample": node("QwenPix21Sampler", dit=["dit", 0], conditioning=["enc", 0], latent=["enc", 1], seed=seed,
+                       steps=steps, cfg=cfg, schedule="dynamic"),  # fmt: skip
+        "decode": node("QwenPix21Decode", vae=["vae", 0], samples=["sample", 0]),
+        "dump": node("QwenPixTestDumpImage", images=["decode", 0], name="qwen21_image"),
+        "mask": node("MaskToImage", mask=["decode", 1]),
+        "dump_mask": node("QwenPixTestDumpImage", images=["mask", 0], name="qwen21_mask"),
+    }
+    for i, (kind, w, h, s) in enumerate(refs, 1):
+        g[f"img{i}"] = node("QwenPixTestImage", kind=kind, width=w, height=h, seed=s)
+        g["enc"]["inputs"][f"image{i}"] = [f"img{i}", 0]
+    return g
+
+
+def run_and_load(comfy, client, prompt):
+    res = client.run(prompt, timeout=300)
+    assert res.status == "success", (res.error() or {}).get("exception_message")
+    out = comfy.output_dir
+    return np.load(out / "qwen21_image.npy"), np.load(out / "qwen21_mask.npy")[..., 0]
+
+
+def assert_same(image, mask, core: torch.Tensor):
+    want = core[0].permute(1, 2, 0).numpy()  # [H, W, 4]
+    assert image.shape == (1, *want.shape[:2], 3)
+    err = float(np.abs(image[0] - want[..., :3]).max())
+    print(f"\nmax |graph - core| = {err:.3g}")
+    assert err <= TOL
+    np.testing.assert_allclose(mask[0], 1.0 - want[..., 3], atol=TOL)
+
+
+def test_text_to_image_equals_the_core(models21, comfy, client):
+    image, mask = run_and_load(comfy, client, graph())
+    core = models21.generate(PROMPT, NEGATIVE, width=64, height=96, steps=2, cfg_scale=2.0, seed=7)
+    assert_same(image, mask, core)
+
+
+def test_edit_with_two_references_equals_the_core(models21, comfy, client):
+    image, mask = run_and_load(comfy, client, graph(EDIT_PROMPT, REFS))
+    refs = [test_image(*r) for r in REFS]
+    core = models21.edit(EDIT_PROMPT, refs, NEGATIVE, steps=2, cfg_scale=2.0, seed=7)
+    assert core.shape[-2:] == (230, 300)  # image1's own size: padded to 320x256, cropped back
+    assert_same(image, mask, core)
+
+
+def test_eleven_references_are_refused(models21, client):
+    prompt = graph(refs=[("rgb", 32, 32, i) for i in range(11)])
+    fails(client, prompt, "enc", "image11", "at most 10 references")
+
+
+def test_v1_dit_with_the_21_encoder_is_named(models21, client):
+    prompt = graph(dit=V1_DIT, loader="QwenPixDiTLoader")
+    prompt["dit"]["inputs"]["positions"] = "official (diffusers)"
+    fails(client, prompt, "sample", "dit:", "not a Qwen-Image-2.1", "Load Qwen-Image-2.1 Diffusion Model")
+
+
+def test_21_dit_in_the_v1_loader_names_the_21_loader(models21, client):
+    prompt = graph(loader="QwenPixDiTLoader")
+    prompt["dit"]["inputs"]["positions"] = "official (diffusers)"
+    fails(client, prompt, "dit", "Qwen-Image-2.1", "Load Qwen-Image-2.1 Diffusion Model")
