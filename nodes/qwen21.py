@@ -17,8 +17,7 @@ from dataclasses import dataclass
 import comfy.utils
 import torch
 
-from ..qwen_image_core.formats.vae21 import load_vae21
-from ..qwen_image_core.qwen21 import DiT21, ImageVAE21, Qwen3VLEncoder, load_dit21, load_qwen3_vl
+from ..qwen_image_core.qwen21 import ImageVAE21, Qwen3VLEncoder
 from ..qwen_image_core.qwen21.layout import MAX_REFERENCES
 from ..qwen_image_core.qwen21.pipeline import (
     RESIZES,
@@ -31,29 +30,25 @@ from ..qwen_image_core.qwen21.prompts import rgba_prompt
 from ..qwen_image_core.qwen21.sampler import Condition21
 from ..qwen_image_core.qwen21.schedule import VAE_SCALE
 from . import checks, host, placement
-from .loaders import DTYPES, weights_line
+from .qwen21_loaders import (
+    COND21,
+    DIT21,
+    DIT_NODE,
+    ENCODER21,
+    ENCODER_NODE,
+    LOADERS,
+    NO_NATIVE,
+    V1_DIT,
+    V1_ENCODER,
+    V1_VAE,
+    VAE21,
+    VAE_NODE,
+    DiT21Handle,
+    _refuse_v1,
+)
 
 CATEGORY = "QwenPix/Qwen-Image-2.1"
-DIT21, ENCODER21, VAE21, COND21 = "QWENPIX21_DIT", "QWENPIX21_TEXT_ENCODER", "QWENPIX21_VAE", "QWENPIX21_CONDITIONING"
-V1_DIT, V1_ENCODER, V1_VAE = "MODEL", "QWENPIX_TEXT_ENCODER", "QWENPIX_VAE"  # accepted only to be named clearly
 SCHEDULES = ("dynamic", "turbo")  # the base checkpoint's shift from the token count; the Turbo file's 8 sigmas
-NO_NATIVE = (
-    "ComfyUI 0.3.75 has no Qwen-Image-2.1 model class, so this is not a native MODEL (KSampler and model patches "
-    "cannot take it): sample it with the Qwen-Image-2.1 Sampler."
-)
-DIT_NODE, ENCODER_NODE, VAE_NODE = (
-    "'Load Qwen-Image-2.1 Diffusion Model'",
-    "'Load Qwen-Image-2.1 Text Encoder'",
-    "'Load Qwen-Image-2.1 VAE'",
-)
-
-
-@dataclass
-class DiT21Handle:
-    """The loaded 2.1 DiT and the dtype its math runs in."""
-
-    dit: DiT21
-    dtype: torch.dtype
 
 
 @dataclass
@@ -64,119 +59,6 @@ class Conditioning21:
     positive: Condition21
     negative: Condition21
     crop: tuple[int, int] | None
-
-
-def _refuse_v1(name: str, value, want: type, node: str, v1_home: str):
-    if isinstance(value, want):
-        return value
-    what = type(getattr(value, "model", value)).__name__
-    raise host.InputError(
-        f"{name}: a {what}, not a Qwen-Image-2.1 component; the 2.1 nodes need the file loaded with {node}\n"
-        f"Fix: load a Qwen-Image-2.1 file with {node} (a Qwen-Image v1 model goes to {v1_home})"
-    )
-
-
-def _load(name: str, value: str, folder: str, repo_part: str, kind: str, fix: str, loader):
-    with host.input_problem(name, value, fix):
-        path = host.model_path(folder, value, repo_part)
-        return host.MODELS.get(kind, path, lambda: loader(path))
-
-
-class QwenPix21DiTLoader:
-    DISPLAY_NAME = "Load Qwen-Image-2.1 Diffusion Model"
-    CATEGORY = CATEGORY
-    RETURN_TYPES = (DIT21,)
-    OUTPUT_TOOLTIPS = ("The Qwen-Image-2.1 DiT for the Qwen-Image-2.1 Sampler (not a native MODEL, see the help).",)
-    FUNCTION = "load"
-    DESCRIPTION = (
-        "Loads a Qwen-Image-2.1 diffusion model (qwen_image_2.1_bf16, _int8_convrot, the Turbo files, GGUF, a "
-        "diffusers transformer/ folder); weights stay in their stored form. " + NO_NATIVE
-    )
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "dit_name": (
-                    host.model_names("diffusion_models", "transformer"),
-                    {"tooltip": "A Qwen-Image-2.1 file from models/diffusion_models (e.g. qwen_image_2.1_bf16)."},
-                ),
-                "compute_dtype": (
-                    DTYPES,
-                    {
-                        "default": "auto",
-                        "tooltip": "Precision of the math. auto: bf16 on GPUs that have it, else fp16; fp32 on CPU.",
-                    },
-                ),  # fmt: skip
-            }
-        }
-
-    @classmethod
-    def IS_CHANGED(cls, dit_name: str, **other_inputs):
-        return host.model_fingerprint("diffusion_models", dit_name, "transformer")
-
-    def load(self, dit_name: str, compute_dtype: str):
-        fix = "choose a Qwen-Image-2.1 DiT from models/diffusion_models (a v1 Qwen-Image DiT: 'Load Qwen-Image "
-        fix += "Diffusion Model')"
-        dit = _load("dit_name", dit_name, "diffusion_models", "transformer", "DiT 2.1", fix, load_dit21)
-        dtype = host.compute_dtype(compute_dtype, host.compute_device())
-        return {"ui": {"qwenpix_plan": [weights_line(dit)]}, "result": (DiT21Handle(dit, dtype),)}
-
-
-class QwenPix21TextEncoderLoader:
-    DISPLAY_NAME = "Load Qwen-Image-2.1 Text Encoder"
-    CATEGORY = CATEGORY
-    RETURN_TYPES = (ENCODER21,)
-    OUTPUT_TOOLTIPS = ("Qwen3-VL-8B with its tokenizer, for Qwen-Image-2.1 Encode.",)
-    FUNCTION = "load"
-    DESCRIPTION = "Loads the Qwen3-VL-8B condition encoder of Qwen-Image-2.1 (bf16, int8_convrot, w4a8, diffusers)."
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "text_encoder_name": (
-                    host.model_names("text_encoders", "text_encoder"),
-                    {"tooltip": "A Qwen3-VL file from models/text_encoders (e.g. qwen_3_vl_8b_bf16)."},
-                ),
-            }
-        }
-
-    @classmethod
-    def IS_CHANGED(cls, text_encoder_name: str, **other_inputs):
-        return host.model_fingerprint("text_encoders", text_encoder_name, "text_encoder")
-
-    def load(self, text_encoder_name: str):
-        fix = "choose the Qwen3-VL encoder of Qwen-Image-2.1 from models/text_encoders (v1's Qwen2.5-VL: 'Load "
-        fix += "Qwen-Image Text Encoder')"
-
-        def loader(path):
-            beside = (path if path.is_dir() else path.parent) / "tokenizer"
-            return load_qwen3_vl(path, tokenizer=beside if beside.is_dir() else host.comfy_tokenizer_dir())
-
-        enc = _load("text_encoder_name", text_encoder_name, "text_encoders", "text_encoder", "Qwen3-VL", fix, loader)
-        return {"ui": {"qwenpix_plan": [weights_line(enc.model)]}, "result": (enc,)}
-
-
-class QwenPix21VAELoader:
-    DISPLAY_NAME = "Load Qwen-Image-2.1 VAE"
-    CATEGORY = CATEGORY
-    RETURN_TYPES = (VAE21,)
-    OUTPUT_TOOLTIPS = ("The 64-channel, 16x RGBA VAE of Qwen-Image-2.1.",)
-    FUNCTION = "load"
-    DESCRIPTION = "Loads the Qwen-Image-2.1 VAE (64 latent channels, 16x, RGBA) from a single file or diffusers folder."
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"vae_name": (host.model_names("vae", "vae"), {"tooltip": "A file from models/vae."})}}
-
-    @classmethod
-    def IS_CHANGED(cls, vae_name: str, **other_inputs):
-        return host.model_fingerprint("vae", vae_name, "vae")
-
-    def load(self, vae_name: str):
-        fix = "choose the Qwen-Image-2.1 VAE from models/vae (v1's qwen_image_vae: 'Load Qwen-Image VAE')"
-        return (_load("vae_name", vae_name, "vae", "vae", "VAE 2.1", fix, load_vae21),)
 
 
 def _image_inputs() -> dict:
@@ -292,7 +174,7 @@ class QwenPix21Encode:
             pictures, crop = prepared.images, prepared.crop
             width, height = pictures[0].size
             with placement.vae_on_device(vae) as device:
-                latents = QwenImage21Pipeline.encode_images(_Holder(vae, device), pictures)
+                latents = QwenImage21Pipeline.encode_images(_Parts(device, vae=vae), pictures)
         width, height = int(width) // SIZE_MULTIPLE * SIZE_MULTIPLE, int(height) // SIZE_MULTIPLE * SIZE_MULTIPLE
         if width < SIZE_MULTIPLE or height < SIZE_MULTIPLE:
             raise host.InputError(f"width/height: at least {SIZE_MULTIPLE} pixels a side\nFix: set a larger size")
@@ -306,11 +188,12 @@ class QwenPix21Encode:
         return (Conditioning21(conds[0], conds[1], crop), latent)
 
 
-class _Holder:
-    """The pipeline's `encode_images` needs only the VAE and the device."""
+class _Parts:
+    """The pipeline's pieces each node uses (`encode_images`: the VAE and the device; `noise`, `sample`: the DiT
+    and the device), called on what the node holds, so the numbers are the pipeline's own."""
 
-    def __init__(self, vae, device):
-        self.vae, self.device = vae, device
+    def __init__(self, device, vae=None, dit=None):
+        self.device, self.vae, self.dit = device, vae, dit
 
 
 def _condition(encoder: Qwen3VLEncoder, text: str, pictures, device) -> Condition21:
@@ -394,12 +277,11 @@ class QwenPix21Sampler:
             bar.update_absolute(i + 1, total)
 
         with placement.vae_on_device(handle.dit) as device:
-            pipe = QwenImage21Pipeline.__new__(QwenImage21Pipeline)
-            pipe.dit, pipe.vae, pipe.encoder = handle.dit, None, None
+            parts = _Parts(device, dit=handle.dit)
             pos = _to(conditioning.positive, device, handle.dtype)
             neg = _to(conditioning.negative, device, handle.dtype) if cfg != 1.0 else None
-            noise = pipe.noise(samples.shape[0], height, width, int(seed))
-            out = pipe.sample(noise, sig, pos, neg, cfg, handle.dtype, on_step)
+            noise = QwenImage21Pipeline.noise(parts, samples.shape[0], height, width, int(seed))
+            out = QwenImage21Pipeline.sample(parts, noise, sig, pos, neg, cfg, handle.dtype, on_step)
         bad = checks.describe_non_finite(out)
         if bad:
             raise host.InputError(f"the 2.1 latents hold NaN/inf: {bad}\nFix: compute in bf16 or fp32 (loader)")
@@ -446,9 +328,7 @@ class QwenPix21Decode:
 
 
 NODES = {
-    "QwenPix21DiTLoader": QwenPix21DiTLoader,
-    "QwenPix21TextEncoderLoader": QwenPix21TextEncoderLoader,
-    "QwenPix21VAELoader": QwenPix21VAELoader,
+    **LOADERS,
     "QwenPix21Encode": QwenPix21Encode,
     "QwenPix21Sampler": QwenPix21Sampler,
     "QwenPix21Decode": QwenPix21Decode,

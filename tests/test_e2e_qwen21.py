@@ -59,10 +59,28 @@ def graph(prompt=PROMPT, refs=(), dit=DIT, loader="QwenPix21DiTLoader", steps=2,
         "dit": node(loader, dit_name=dit, compute_dtype="fp32"),
         "te": node("QwenPix21TextEncoderLoader", text_encoder_name=TE),
         "vae": node("QwenPix21VAELoader", vae_name=VAE),
-        "enc": node("QwenPix21Encode", text_encoder=["te", 0], vae=["vae", 0], prompt=prompt, negative_prompt=NEGATIVE,
-                    width=64, height=96, resize="pad", resolution=1024, rgba=False),  # fmt: skip
-        "sample": node("QwenPix21Sampler", dit=["dit", 0], conditioning=["enc", 0], latent=["enc", 1], seed=seed,
-                       steps=steps, cfg=cfg, schedule="dynamic"),  # fmt: skip
+        "enc": node(
+            "QwenPix21Encode",
+            text_encoder=["te", 0],
+            vae=["vae", 0],
+            prompt=prompt,
+            negative_prompt=NEGATIVE,
+            width=64,
+            height=96,
+            resize="pad",
+            resolution=1024,
+            rgba=False,
+        ),
+        "sample": node(
+            "QwenPix21Sampler",
+            dit=["dit", 0],
+            conditioning=["enc", 0],
+            latent=["enc", 1],
+            seed=seed,
+            steps=steps,
+            cfg=cfg,
+            schedule="dynamic",
+        ),
         "decode": node("QwenPix21Decode", vae=["vae", 0], samples=["sample", 0]),
         "dump": node("QwenPixTestDumpImage", images=["decode", 0], name="qwen21_image"),
         "mask": node("MaskToImage", mask=["decode", 1]),
@@ -112,7 +130,14 @@ def test_eleven_references_are_refused(models21, client):
 def test_v1_dit_with_the_21_encoder_is_named(models21, client):
     prompt = graph(dit=V1_DIT, loader="QwenPixDiTLoader")
     prompt["dit"]["inputs"]["positions"] = "official (diffusers)"
-    fails(client, prompt, "sample", "dit:", "not a Qwen-Image-2.1", "Load Qwen-Image-2.1 Diffusion Model")
+    fails(client, prompt, "sample", "dit: a native MODEL", "not a Qwen-Image-2.1", "Load Qwen-Image-2.1 Diffusion")
+
+
+def test_v1_vae_in_the_21_encode_is_named(models21, client, tiny_comfy_vae):
+    prompt = graph()
+    prompt["vae1"] = node("QwenPixVAELoader", vae_name=tiny_comfy_vae)
+    prompt["enc"]["inputs"]["vae"] = ["vae1", 0]
+    fails(client, prompt, "enc", "vae: a Qwen-Image v1 VAE", "Load Qwen-Image-2.1 VAE")
 
 
 def test_21_dit_in_the_v1_loader_names_the_21_loader(models21, client):
