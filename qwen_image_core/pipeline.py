@@ -137,6 +137,21 @@ class QwenImagePipeline:
     """The three components and the jobs that use them. Computes where the DiT's weights are."""
 
     def __init__(self, dit: MMDiT, vae: ImageVAE, text_encoder: TextEncoder | None = None):
+        if not isinstance(dit, MMDiT):
+            raise TypeError(
+                f"dit: {type(dit).__name__} is not a Qwen-Image (v1) MMDiT (load_dit); a Qwen-Image-2.1 "
+                "DiT goes with qwen_image_core.qwen21.QwenImage21Pipeline"
+            )
+        if vae.cfg.z_dim * dit.config.patch_size**2 != dit.config.in_channels:
+            raise ValueError(
+                f"vae: {vae.cfg.z_dim} latent channels, the DiT reads {dit.config.out_channels} (a "
+                "Qwen-Image-2.1 VAE does not fit the v1 DiT: use the 16-channel Qwen-Image VAE)"
+            )
+        if text_encoder is not None and not isinstance(text_encoder, TextEncoder):
+            raise TypeError(
+                f"text_encoder: {type(text_encoder).__name__} is not the Qwen2.5-VL text encoder "
+                "(load_text_encoder); Qwen-Image-2.1's Qwen3-VL encoder goes with its own pipeline"
+            )
         self.dit, self.vae, self.text_encoder = dit, vae, text_encoder
 
     @classmethod

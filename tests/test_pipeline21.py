@@ -21,6 +21,7 @@ from transformers import Qwen2Tokenizer
 from oracles import QWEN_SCHEDULER, TOKENIZER, diffusers_dit21, noise_image, qwen3_processor, rel_close
 from qwen_image_core.formats.vae21 import load_vae21
 from qwen_image_core.mmdit import MMDiT
+from qwen_image_core.pipeline import QwenImagePipeline
 from qwen_image_core.qwen21 import DiT21
 from qwen_image_core.qwen21.encoder import load_qwen3_vl
 from qwen_image_core.qwen21.pipeline import QwenImage21Pipeline, make_sigmas
@@ -301,3 +302,17 @@ def test_components_of_the_other_family_are_named(models):
         QwenImage21Pipeline(dit, vae, te1)
     with pytest.raises(ValueError, match="negative_prompt: not used with cfg_scale 1"):
         QwenImage21Pipeline(dit, vae, enc).generate("x", "y", width=64, height=64, steps=1, cfg_scale=1.0)
+
+
+def test_the_v1_pipeline_names_2_1_components(models):
+    with torch.device("meta"):
+        dit1 = MMDiT(WD1.tiny_config())
+        vae1 = ImageVAE(VAEConfig())
+    dit, vae, enc = models["dit"], models["vae"], models["encoder"]
+    with pytest.raises(TypeError, match="dit: DiT21 is not a Qwen-Image \\(v1\\) MMDiT.*QwenImage21Pipeline"):
+        QwenImagePipeline(dit, vae1)
+    with pytest.raises(ValueError, match="vae: 64 latent channels.*Qwen-Image-2.1 VAE does not fit the v1 DiT"):
+        QwenImagePipeline(dit1, vae)
+    with pytest.raises(TypeError, match="text_encoder: Qwen3VLEncoder is not the Qwen2.5-VL text encoder"):
+        QwenImagePipeline(dit1, vae1, enc)
+    QwenImagePipeline(dit1, vae1)  # the v1 parts together are fine
