@@ -301,6 +301,9 @@ def test_six_image_edit_built_in_the_page_runs(report, example_models):
     assert len(encoders) == 2 and all(
         sorted(k for k in e if k.startswith("image")) == [f"image{i}" for i in range(1, 7)] for e in encoders
     ), encoders
+    # inputs appear as you connect: a new node shows image1 and image2; after six links, image7 is the free one
+    assert edit["freshSlots"] == ["image1", "image2"]
+    assert edit["slots"] == [[f"image{i}" for i in range(1, 8)]] * 2
     res = ComfyClient(example_models.url).wait(edit["prompt_id"], timeout=300)
     assert res.status == "success", res.error()
     (img,) = res.images()

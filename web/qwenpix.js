@@ -5,6 +5,8 @@
 // - Warnings: the backend's `qwenpix.warning` websocket event ({node, prompt_id, message}, nodes/notices.py) is
 //   shown as a toast naming the node (ComfyUI's new frontend), else as a small banner at the top right; the
 //   node gets an amber outline until the next prompt starts. Every warning also goes to the console.
+// - Edit Encode: of its optional image2..image10 inputs only the connected ones and the next free one are shown;
+//   connecting the last shown one shows the next (inputs appear as you connect), disconnecting hides the spare.
 // - Translations: the pack's locales/<lang>/nodeDefs.json (node names, input labels, tooltips) for languages
 //   other than English, applied to the pack's own nodes (see applyTranslations).
 // User-provided or backend text is only ever set through textContent / widget values, never as HTML.
@@ -201,6 +203,48 @@ function translateNode(node) {
   (node.outputs ?? []).forEach((slot, i) => (slot.localized_name = t.outputs?.[i]?.name ?? slot.localized_name));
 }
 
+const EDIT_IMAGE = /^image(\d+)$/;
+const EDIT_MAX_IMAGES = 10; // nodes/conditioning.py MAX_IMAGES
+
+// Show image1, every connected imageN, and one free slot after the last connected one (up to image10).
+function syncEditImages(node) {
+  const slots = () => (node.inputs ?? []).map((inp, i) => ({ inp, i, n: Number(EDIT_IMAGE.exec(inp.name)?.[1]) }));
+  const images = slots().filter((s) => s.n);
+  const last = Math.max(1, ...images.filter((s) => s.inp.link != null).map((s) => s.n));
+  const want = Math.min(EDIT_MAX_IMAGES, last + 1);
+  for (const s of slots().reverse()) {
+    if (s.n > want && s.inp.link == null) node.removeInput(s.i);
+  }
+  const have = new Set(slots().filter((s) => s.n).map((s) => s.n));
+  for (let n = 2; n <= want; n++) {
+    if (!have.has(n)) {
+      const name = `image${n}`;
+      node.addInput(name, "IMAGE", { shape: window.LiteGraph?.SlotShape?.HollowCircle });
+      const added = node.inputs[node.inputs.length - 1];
+      const label = translations?.[node.comfyClass]?.inputs?.[name]?.name;
+      if (label) added.localized_name = label;
+    }
+  }
+  node.setSize?.([node.size[0], node.computeSize()[1]]);
+  node.setDirtyCanvas?.(true, true);
+}
+
+function dynamicEditImages(node) {
+  const onConnectionsChange = node.onConnectionsChange;
+  node.onConnectionsChange = function (...args) {
+    const r = onConnectionsChange?.apply(this, args);
+    queueMicrotask(() => syncEditImages(node));
+    return r;
+  };
+  const onConfigure = node.onConfigure;
+  node.onConfigure = function (...args) {
+    const r = onConfigure?.apply(this, args);
+    queueMicrotask(() => syncEditImages(node));
+    return r;
+  };
+  queueMicrotask(() => syncEditImages(node));
+}
+
 api.addEventListener(WARNING_EVENT, (event) => showWarning(event.detail));
 api.addEventListener("execution_start", clearMarks);
 
@@ -214,6 +258,7 @@ app.registerExtension({
   },
   nodeCreated(node) {
     translateNode(node);
+    if (node.comfyClass === "QwenPixEditEncode") dynamicEditImages(node);
     if (node.comfyClass === "QwenPixEmptyLatent") {
       const aspect = widget(node, "aspect");
       if (aspect) {

@@ -35,7 +35,8 @@
 //    "templates": {"listed": /api/workflow_templates, "cards": {name: {"title", "description", "src", "width",
 //                  "height"}}, "fetched": {URL path of each pack file the page fetched: HTTP status}},
 //    "locales": {lang: {type: {"title", "inputs": {name: label}, "widgets": {name: label}}}},
-//    "edit": {"prompt_id", "status", "response", "output"},
+//    "edit": {"prompt_id", "status", "response", "output", "slots": [each encoder's image inputs after linking],
+//             "freshSlots": [the image inputs of a new Edit Encode node]},
 //    "console_errors": [...], "page_errors": [uncaught exceptions with their stacks]}
 // Each phase that fails records {"error": message} in its place instead of aborting the others.
 import { readFileSync, writeFileSync } from "node:fs";
@@ -162,17 +163,24 @@ async function editFromPage(page, edit) {
           const free = enc.inputs.findIndex((inp) => /^image\d+$/.test(inp.name) && inp.link == null);
           if (free < 0) throw new Error(`no free image input on ${enc.type}#${enc.id}`);
           load.connect(0, enc, free);
+          await new Promise((r) => setTimeout(r, 0)); // the extension shows the next input after a connection
         }
       }
+      const slots = encoders.map((enc) => enc.inputs.map((inp) => inp.name).filter((n) => /^image\d+$/.test(n)));
+      const fresh = window.LiteGraph.createNode("QwenPixEditEncode");
+      app.graph.add(fresh);
+      await new Promise((r) => setTimeout(r, 0));
+      const freshSlots = fresh.inputs.map((inp) => inp.name).filter((n) => /^image\d+$/.test(n));
+      app.graph.remove(fresh);
       const { output } = await app.graphToPrompt();
       await app.queuePrompt(0, 1);
-      return output;
+      return { output, slots, freshSlots };
     },
     { wf: JSON.parse(readFileSync(edit.workflow, "utf8")), widgets: edit.widgets, images: edit.images },
   );
   const response = await posted;
   const body = await response.json();
-  return { prompt_id: body.prompt_id ?? null, status: response.status(), response: body, output };
+  return { prompt_id: body.prompt_id ?? null, status: response.status(), response: body, ...output };
 }
 
 // Queue a graph whose sampler warns, then wait until the toast with the backend's message is on the page; then the
@@ -314,8 +322,11 @@ async function templateCards(page, templates) {
   await page.waitForSelector('[data-testid="template-workflows-content"]', { timeout: 30000 });
   // the pack's own category, under "Extensions" in the side bar (a collapsible group)
   const dialog = page.locator(".p-dialog").filter({ has: page.locator('[data-testid="template-workflows-content"]') });
+  const group = dialog.getByText("Extensions", { exact: true }).first();
+  await group.waitFor({ timeout: 60000 }); // the side bar lists the packs once the templates have loaded
   const item = dialog.getByText(templates.label ?? templates.module, { exact: true }).first();
-  if (!(await item.isVisible())) await dialog.getByText("Extensions", { exact: true }).first().click();
+  if (!(await item.isVisible())) await group.click(); // a collapsed group
+  await item.waitFor({ timeout: 30000 });
   await item.click();
   await page.waitForTimeout(300);
   if (templates.screenshot) await page.screenshot({ path: templates.screenshot });
