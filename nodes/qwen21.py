@@ -29,7 +29,7 @@ from ..qwen_image_core.qwen21.pipeline import (
 from ..qwen_image_core.qwen21.prompts import rgba_prompt
 from ..qwen_image_core.qwen21.sampler import Condition21
 from ..qwen_image_core.qwen21.schedule import VAE_SCALE
-from . import checks, host, placement
+from . import checks, host, notices, placement
 from .qwen21_loaders import (
     COND21,
     DIT21,
@@ -59,6 +59,7 @@ class Conditioning21:
     positive: Condition21
     negative: Condition21
     crop: tuple[int, int] | None
+    negative_prompt: str = ""  # the text, to say when cfg 1 leaves it unused
 
 
 def _image_inputs() -> dict:
@@ -185,7 +186,7 @@ class QwenPix21Encode:
         channels = vae.cfg.z_dim
         empty = torch.zeros(1, channels, height // VAE_SCALE, width // VAE_SCALE)
         latent = {"samples": empty.to(host.intermediate_device()), "qwenpix21_crop": crop}
-        return (Conditioning21(conds[0], conds[1], crop), latent)
+        return (Conditioning21(conds[0], conds[1], crop, negative_prompt), latent)
 
 
 class _Parts:
@@ -270,6 +271,8 @@ class QwenPix21Sampler:
             sig = make_sigmas(schedule, int(steps), height, width)
         except ValueError as e:
             raise host.InputError(f"schedule: {e}\nFix: with 'turbo' set steps to 8") from None
+        if cfg == 1.0 and conditioning.negative_prompt.strip():
+            notices.warn("negative_prompt: not used with cfg 1 (no guidance pass); set cfg > 1 to use it")
         bar = comfy.utils.ProgressBar(len(sig) - 1)
 
         def on_step(i, total, x, x0):

@@ -92,9 +92,11 @@ def graph(prompt=PROMPT, refs=(), dit=DIT, loader="QwenPix21DiTLoader", steps=2,
     return g
 
 
-def run_and_load(comfy, client, prompt):
+def run_and_load(comfy, client, prompt, said: list | None = None):
     res = client.run(prompt, timeout=300)
     assert res.status == "success", (res.error() or {}).get("exception_message")
+    if said is not None:
+        said += [e["data"]["message"] for e in res.events if e["type"] == "qwenpix.warning"]
     out = comfy.output_dir
     return np.load(out / "qwen21_image.npy"), np.load(out / "qwen21_mask.npy")[..., 0]
 
@@ -109,7 +111,9 @@ def assert_same(image, mask, core: torch.Tensor):
 
 
 def test_text_to_image_equals_the_core(models21, comfy, client):
-    image, mask = run_and_load(comfy, client, graph())
+    said = []
+    image, mask = run_and_load(comfy, client, graph(), said)
+    assert said == []  # a plain graph says nothing
     core = models21.generate(PROMPT, NEGATIVE, width=64, height=96, steps=2, cfg_scale=2.0, seed=7)
     assert_same(image, mask, core)
 
@@ -144,3 +148,32 @@ def test_21_dit_in_the_v1_loader_names_the_21_loader(models21, client):
     prompt = graph(loader="QwenPixDiTLoader")
     prompt["dit"]["inputs"]["positions"] = "official (diffusers)"
     fails(client, prompt, "dit", "Qwen-Image-2.1", "Load Qwen-Image-2.1 Diffusion Model")
+
+
+def test_turbo_schedule_equals_the_core(models21, comfy, client):
+    prompt = graph(steps=8, cfg=1.0)
+    prompt["sample"]["inputs"]["schedule"] = "turbo"
+    said = []
+    image, mask = run_and_load(comfy, client, prompt, said)
+    core = models21.generate(PROMPT, width=64, height=96, steps=8, cfg_scale=1.0, seed=7, schedule="turbo")
+    assert_same(image, mask, core)
+    assert any("negative_prompt: not used with cfg 1" in m for m in said), said  # said, not silently dropped
+
+
+def test_turbo_with_other_steps_is_named(models21, client):
+    prompt = graph(steps=5, cfg=1.0)
+    prompt["sample"]["inputs"]["schedule"] = "turbo"
+    fails(client, prompt, "sample", "schedule:", "8 steps", "steps to 8")
+
+
+def test_example_workflows_use_declared_inputs(client):
+    """tools/workflow_qwen21.py's graphs: every node exists and every input it sets is one the node declares."""
+    from tools import workflow_qwen21  # noqa: PLC0415
+
+    info = client.object_info()
+    for name, g in workflow_qwen21.graphs().items():
+        for key, (cls, inputs, *_) in g.items():
+            assert cls in info, f"{name}.{key}: no node {cls}"
+            declared = {**info[cls]["input"].get("required", {}), **info[cls]["input"].get("optional", {})}
+            assert set(inputs) <= set(declared), f"{name}.{key}: {sorted(set(inputs) - set(declared))}"
+        assert name in workflow_qwen21.TITLES

@@ -1,0 +1,114 @@
+"""The Qwen-Image-2.1 example workflows (issue 17), described as data in tools/make_workflows.py's format.
+
+    python -m tools.workflow_qwen21     # writes these examples alone (UI files + API twins), as make_workflows does
+
+Four graphs on the 2.1 nodes (`nodes/qwen21.py`): text-to-image (the base checkpoint, dynamic shift, true CFG 4),
+an edit with 3 references (`<image1>` .. `<image3>`, the output sized to image1, references padded not
+resampled), the Turbo checkpoint's 8 published sigmas at CFG 1, and background removal (an RGBA result: the
+decoded alpha joined back onto the picture and saved as a PNG with alpha).
+"""
+
+from __future__ import annotations
+
+REPO = "https://huggingface.co/Comfy-Org/Qwen-Image-2.1/resolve/main"  # no split_files/ prefix in this repo
+DIT, TURBO = "qwen_image_2.1_int8_convrot.safetensors", "qwen_image_2.1_turbo_int8_convrot.safetensors"
+TE, VAE = "qwen3vl_8b_int8_convrot.safetensors", "qwen_image_2.1_vae_bf16.safetensors"
+# file name -> (models sub-folder, where the file is published)
+SOURCES = {
+    DIT: ("diffusion_models", REPO + "/diffusion_models"),
+    TURBO: ("diffusion_models", REPO + "/diffusion_models"),
+    TE: ("text_encoders", REPO + "/text_encoders"),
+    VAE: ("vae", REPO + "/vae"),
+}
+IMAGES = ("qwenpix_example_1.png", "qwenpix_example_2.png", "qwenpix_example_3.png")  # workflows/inputs
+TITLES = {
+    "qwen_image_21_t2i": "Qwen-Image-2.1 Text to Image",
+    "qwen_image_21_edit_3_references": "Qwen-Image-2.1 Edit with 3 Reference Images",
+    "qwen_image_21_turbo_t2i": "Qwen-Image-2.1 Turbo Text to Image (8 steps)",
+    "qwen_image_21_background_removal": "Qwen-Image-2.1 Remove Background (RGBA PNG)",
+}
+T2I_PROMPT = "A cosy reading corner by a rainy window, warm lamp light, a cat asleep on a knitted blanket."
+EDIT_PROMPT = "Place the house of <image1> in the landscape of <image3>, painted in the style of <image2>."
+REMOVE_PROMPT = "Remove the background, and output a PNG image"  # the official template's prompt
+USAGE = """\
+Qwen-Image-2.1 runs on the QwenPix 2.1 nodes: ComfyUI 0.3.75 has no Qwen-Image-2.1 model class, so the DiT is
+not a native MODEL and KSampler cannot run it; the Qwen-Image-2.1 Sampler does.
+
+- **Prompt**: a STRING; convert the widget to an input to feed it from any node (a prompt enhancer, a text file).
+- **References**: image1 .. image10 on Qwen-Image-2.1 Encode, named `<image1>` .. in the prompt. The result has
+  image1's size; with resize `pad` references are padded to multiples of 32, never resampled, and the result is
+  cropped back, so unedited pixels stay where they were.
+- **Schedule**: `dynamic` (the base checkpoint: the shift follows the image's token count) or `turbo` (the Turbo
+  checkpoint: 8 steps, CFG 1).
+- **Alpha**: Qwen-Image-2.1 Decode gives the alpha as a MASK; Join Image with Alpha + Save Image keep it."""
+
+
+def _loaders(dit: str) -> dict:
+    return {
+        "dit": ("QwenPix21DiTLoader", {"dit_name": dit, "compute_dtype": "auto"}),
+        "te": ("QwenPix21TextEncoderLoader", {"text_encoder_name": TE}),
+        "vae": ("QwenPix21VAELoader", {"vae_name": VAE}),
+    }
+
+
+def _graph(dit: str, prompt: str, images: int, steps: int, cfg: float, schedule: str, rgba: bool, prefix: str):
+    """One 2.1 graph: key -> (class_type, inputs[, ui]); links are (key, output slot)."""
+    g = _loaders(dit)
+    encode = {"text_encoder": ("te", 0), "vae": ("vae", 0), "prompt": prompt, "negative_prompt": "",
+              "width": 1024, "height": 1024, "resize": "pad", "resolution": 1024, "rgba": rgba}  # fmt: skip
+    for i in range(images):
+        g[f"img{i + 1}"] = ("LoadImage", {"image": IMAGES[i]})
+        encode[f"image{i + 1}"] = (f"img{i + 1}", 0)
+    g["encode"] = ("QwenPix21Encode", encode, {"title": "Prompt"})
+    g["sampler"] = ("QwenPix21Sampler", {"dit": ("dit", 0), "conditioning": ("encode", 0), "latent": ("encode", 1),
+                    "seed": 42, "steps": steps, "cfg": cfg, "schedule": schedule})  # fmt: skip
+    g["decode"] = ("QwenPix21Decode", {"vae": ("vae", 0), "samples": ("sampler", 0)})
+    image = ("decode", 0)
+    if rgba:
+        g["alpha"] = ("JoinImageWithAlpha", {"image": ("decode", 0), "alpha": ("decode", 1)})
+        image = ("alpha", 0)
+    g["save"] = ("SaveImage", {"images": image, "filename_prefix": f"QwenPix/qwen21/{prefix}"})
+    return g
+
+
+def graphs() -> dict[str, dict]:
+    """name -> graph, the official settings of each (ecosystem.md §1.5, the 2.1 templates)."""
+    return {
+        "qwen_image_21_t2i": _graph(DIT, T2I_PROMPT, 0, 40, 4.0, "dynamic", False, "t2i"),
+        "qwen_image_21_edit_3_references": _graph(DIT, EDIT_PROMPT, 3, 40, 4.0, "dynamic", False, "edit"),
+        "qwen_image_21_turbo_t2i": _graph(TURBO, T2I_PROMPT, 0, 8, 1.0, "turbo", False, "turbo"),
+        "qwen_image_21_background_removal": _graph(DIT, REMOVE_PROMPT, 1, 25, 1.0, "dynamic", True, "rgba"),
+    }
+
+
+def note_text() -> str:
+    lines = ["## Model files", "", "| file | put it in | download |", "| --- | --- | --- |"]
+    lines += [f"| {f} | ComfyUI/models/{d}/ | [{f}]({base}/{f}) |" for f, (d, base) in sorted(SOURCES.items())]
+    lines += ["", "## Usage", "", USAGE, "", "The bf16 files (qwen_image_2.1_bf16, qwen3vl_8b_bf16) load too."]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    """Write these examples' UI workflows (+ thumbnails) and API twins with make_workflows' own converters."""
+    import json  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    from tools import make_workflows as mw  # noqa: PLC0415
+    from tools.comfy_harness import ComfyClient, ComfyServer  # noqa: PLC0415
+
+    assert all((mw.INPUTS / i).is_file() for i in IMAGES), "run python -m tools.make_workflows first (inputs)"
+    with tempfile.TemporaryDirectory() as tmp, ComfyServer(Path(tmp)) as server:
+        info = ComfyClient(server.url).object_info()
+    (mw.OUT / "api").mkdir(parents=True, exist_ok=True)
+    mw.EXAMPLES.mkdir(exist_ok=True)
+    for name, graph in graphs().items():
+        g, title = mw.complete(graph, info), TITLES[name]
+        (mw.OUT / "api" / f"{name}.json").write_text(json.dumps(mw.to_api(g, info), indent=2) + "\n")
+        (mw.EXAMPLES / f"{title}.json").write_text(json.dumps(mw.to_ui(g, info, note_text()), indent=2) + "\n")
+        mw.write_thumbnail(mw.EXAMPLES / f"{title}.jpg", title, g)
+        print(f"wrote example_workflows/{title}.json (+ .jpg) and workflows/api/{name}.json")
+
+
+if __name__ == "__main__":
+    main()
