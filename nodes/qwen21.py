@@ -266,6 +266,11 @@ class QwenPix21Sampler:
                 f"latent: {checks.describe_value(samples)} is not a Qwen-Image-2.1 latent [B, {channels}, h, w]\n"
                 "Fix: connect the latent output of Qwen-Image-2.1 Encode"
             )
+        if samples.shape[0] != 1:
+            raise host.InputError(
+                f"latent: a batch of {samples.shape[0]}; the Qwen-Image-2.1 Sampler makes one picture per run\n"
+                "Fix: connect Qwen-Image-2.1 Encode's latent directly (queue the prompt again for more pictures)"
+            )
         height, width = samples.shape[-2] * VAE_SCALE, samples.shape[-1] * VAE_SCALE
         try:
             sig = make_sigmas(schedule, int(steps), height, width)

@@ -166,6 +166,13 @@ def test_turbo_with_other_steps_is_named(models21, client):
     fails(client, prompt, "sample", "schedule:", "8 steps", "steps to 8")
 
 
+def test_a_batched_latent_is_named(models21, client):
+    prompt = graph()
+    prompt["batch"] = node("RepeatLatentBatch", samples=["enc", 1], amount=2)
+    prompt["sample"]["inputs"]["latent"] = ["batch", 0]
+    fails(client, prompt, "sample", "latent: a batch of 2", "one picture per run")
+
+
 def test_example_workflows_use_declared_inputs(client):
     """tools/workflow_qwen21.py's graphs: every node exists and every input it sets is one the node declares."""
     from tools import workflow_qwen21  # noqa: PLC0415
