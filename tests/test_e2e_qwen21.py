@@ -126,6 +126,17 @@ def test_edit_with_two_references_equals_the_core(models21, comfy, client):
     assert_same(image, mask, core)
 
 
+def test_official_resize_and_rgba_prompt_equal_the_core(models21, comfy, client):
+    prompt = graph("remove the background of <image1>", REFS[1:])
+    prompt["enc"]["inputs"].update(resize="official", resolution=256, rgba=True)
+    image, mask = run_and_load(comfy, client, prompt)
+    ref = test_image(*REFS[1])
+    core = models21.edit("remove the background of <image1>", [ref], NEGATIVE, resize="official", resolution=256,
+                         steps=2, cfg_scale=2.0, seed=7, rgba=True)  # fmt: skip
+    assert core.shape[-2:] != ref.shape[:2]  # resampled, not cropped back
+    assert_same(image, mask, core)
+
+
 def test_eleven_references_are_refused(models21, client):
     prompt = graph(refs=[("rgb", 32, 32, i) for i in range(11)])
     fails(client, prompt, "enc", "image11", "at most 10 references")
