@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from .progress import tensor_read
+
 # safetensors dtype tags -> torch dtypes
 DTYPES = {
     "F64": torch.float64,
@@ -280,9 +282,14 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         self.path = path
         self.entries = entries
         self.metadata = metadata
+        self._read: set[str] = set()  # names read so far, for a host's load progress (`progress.loading`)
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        return self.entries[key].file.tensor(key)
+        t = self.entries[key].file.tensor(key)
+        fresh = key not in self._read
+        self._read.add(key)
+        tensor_read(len(self._read), len(self.entries), fresh)  # a host's interrupt check and progress, if loading
+        return t
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.entries)

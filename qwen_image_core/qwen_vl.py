@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import progress
 from .attention import attention
 from .formats import qwen_vl as qwen_vl_format
 from .ops import Linear, cast_weight
@@ -147,10 +148,11 @@ class TextModel(nn.Module):
 
         check: called before each layer; raise from it to stop (a host's interrupt check)."""
         cos, sin = mrope(position_ids, self.cfg, x.dtype)
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             if check is not None:
                 check()
             x = layer(x, cos, sin)
+            progress.step(check, i + 1, len(self.layers))
         return self.norm(x)
 
 

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import progress
 from .attention import attention
 from .vae_tiling import Tiling, choose_tiling, run_tiled
 
@@ -228,10 +229,11 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor, check: Callable[[], None] | None = None) -> torch.Tensor:
         x = self.conv_in(x)  # [B, 96, H, W]
-        for block in self.down_blocks:
+        for i, block in enumerate(self.down_blocks):
             if check is not None:
                 check()
             x = block(x)  # ... [B, 384, H/8, W/8]
+            progress.step(check, i + 1, len(self.down_blocks))
         x = self.mid_block(x)
         return self.conv_out(F.silu(self.norm_out(x, inplace=True), inplace=True))  # [B, 32, H/8, W/8]
 
@@ -252,10 +254,11 @@ class Decoder(nn.Module):
 
     def forward(self, z: torch.Tensor, check: Callable[[], None] | None = None) -> torch.Tensor:
         x = self.mid_block(self.conv_in(z))  # [B, 384, h, w]
-        for block in self.up_blocks:
+        for i, block in enumerate(self.up_blocks):
             if check is not None:
                 check()
             x = block(x)  # ... [B, 96, 8h, 8w]
+            progress.step(check, i + 1, len(self.up_blocks))
         return self.conv_out(F.silu(self.norm_out(x, inplace=True), inplace=True))  # [B, 3, 8h, 8w]
 
 
@@ -330,7 +333,7 @@ class ImageVAE(nn.Module):
         if plan is None:
             moments = self.moments(images, check)
         else:
-            fn = lambda tile: self.moments(tile, check)
+            fn = lambda tile: self.moments(tile, progress.silent(check))  # tiles are the units
             moments = run_tiled(fn, images, plan.size // s, plan.overlap // s, s, 1, check)
         mean, logvar = moments.chunk(2, dim=1)
         if sample:
@@ -357,7 +360,7 @@ class ImageVAE(nn.Module):
             images = self.decode_raw(raw, check)
         else:
             s = self.cfg.scale
-            fn = lambda tile: self.decode_raw(tile, check)
+            fn = lambda tile: self.decode_raw(tile, progress.silent(check))  # tiles are the units
             images = run_tiled(fn, raw, plan.size // s, plan.overlap // s, 1, s, check)
         return images.clamp_(-1.0, 1.0).contiguous()
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import progress
+
 # working memory per image pixel, per byte of the compute dtype, at base_dim 96. Measured with
 # `bench_vae.py --calibrate` (CPU, float32, 256²/512²/768²): encode 283 B/px slope (292 at 768²), decode
 # 355 B/px slope + 0.11 GiB fixed (398 at 768²); rounded up for a margin.
@@ -119,6 +121,7 @@ def run_tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, size:
     ramp_h, ramp_w = _ramps(rows, size, lat_h, out_per_latent), _ramps(cols, size, lat_w, out_per_latent)
     th, tw = min(size, lat_h), min(size, lat_w)
     out = weight = None
+    done, total = 0, len(rows) * len(cols)
     for r, wr in zip(rows, ramp_h, strict=True):
         for c, wc in zip(cols, ramp_w, strict=True):
             if check is not None:
@@ -136,4 +139,6 @@ def run_tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, size:
             out[..., ys, xs].add_(y.mul_(mask))
             weight[ys, xs].add_(mask)
             del y
+            done += 1
+            progress.step(check, done, total)  # a host's progress bar, per tile
     return out.div_(weight).to(x.dtype)

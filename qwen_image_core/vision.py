@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import progress
 from .attention import attention
 from .formats import qwen_vl as qwen_vl_format
 from .ops import Linear, cast_weight
@@ -252,5 +253,6 @@ class VisionTower(nn.Module):
                 check()
             lengths = frame_lengths if i in self.cfg.full_attention_blocks else window_lengths
             x = block(x, cos, sin, lengths)
+            progress.step(check, i + 1, len(self.blocks))
         merged = self.merger(x)  # [N/4, out_hidden], window order
         return merged[torch.argsort(order)]  # back to raster order
