@@ -30,6 +30,9 @@ EXPECTED_SIZE = {
     "qwen_image_edit_2511_three_images": (384, 256),
     "qwen_image_native_ksampler": (1328, 1328),
     "qwen_image_layered": (768, 512),  # the 384x256 example at about 640^2 (sides multiples of 32)
+    "qwen_image_controlnet_union": (1328, 1328),  # the official template's size
+    "qwen_image_controlnet_inpaint": (384, 256),  # composited back onto the (masked) example input
+    "qwen_image_edit_masked_crop_stitch": (384, 256),  # the crop stitched back into the example input
 }
 # images a run saves when not one: the layered example saves each layer and the composite (1 + 1 on smoke
 # weights, where its layers are lowered to 1 as the steps are)

@@ -4,7 +4,7 @@
 
 Starts the pinned ComfyUI (or COMFYUI_DIR) with this pack, queues each API-format workflow over
 `POST /prompt`, waits for it, and copies the images it saved into --out. Model files are looked up in
---models (ComfyUI's layout: diffusion_models/, text_encoders/, vae/, loras/). A file a workflow needs
+--models (ComfyUI's layout: diffusion_models/, text_encoders/, vae/, loras/, controlnet/). A file a workflow needs
 that is not there is replaced by a tiny random smoke-test file in the same format under the same name,
 and the job says so: the pipeline runs end to end, but those images are noise.
 """
@@ -28,10 +28,12 @@ LOADER_INPUTS: dict[str, tuple[str, str]] = {
     "UNETLoader": ("unet_name", "diffusion_models"),
     "CLIPLoader": ("clip_name", "text_encoders"),
     "LoraLoaderModelOnly": ("lora_name", "loras"),
+    "ControlNetLoader": ("control_net_name", "controlnet"),
     "QwenPixDiTLoader": ("dit_name", "diffusion_models"),
     "QwenPixTextEncoderLoader": ("text_encoder_name", "text_encoders"),
     "QwenPixVAELoader": ("vae_name", "vae"),
     "QwenPixLoraLoader": ("lora_name", "loras"),
+    "QwenPixControlNetLoader": ("control_net_name", "controlnet"),
 }
 
 # sampler nodes whose `steps` the job lowers on smoke-test weights

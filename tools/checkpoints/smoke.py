@@ -2,7 +2,8 @@
 
 The main job and the end-to-end tests put these where a workflow expects e.g. `qwen_image_fp8_e4m3fn.safetensors`:
 the graph then runs end to end through the same loaders as the real files (the images are noise). The DiT's
-text width equals the tiny text encoder's hidden size, and LoRAs match the tiny DiT, so the files combine.
+text width equals the tiny text encoder's hidden size, and LoRAs and ControlNets match the tiny DiT, so the files
+combine.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from tools.checkpoints import dit, lora, qwen_vl, vae
+from tools.checkpoints import controlnet, dit, lora, qwen_vl, vae
 
 TEXT_HIDDEN = qwen_vl.TINY_TEXT["hidden_size"]
 
@@ -67,12 +68,19 @@ def write_lora(path: Path) -> None:
     lora.write_lora(path, dit_config(), "lightx2v", rank=4, alpha=4.0, dtype=torch.bfloat16)
 
 
+def write_controlnet(path: Path) -> None:
+    """An InstantX ControlNet matching the tiny DiT; an Inpainting one (by its name) has the 4 mask channels."""
+    extra = 4 if "inpaint" in path.name.lower() else 0
+    controlnet.write_instantx(path, dit_config(), dtype=torch.bfloat16, extra_channels=extra)
+
+
 # ComfyUI models sub-folder -> writer of a smoke file for a given path
 WRITERS = {
     "diffusion_models": write_diffusion_model,
     "text_encoders": write_text_encoder,
     "vae": write_vae,
     "loras": write_lora,
+    "controlnet": write_controlnet,
 }
 
 

@@ -1,15 +1,13 @@
-"""Example workflows of issue 15, described as data in tools/make_workflows.py's format: ControlNet text-to-image,
+"""Example workflows of issue 15, described as data in tools/workflows/build.py's format: ControlNet text-to-image,
 inpainting with the InstantX Inpainting ControlNet, and a masked edit with crop-and-stitch.
 
-    python -m tools.workflow_control     # writes these examples (UI files + API twins), as make_workflows does
-
-Kept apart from make_workflows.py while that file is reorganised; `graphs()` returns the same (note, graph) pairs
-as `make_workflows.graphs()`, so hooking them in is one `update(workflow_control.graphs())` and their TITLES.
-The main job's smoke weights do not cover ControlNet files yet, so the API twins are not written into
-workflows/api/ by default (see `main`).
+The masked ones read `qwenpix_example_masked.png` (build.write_example_images): the house picture whose alpha is
+0 over a door-sized area of the house front, so Load Image's MASK (1 - alpha) marks it for repainting.
 """
 
 from __future__ import annotations
+
+from tools.workflows.build import MASKED_IMAGE, NEGATIVE, POSITIVE
 
 HF = "https://huggingface.co"
 REPO_T2I = f"{HF}/Comfy-Org/Qwen-Image_ComfyUI/resolve/main/split_files"
@@ -33,18 +31,17 @@ TITLES = {
     "qwen_image_controlnet_inpaint": "Qwen-Image Inpainting ControlNet",
     "qwen_image_edit_masked_crop_stitch": "Qwen-Image-Edit-2509 Masked Edit (crop and stitch)",
 }
-IMAGE = "qwenpix_example_1.png"  # an example input (workflows/inputs); its alpha is the mask where one is used
-POSITIVE, NEGATIVE = {"title": "Positive Prompt"}, {"title": "Negative Prompt"}
+IMAGE = "qwenpix_example_1.png"  # an example input (workflows/inputs): the control image's source
 
 
-def _base(dit: str) -> dict:
+def _base(dit: str, image: str = IMAGE) -> dict:
     return {
         "dit": ("QwenPixDiTLoader", {"dit_name": dit, "compute_dtype": "auto", "positions": "official (diffusers)"}),
         "te": ("QwenPixTextEncoderLoader", {"text_encoder_name": "qwen_2.5_vl_7b_fp8_scaled.safetensors"}),
         "vae": ("QwenPixVAELoader", {"vae_name": "qwen_image_vae.safetensors"}),
         "cvae": ("VAELoader", {"vae_name": "qwen_image_vae.safetensors"}, {"title": "VAE for the control image"}),
         "ms": ("ModelSamplingAuraFlow", {"model": ("dit", 0), "shift": 3.1}),
-        "img": ("LoadImage", {"image": IMAGE}),
+        "img": ("LoadImage", {"image": image}),
     }
 
 
@@ -80,7 +77,8 @@ def controlnet_union() -> dict:
 
 
 def controlnet_inpaint() -> dict:
-    g = {**_base("qwen_image_fp8_e4m3fn.safetensors"), **_prompts("A red wooden door with a brass handle.")}
+    g = _base("qwen_image_fp8_e4m3fn.safetensors", MASKED_IMAGE)
+    g.update(_prompts("A red wooden door with a brass handle."))
     g.update({
         "cn": ("QwenPixControlNetLoader", {"control_net_name": INPAINT, "compute_dtype": "bf16",
                                            "positions": "official (diffusers)"}),
@@ -99,7 +97,7 @@ def controlnet_inpaint() -> dict:
 
 
 def masked_edit() -> dict:
-    g = _base("qwen_image_edit_2509_fp8_e4m3fn.safetensors")
+    g = _base("qwen_image_edit_2509_fp8_e4m3fn.safetensors", MASKED_IMAGE)
     del g["cvae"], g["ms"]
     common = {"text_encoder": ("te", 0), "vae": ("vae", 0), "variant": "edit_plus (2509 / 2511)",
               "resize": "keep size (no shift/zoom)", "image1": ("crop", 0)}  # fmt: skip
@@ -144,33 +142,10 @@ def note_text(name: str, graph: dict) -> str:
 
 
 def graphs() -> dict[str, tuple[str, dict]]:
-    """name -> (note text, graph), as make_workflows.graphs()."""
+    """name -> (note text, graph), as the other families."""
     built = {
         "qwen_image_controlnet_union": controlnet_union(),
         "qwen_image_controlnet_inpaint": controlnet_inpaint(),
         "qwen_image_edit_masked_crop_stitch": masked_edit(),
     }
     return {name: (note_text(name, g), g) for name, g in built.items()}
-
-
-def main() -> None:
-    """Write the UI workflows (+ thumbnails) to example_workflows/ with make_workflows' converters."""
-    import json  # noqa: PLC0415
-    import tempfile  # noqa: PLC0415
-    from pathlib import Path  # noqa: PLC0415
-
-    from tools import make_workflows as mw  # noqa: PLC0415
-    from tools.comfy_harness import ComfyClient, ComfyServer  # noqa: PLC0415
-
-    with tempfile.TemporaryDirectory() as tmp, ComfyServer(Path(tmp)) as server:
-        info = ComfyClient(server.url).object_info()
-    mw.EXAMPLES.mkdir(exist_ok=True)
-    for name, (text, graph) in graphs().items():
-        g, title = mw.complete(graph, info), TITLES[name]
-        (mw.EXAMPLES / f"{title}.json").write_text(json.dumps(mw.to_ui(g, info, text), indent=2) + "\n")
-        mw.write_thumbnail(mw.EXAMPLES / f"{title}.jpg", title, g)
-        print(f"wrote example_workflows/{title}.json (+ .jpg)")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,6 +1,4 @@
-"""The Qwen-Image-Layered example workflow (issue 16), described as data in tools/make_workflows.py's format.
-
-    python -m tools.workflow_layered     # writes this example alone (UI file + API twin), as make_workflows does
+"""The Qwen-Image-Layered example workflow (issue 16), described as data in tools/workflows/build.py's format.
 
 A picture (Load Image, with its alpha as the MASK) is decomposed into 4 RGBA layers by the Layered Sampler
 (the official settings: ~640² pixels, 50 steps, true CFG 4 with the negative ' '), decoded by Layered Decode
@@ -10,6 +8,7 @@ and saved with SaveImage, one PNG with alpha per layer, plus the composite.
 from __future__ import annotations
 
 NAME = "qwen_image_layered"
+TITLES = {NAME: "Qwen-Image-Layered Decompose into RGBA Layers"}  # name -> the template browser's title
 REPO = "https://huggingface.co/Comfy-Org/Qwen-Image-Layered_ComfyUI/resolve/main/split_files"
 REPO_T2I = "https://huggingface.co/Comfy-Org/Qwen-Image_ComfyUI/resolve/main/split_files"
 # file name -> (models sub-folder, where the file is published)
@@ -85,26 +84,6 @@ def note_text() -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    """Write this example's UI workflow (+ thumbnail) and API twin with make_workflows' own converters."""
-    import json  # noqa: PLC0415
-    import tempfile  # noqa: PLC0415
-    from pathlib import Path  # noqa: PLC0415
-
-    from tools import make_workflows as mw  # noqa: PLC0415
-    from tools.comfy_harness import ComfyClient, ComfyServer  # noqa: PLC0415
-
-    assert (mw.INPUTS / IMAGE).is_file(), "run python -m tools.make_workflows first (it draws the example inputs)"
-    with tempfile.TemporaryDirectory() as tmp, ComfyServer(Path(tmp)) as server:
-        info = ComfyClient(server.url).object_info()
-    g, title = mw.complete(graph(), info), mw.title_of(NAME)  # the template card's title, as the tests expect
-    (mw.OUT / "api").mkdir(parents=True, exist_ok=True)
-    mw.EXAMPLES.mkdir(exist_ok=True)
-    (mw.OUT / "api" / f"{NAME}.json").write_text(json.dumps(mw.to_api(g, info), indent=2) + "\n")
-    (mw.EXAMPLES / f"{title}.json").write_text(json.dumps(mw.to_ui(g, info, note_text()), indent=2) + "\n")
-    mw.write_thumbnail(mw.EXAMPLES / f"{title}.jpg", title, g)
-    print(f"wrote example_workflows/{title}.json (+ .jpg) and workflows/api/{NAME}.json")
-
-
-if __name__ == "__main__":
-    main()
+def graphs() -> dict[str, tuple[str, dict]]:
+    """name -> (note text, graph), as the other families."""
+    return {NAME: (note_text(), graph())}
