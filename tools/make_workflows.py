@@ -26,6 +26,7 @@ from tools.comfy_harness import ComfyClient, ComfyServer
 from tools.workflows import TITLES, graphs, models, title_of
 from tools.workflows.build import (
     EXAMPLES,
+    INPUTS,
     OUT,
     THUMB_SIZE,
     complete,
@@ -36,7 +37,11 @@ from tools.workflows.build import (
     write_thumbnail,
 )
 
-__all__ = ["THUMB_SIZE", "TITLES", "main", "title_of", "widget_default"]
+# what the tests and tools/workflow_qwen21.py (issue 17, until it joins tools/workflows/) use from here
+__all__ = [
+    "EXAMPLES", "INPUTS", "OUT", "THUMB_SIZE", "TITLES",
+    "complete", "main", "title_of", "to_api", "to_ui", "widget_default", "write_thumbnail",
+]  # fmt: skip
 
 
 def main() -> None:

@@ -134,9 +134,10 @@ def to_api(graph: dict, info: dict) -> dict:
     return out
 
 
-def to_ui(graph: dict, info: dict, note_text: str, models: dict[str, tuple[str, str]]) -> dict:
+def to_ui(graph: dict, info: dict, note_text: str, models: dict[str, tuple[str, str]] | None = None) -> dict:
     """The UI workflow: nodes laid out in columns, the note above them; `models` (file name -> (models
     sub-folder, download URL)) gives each loader the file's download entry, as the official workflows do."""
+    models = models or {}
     ids = {key: i + 1 for i, key in enumerate(graph)}
     links, nodes = [], []
     out_links: dict[tuple[int, int], list[int]] = {}
