@@ -137,7 +137,7 @@ class QwenPixEditEncode:
         embeds = text_encoder.encode([prompt], refs.vl_images, template)
         with placement.vae_on_device(vae) as device:
             latents = [
-                host.latent_to_comfy(vae.encode(px.to(device), check=host.check_interrupt)) for px in refs.vae_pixels
+                host.latent_to_comfy(vae.encode(px.to(device), check=host.node_progress())) for px in refs.vae_pixels
             ]
         b, c, h, w = latent_shape(refs.width // 16 * 16, refs.height // 16 * 16, 1)
         empty = torch.zeros((b, c, 1, h, w), device=host.intermediate_device())

@@ -26,10 +26,13 @@ import torch
 
 from ..qwen_image_core.checkpoint import CheckpointError, file_stamp
 from ..qwen_image_core.formats.qwen_vl_gguf import find_mmproj
+from ..qwen_image_core.progress import loading
 from ..qwen_image_core.text_encoder import TextEncoder
 from ..qwen_image_core.vae import denormalize_latents, normalize_latents
 from . import placement
 from .checks import InputError, scrub_paths
+from .progress import check_interrupt as check_interrupt  # the cancel button, host.check_interrupt for the nodes
+from .progress import node_progress
 
 PACK = "QwenPix"
 DIFFUSERS_FOLDER = "diffusers"  # ComfyUI's models/diffusers: whole diffusers repos of Qwen/Qwen-Image*
@@ -69,7 +72,7 @@ class TextEncoderHandle:
     def encode(self, prompts: list[str], images, template: str) -> torch.Tensor:
         """Embeddings [B, T, 3584] of prompts, computed on ComfyUI's device (streamed if VRAM is short)."""
         device = placement.load_text_encoder(self.patcher, len(images or ()))  # ComfyUI places it (or keeps it)
-        embeds, _ = self.encoder.encode(prompts, images, template, device=device, check=check_interrupt)
+        embeds, _ = self.encoder.encode(prompts, images, template, device=device, check=node_progress())
         return embeds
 
 
@@ -233,7 +236,8 @@ class ModelCache:
         if before is not None:
             logging.info("QwenPix: %s %s changed on disk since it was loaded; loading it again", kind, path)
         logging.info("QwenPix: loading %s %s", kind, path)
-        value = load()
+        with loading(node_progress()):  # the loader node's progress bar, per tensor group read; interruptible
+            value = load()
         try:
             after = with_companions(file_identity(path), extra)
         except FileNotFoundError:
@@ -321,11 +325,3 @@ def image_to_comfy(images: torch.Tensor) -> torch.Tensor:
     """[B, 3, H, W] in [-1, 1] -> ComfyUI IMAGE [B, H, W, 3] in [0, 1]."""
     out = (images.float() / 2 + 0.5).clamp(0, 1).movedim(1, -1)
     return out.to(intermediate_device())
-
-
-# -- interruption
-def check_interrupt() -> None:
-    """ComfyUI's cancel button, checked between blocks, layers and tiles (ComfyUI's own layers check it in every
-    op); skipped while torch.compile traces (a host call there would break the graph)."""
-    if not torch.compiler.is_compiling():
-        comfy.model_management.throw_exception_if_processing_interrupted()

@@ -83,7 +83,7 @@ class QwenPixDecode:
         raw = checks.check_latent("samples", samples)
         with placement.vae_on_device(vae) as device:
             latents = host.latent_to_core(raw).to(device)
-            images = vae.decode(latents, tile=tile, check=host.check_interrupt)  # interruptible per tile
+            images = vae.decode(latents, tile=tile, check=host.node_progress())  # progress + interrupt per tile
         return (host.image_to_comfy(images),)
 
 
@@ -109,7 +109,7 @@ class QwenPixEncode:
         tile = _tiling(tiling, tile_size, overlap)
         checks.check_image("image", image)
         with placement.vae_on_device(vae) as device:
-            latents = vae.encode(host.image_to_core(image).to(device), tile=tile, check=host.check_interrupt)
+            latents = vae.encode(host.image_to_core(image).to(device), tile=tile, check=host.node_progress())
         return ({"samples": host.latent_to_comfy(latents)},)
 
 

@@ -309,3 +309,7 @@ NODE_CLASS_MAPPINGS["QwenPixTestCallCounter"] = QwenPixTestCallCounter
 from .native import NODE_CLASS_MAPPINGS as _NATIVE_MODEL_NODES  # noqa: E402
 
 NODE_CLASS_MAPPINGS.update(_NATIVE_MODEL_NODES)
+
+from .progress import NODE_CLASS_MAPPINGS as _PROGRESS_NODES  # noqa: E402
+
+NODE_CLASS_MAPPINGS.update(_PROGRESS_NODES)
