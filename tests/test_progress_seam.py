@@ -111,3 +111,30 @@ def test_loading_reports_tensors_and_stops(vae_path, te_path):
     rec = Recorder()
     load_vae(vae_path)  # outside `loading`: no checks, no reports
     assert rec.calls == 0 and rec.steps == []
+
+
+def test_qwen21_encoder_and_vae_report_too(tmp_path):
+    from oracles import noise_image
+    from qwen_image_core.formats.vae21 import load_vae21
+    from qwen_image_core.qwen21.encoder import load_qwen3_vl
+    from tools.checkpoints import qwen3_vl as W
+    from tools.checkpoints import vae21 as WV
+
+    path = tmp_path / "qwen3vl_8b_bf16.safetensors"
+    W.write_single(path, W.reference_model(seed=0))
+    encoder = load_qwen3_vl(path, tokenizer=TOKENIZER)
+    layers, blocks = len(encoder.model.model.layers), len(encoder.model.visual.blocks)
+    rec = Recorder()
+    encoder.encode("make it blue", [noise_image(64, 64, 0)], check=rec)
+    assert rec.steps == runs(blocks) + runs(layers)
+    rec = Recorder(at=2)
+    with pytest.raises(Stop):
+        encoder.encode("a cat", check=rec)
+    assert rec.steps == runs(layers)[:1]
+    vae = load_vae21(WV.write_vae21(tmp_path / "vae", "single", dtype=torch.float32))
+    rec = Recorder()
+    vae.decode(torch.randn(1, vae.cfg.z_dim, 4, 4, generator=torch.Generator().manual_seed(0)), check=rec)
+    assert rec.steps == runs(len(vae.decoder.up_blocks))
+    rec = Recorder()
+    vae.encode(torch.rand(1, vae.cfg.image_channels, 64, 64) * 2 - 1, check=rec)
+    assert rec.steps == runs(len(vae.encoder.down_blocks))

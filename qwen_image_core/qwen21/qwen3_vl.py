@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .. import progress
 from ..attention import attention
 from ..ops import Linear
 from ..qwen_vl import MLP, Embedding
@@ -132,6 +133,7 @@ class TextModel(nn.Module):
             if check is not None:
                 check()
             x = layer(x, cos, sin)
+            progress.step(check, i + 1, len(self.layers))  # a host's progress bar, per layer
             if i < len(deepstack):
                 x = x.clone()
                 x[image_mask] += deepstack[i].to(x.dtype)

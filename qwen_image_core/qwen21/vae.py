@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import progress
 from ..vae import Conv2d, ImageVAE, MidBlock, ResidualBlock, RMSNorm, upsample2x_conv3x3
 from ..vae_tiling import choose_tiling
 
@@ -164,10 +165,11 @@ class Encoder21(nn.Module):
 
     def forward(self, x: torch.Tensor, check: Callable[[], None] | None = None) -> torch.Tensor:
         x = self.conv_in(x)  # [B, 96, H, W]
-        for block in self.down_blocks:
+        for i, block in enumerate(self.down_blocks):
             if check is not None:
                 check()
             x = block(x)  # ... [B, 768, H/16, W/16]
+            progress.step(check, i + 1, len(self.down_blocks))
         x = self.mid_block(x)
         return self.conv_out(F.silu(self.norm_out(x, inplace=True), inplace=True))  # [B, 128, H/16, W/16]
 
@@ -190,10 +192,11 @@ class Decoder21(nn.Module):
 
     def forward(self, z: torch.Tensor, check: Callable[[], None] | None = None) -> torch.Tensor:
         x = self.mid_block(self.conv_in(z))  # [B, 1152, h, w]
-        for block in self.up_blocks:
+        for i, block in enumerate(self.up_blocks):
             if check is not None:
                 check()
             x = block(x)  # ... [B, 144, 16h, 16w]
+            progress.step(check, i + 1, len(self.up_blocks))
         return self.conv_out(F.silu(self.norm_out(x, inplace=True), inplace=True))  # [B, 4, 16h, 16w]
 
 

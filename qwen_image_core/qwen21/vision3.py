@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import progress
 from ..ops import Linear, cast_weight
 from ..vision import packed_attention, rope_2d, rotate_half
 
@@ -208,6 +209,7 @@ class VisionTower3(nn.Module):
             if check is not None:
                 check()
             x = block(x, cos, sin, lengths)
+            progress.step(check, i + 1, len(self.blocks))  # a host's progress bar, per block
             if i in self.cfg.deepstack_layers:
                 deepstack.append(self.deepstack_merger_list[self.cfg.deepstack_layers.index(i)](x))
         return self.merger(x), deepstack
