@@ -56,3 +56,19 @@ def per_row(attend, lengths: Sequence[int], padded: int):
         return torch.cat(outs)
 
     return attend_rows
+
+
+def text_keys(attend, batch: int, n_text: int, txt_lengths: Sequence[int] | None, txt_mask: torch.Tensor | None):
+    """How a batch of padded prompts attends: -> (attention function, text key mask [B, L] or None).
+
+    `txt_lengths` (host ints, one per row or one for all) give `per_row` and no mask: nothing waits for the
+    device. A `txt_mask` alone [B, L] (True = real token) is looked at once (one wait on the device) and kept
+    only if some token is padding; the caller appends the image keys' True columns."""
+    if txt_lengths is not None:
+        lengths = [int(n) for n in txt_lengths] * (batch if len(txt_lengths) == 1 else 1)
+        if len(lengths) != batch:
+            raise ValueError(f"txt_lengths has {len(txt_lengths)} entries for a batch of {batch}")
+        return (per_row(attend, lengths, n_text) if min(lengths) < n_text else attend), None
+    if txt_mask is not None and not bool(txt_mask.all()):
+        return attend, txt_mask.to(torch.bool)
+    return attend, None

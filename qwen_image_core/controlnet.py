@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from . import rope
-from .attention import attention, per_row
+from .attention import attention, text_keys
 from .checkpoint import CheckpointError
 from .formats import controlnet as cn_format
 from .formats.common import assign_weights
@@ -83,15 +83,10 @@ class InstantXControlNet(nn.Module):
 
         timestep = torch.as_tensor(timestep, device=img.device).float().reshape(-1).expand(b)
         temb = self.time_text_embed.timestep_embedder(timestep_sinusoid(timestep, cfg.timestep_dim).to(dt))
-        key_mask, attend = None, attention_fn or attention
-        if txt_lengths is not None:
-            lengths = [int(n) for n in txt_lengths] * (b if len(txt_lengths) == 1 else 1)
-            if min(lengths) < txt.shape[1]:
-                attend = per_row(attend, lengths, txt.shape[1])
-        elif txt_mask is not None:
-            txt_mask = txt_mask.to(device=img.device, dtype=torch.bool)
-            if not bool(txt_mask.all()):
-                key_mask = torch.cat([txt_mask, txt_mask.new_ones(b, h.shape[1])], dim=1)
+        txt_mask = None if txt_mask is None else txt_mask.to(img.device)
+        attend, key_mask = text_keys(attention_fn or attention, b, txt.shape[1], txt_lengths, txt_mask)
+        if key_mask is not None:
+            key_mask = torch.cat([key_mask, key_mask.new_ones(b, h.shape[1])], dim=1)
         pos = rope.joint_positions([grid], txt.shape[1], img.device, positions)  # [L + N, 3]
         pe = rope.rope_table(pos, cfg.rope_axes, cfg.rope_theta, rope.CONVENTIONS[positions])
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import layer_tokens, rope
-from .attention import attention, per_row
+from .attention import attention, text_keys
 from .checkpoint import CheckpointError
 from .formats import dit as dit_format
 from .formats.common import assign_weights
@@ -327,11 +327,10 @@ class MMDiT(nn.Module):
         as `block_hook(i, run, img, txt, temb, pe)` in place of block i, where `run(img, txt, temb, pe)`
         runs the block; it returns (img, txt) (a host's patches and control residuals enter here).
         attention_fn: replaces `attention.attention` (a host's attention dispatch), same signature.
-        txt_lengths: each row's real text tokens (host ints; the rest of txt is padding), instead of txt_mask:
-        rows of different lengths then attend without a key mask (`attention.per_row`) and nothing waits on
-        the device to look at a mask. Qwen-Image-Layered: img [B, 16, F, H, W] (F = layers + 1 frames, the
-        composite first), the input image as the one reference; t_cond: its additional timestep condition.
-        step_mod: this step's precomputed AdaLN outputs (`modulation.StepModulation`), else computed per call.
+        txt_lengths: each row's real text tokens (host ints), instead of txt_mask (`attention.text_keys`).
+        Qwen-Image-Layered: img [B, 16, F, H, W] (F = layers + 1 frames, the composite first), the input image
+        as the one reference; t_cond: its additional timestep condition. step_mod: this step's precomputed
+        AdaLN outputs (`modulation.StepModulation`), else computed per call.
         """
         cfg, dt, p = self.config, img.dtype, self.config.patch_size  # compute in the input latent's dtype
         b, size = img.shape[0], tuple(img.shape[-2:])
@@ -339,11 +338,8 @@ class MMDiT(nn.Module):
 
         frames = layer_tokens.frames(img, cfg)  # F of a layered latent [B, 16, F, H, W], else 0
         x, grid = layer_tokens.patchify_frames(img, p, patchify) if frames else patchify(img, p)
-        tokens, grids = [x], [grid] * max(frames, 1)
-        for ref in ref_latents or []:
-            r, g = patchify(ref.expand(b, *ref.shape[1:]), p)
-            tokens.append(r)
-            grids.append(g)
+        refs = [patchify(ref.expand(b, *ref.shape[1:]), p) for ref in ref_latents or []]  # (tokens, grid) each
+        tokens, grids = [x, *(r for r, _ in refs)], [grid] * max(frames, 1) + [g for _, g in refs]
         x = torch.cat(tokens, dim=1).to(dt)  # [B, N_target + N_refs, C*p*p]
         n_target, n_tokens = tokens[0].shape[1], x.shape[1]
 
@@ -355,17 +351,10 @@ class MMDiT(nn.Module):
         if cfg.additional_t_cond:
             temb = temb + self.time_text_embed.addition_t_embedding.weight[t_cond].to(dt)
 
-        key_mask, attend = None, attention_fn or attention
-        if txt_lengths is not None:
-            lengths = [int(n) for n in txt_lengths] * (b if len(txt_lengths) == 1 else 1)
-            if len(lengths) != b:
-                raise ValueError(f"txt_lengths has {len(txt_lengths)} entries for a batch of {b}")
-            if min(lengths) < txt.shape[1]:
-                attend = per_row(attend, lengths, txt.shape[1])
-        elif txt_mask is not None:  # a mask alone: look at it (one wait on the device) and mask if needed
-            txt_mask = txt_mask.to(device=img.device, dtype=torch.bool)
-            if not bool(txt_mask.all()):
-                key_mask = torch.cat([txt_mask, txt_mask.new_ones(b, n_tokens)], dim=1)
+        txt_mask = None if txt_mask is None else txt_mask.to(img.device)
+        attend, key_mask = text_keys(attention_fn or attention, b, txt.shape[1], txt_lengths, txt_mask)
+        if key_mask is not None:
+            key_mask = torch.cat([key_mask, key_mask.new_ones(b, n_tokens)], dim=1)
         ref_sizes = [tuple(r.shape[-2:]) for r in ref_latents or []]
         layout = "layer3d" if cfg.layer3d_rope else ref_layout
         pos = rope.joint_positions(grids, txt.shape[1], img.device, positions, layout, ref_sizes)  # [L + N, 3]

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..attention import attention, per_row
+from ..attention import attention, text_keys
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -143,16 +143,10 @@ class SequenceParallel:
                 "run this job on one device"
             )
         model, b = self.model, img.shape[0]
-        inner = attention_fn or attention
-        key_mask = None
-        if txt_lengths is not None:  # the model's own rule (MMDiT.forward), on the single-process order
-            lengths = [int(n) for n in txt_lengths] * (b if len(txt_lengths) == 1 else 1)
-            if min(lengths) < txt.shape[1]:
-                inner = per_row(inner, lengths, txt.shape[1])
-        elif txt_mask is not None:
-            txt_mask = txt_mask.to(device=img.device, dtype=torch.bool)
-            if not bool(txt_mask.all()):
-                key_mask = txt_mask  # completed with the image keys once their number is known
+        # the model's own rule (MMDiT.forward), on the single-process order; the text key mask is completed
+        # with the image keys once their number is known
+        txt_mask = None if txt_mask is None else txt_mask.to(img.device)
+        inner, key_mask = text_keys(attention_fn or attention, b, txt.shape[1], txt_lengths, txt_mask)
         n_refs = _ref_tokens(ref_latents, model.config.patch_size)
         blocks = model.transformer_blocks
         state = {}
