@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import json
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..checkpoint import CheckpointError
+from ..checkpoint import Checkpoint, CheckpointError
 from ..ops import FP8_DTYPES, Linear, Quant, install_packed
 from . import comfy_quant
 
@@ -26,6 +28,63 @@ def common_prefix(keys: Iterable[str], candidates: Iterable[str]) -> str:
         if p and sum(k.startswith(p) for k in keys) * 2 >= len(keys):
             return p
     return ""
+
+
+def select_names(ckpt: Checkpoint, prefix: str, rename: Callable[[str], str], dropped, twice: str) -> dict[str, str]:
+    """{model name: file key} of the keys under `prefix`, renamed, without those starting with `dropped`;
+    a name reached from two keys is a CheckpointError naming the file (`twice` says which namings)."""
+    selected: dict[str, str] = {}
+    for k in ckpt.keys():
+        if not k.startswith(prefix):
+            continue
+        name = rename(k[len(prefix) :])
+        if name.startswith(dropped):
+            continue
+        if name in selected:
+            raise CheckpointError(f"{ckpt.path}: holds {name} twice ({twice})")
+        selected[name] = k
+    return selected
+
+
+def read_markers(ckpt: Checkpoint, names: Mapping[str, str], rename: Callable[[str], str]) -> dict:
+    """The comfy_quant markers of the layers `names` ({model name: file key}) holds, under model names
+    (`rename`: a file's layer name -> the model's)."""
+    return comfy_quant.read_markers(ckpt.path, names, lambda n: ckpt[names[n]], ckpt.metadata, rename)
+
+
+def logical_shapes(ckpt: Checkpoint, names: Mapping[str, str], markers) -> dict[str, tuple[int, ...]]:
+    """Shapes under model names, packed weights given as the float weights they stand for; reads no tensor."""
+    return comfy_quant.logical_shapes({n: ckpt.shape(k) for n, k in names.items()}, markers)
+
+
+def read_stored(ckpt: Checkpoint, names: Mapping[str, str], markers) -> tuple[dict, dict, dict, str]:
+    """`split_stored` of the tensors `names` ({model name: file key}) holds, under model names."""
+    return split_stored(ckpt.path, {n: ckpt[k] for n, k in names.items()}, markers)
+
+
+def read_config_json(folder: Path, parse: Callable[[object, Path], dict]) -> dict:
+    """parse(contents, file) of a folder's config.json; {} when `folder` is not a folder or has none."""
+    f = folder / "config.json"
+    if not folder.is_dir() or not f.is_file():
+        return {}
+    try:
+        raw = json.loads(f.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{f}: not valid JSON ({e})") from None
+    return parse(raw, f)
+
+
+def metadata_config(metadata: Mapping[str, str], path, parse: Callable[[object, str], dict], key: str, section: str):
+    """parse(section, where) of a single file's JSON metadata `key` ({section: <config.json>}); {} when the
+    file has no such metadata or section."""
+    if key not in metadata:
+        return {}
+    try:
+        raw = json.loads(metadata[key])
+    except ValueError as e:
+        raise CheckpointError(f"{path}: unreadable `{key}` metadata ({e})") from None
+    found = raw.get(section) if isinstance(raw, dict) else None
+    return {} if found is None else parse(found, f"{path} (metadata {key}.{section})")
 
 
 def split_scales(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

@@ -22,14 +22,13 @@ depths need a config).
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
 
 from ..checkpoint import Checkpoint, CheckpointError
-from . import comfy_quant, foreign
-from .common import split_stored
+from . import foreign
+from .common import logical_shapes, metadata_config, read_config_json, read_markers, read_stored, select_names
 from .qwen_vl import CONFIG_METADATA, CONFIG_SECTION, canonical_name
 
 WHAT = "Qwen3-VL text encoder (Qwen-Image-2.1)"
@@ -90,37 +89,24 @@ def encoder_names(ckpt: Checkpoint) -> dict[str, str]:
     prefix = find_prefix(keys)
     if prefix is None:
         raise CheckpointError(f"{ckpt.path}: this is not a {WHAT} (no {PROBE})")
-    selected: dict[str, str] = {}
-    for k in keys:
-        if not k.startswith(prefix):
-            continue
-        name = canonical_name(k[len(prefix) :])
-        if name.startswith(DROPPED_PREFIXES):
-            continue
-        if name in selected:
-            raise CheckpointError(f"{ckpt.path}: holds {name} twice (in two namings)")
-        selected[name] = k
-    return selected
+    return select_names(ckpt, prefix, canonical_name, DROPPED_PREFIXES, "in two namings")
 
 
 def encoder_markers(ckpt: Checkpoint, names: Mapping[str, str]) -> dict:
     """The comfy_quant markers of the encoder's layers, under canonical names."""
     layers = {k.removesuffix(".weight"): n.removesuffix(".weight") for n, k in names.items() if n.endswith(".weight")}
     prefix = find_prefix(list(ckpt.keys())) or ""
-    return comfy_quant.read_markers(
-        ckpt.path, names, lambda n: ckpt[names[n]], ckpt.metadata,
-        lambda k: layers.get(k, canonical_name(k.removeprefix(prefix))),
-    )  # fmt: skip
+    return read_markers(ckpt, names, lambda k: layers.get(k, canonical_name(k.removeprefix(prefix))))
 
 
 def encoder_shapes(ckpt: Checkpoint, names: Mapping[str, str], markers) -> dict[str, tuple[int, ...]]:
     """Canonical shapes, packed weights given as the float weights they stand for."""
-    return comfy_quant.logical_shapes({n: ckpt.shape(k) for n, k in names.items()}, markers)
+    return logical_shapes(ckpt, names, markers)
 
 
 def encoder_weights(ckpt: Checkpoint, names: Mapping[str, str], markers):
     """(weights, float8 scales, packed comfy_quant layers, storage description), under canonical names."""
-    return split_stored(ckpt.path, {n: ckpt[k] for n, k in names.items()}, markers)
+    return read_stored(ckpt, names, markers)
 
 
 def _value(field: str, v, where):
@@ -158,21 +144,10 @@ def parse_config(raw, where) -> dict:
 def read_config(path: Path, metadata: Mapping[str, str]) -> dict:
     """Sizes from `path`/config.json (a folder), else a single file's `config` metadata ({"text_encoder":
     <config.json>}, as `formats.qwen_vl`); {} when neither exists."""
-    f = Path(path) / "config.json"
-    if f.is_file():
-        try:
-            raw = json.loads(f.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, ValueError) as e:
-            raise CheckpointError(f"{f}: not valid JSON ({e})") from None
-        return parse_config(raw, f)
-    if CONFIG_METADATA in metadata:
-        try:
-            raw = json.loads(metadata[CONFIG_METADATA])
-        except ValueError as e:
-            raise CheckpointError(f"{path}: unreadable `{CONFIG_METADATA}` metadata ({e})") from None
-        if isinstance(raw, dict) and CONFIG_SECTION in raw:
-            return parse_config(raw[CONFIG_SECTION], f"{path} (metadata {CONFIG_METADATA}.{CONFIG_SECTION})")
-    return {}
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return read_config_json(path, parse_config)
+    return metadata_config(metadata, path, parse_config, CONFIG_METADATA, CONFIG_SECTION)
 
 
 def _shape(shapes, key, path) -> tuple[int, ...]:

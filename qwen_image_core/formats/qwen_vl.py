@@ -21,7 +21,6 @@ widths do not divide by them is refused.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,7 +29,7 @@ import torch
 
 from ..checkpoint import Checkpoint, CheckpointError
 from . import comfy_quant, foreign
-from .common import split_stored
+from .common import logical_shapes, metadata_config, read_config_json, read_markers, read_stored, select_names
 
 # prefixes under which the encoder's keys may sit, tried in order ("" = bare keys)
 PREFIXES = ("text_encoders.qwen25_7b.transformer.", "text_encoder.", "")
@@ -109,37 +108,24 @@ def encoder_names(ckpt: Checkpoint) -> dict[str, str]:
     for fragment, name in OTHER_VERSIONS:
         if any(fragment in k for k in keys):
             raise CheckpointError(f"{ckpt.path}: this is {name}")
-    selected: dict[str, str] = {}
-    for k in keys:
-        if not k.startswith(prefix):
-            continue
-        name = canonical_name(k[len(prefix) :])
-        if name.startswith(DROPPED_PREFIXES):
-            continue
-        if name in selected:
-            raise CheckpointError(f"{ckpt.path}: holds {name} twice (in legacy and transformers-5 naming)")
-        selected[name] = k
-    return selected
+    return select_names(ckpt, prefix, canonical_name, DROPPED_PREFIXES, "in legacy and transformers-5 naming")
 
 
 def encoder_markers(ckpt: Checkpoint, names: Mapping[str, str]) -> dict[str, comfy_quant.Marker]:
     """The comfy_quant markers of the encoder's layers, under legacy names (`names`: legacy -> file key)."""
     layers = {k.removesuffix(".weight"): n.removesuffix(".weight") for n, k in names.items() if n.endswith(".weight")}
     prefix = find_prefix(list(ckpt.keys())) or ""
-    return comfy_quant.read_markers(
-        ckpt.path, names, lambda n: ckpt[names[n]], ckpt.metadata,
-        lambda k: layers.get(k, canonical_name(k.removeprefix(prefix))),
-    )  # fmt: skip
+    return read_markers(ckpt, names, lambda k: layers.get(k, canonical_name(k.removeprefix(prefix))))
 
 
 def encoder_shapes(ckpt: Checkpoint, names: Mapping[str, str], markers) -> dict[str, tuple[int, ...]]:
     """Legacy-named shapes, packed weights given as the float weights they stand for (for `config_fields`)."""
-    return comfy_quant.logical_shapes({n: ckpt.shape(k) for n, k in names.items()}, markers)
+    return logical_shapes(ckpt, names, markers)
 
 
 def encoder_weights(ckpt: Checkpoint, names: Mapping[str, str], markers):
     """(weights, float8 scales, packed comfy_quant layers, storage description), all under legacy names."""
-    return split_stored(ckpt.path, {n: ckpt[k] for n, k in names.items()}, markers)
+    return read_stored(ckpt, names, markers)
 
 
 def has_vision(tensors: Mapping[str, torch.Tensor]) -> bool:
@@ -229,22 +215,9 @@ def parse_config(raw, where) -> dict:
 
 def read_config(path: Path, metadata: Mapping[str, str]) -> dict:
     """Sizes from `path`/config.json (a folder), else the file's `config` metadata; {} when neither exists."""
-    f = path / "config.json"
-    if path.is_dir() and f.is_file():
-        try:
-            return parse_config(json.loads(f.read_text(encoding="utf-8")), f)
-        except (UnicodeDecodeError, ValueError) as e:
-            if isinstance(e, CheckpointError):
-                raise
-            raise CheckpointError(f"{f}: not valid JSON ({e})") from None
-    if CONFIG_METADATA in metadata:
-        try:
-            raw = json.loads(metadata[CONFIG_METADATA])
-        except ValueError as e:
-            raise CheckpointError(f"{path}: unreadable `{CONFIG_METADATA}` metadata ({e})") from None
-        if isinstance(raw, dict) and CONFIG_SECTION in raw:
-            return parse_config(raw[CONFIG_SECTION], f"{path} (metadata {CONFIG_METADATA}.{CONFIG_SECTION})")
-    return {}
+    if (path / "config.json").is_file():
+        return read_config_json(path, parse_config)
+    return metadata_config(metadata, path, parse_config, CONFIG_METADATA, CONFIG_SECTION)
 
 
 def _shape(shapes, key, path) -> tuple[int, ...]:
