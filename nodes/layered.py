@@ -23,7 +23,7 @@ from ..qwen_image_core import layered
 from ..qwen_image_core.costs import DiTWorkload
 from ..qwen_image_core.offload_plan import sampling_bytes
 from ..qwen_image_core.vae import denormalize_latents, normalize_latents
-from . import checks, host, native_model, notices, placement
+from . import checks, host, inputs, native_model, notices, placement
 from .image import _tiling, _tiling_inputs
 from .loaders import DIT, VAE
 
@@ -123,19 +123,9 @@ class QwenPixLayeredSampler:
                     RESOLUTIONS,
                     {"tooltip": "About 640² pixels (recommended) or 1024², at the picture's aspect."},
                 ),  # fmt: skip
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip": "Noise seed."}),
+                "seed": inputs.seed(),
                 "steps": ("INT", {"default": 50, "min": 1, "max": 1000, "tooltip": "Euler steps (official: 50)."}),
-                "cfg": (
-                    "FLOAT",
-                    {
-                        "default": 4.0,
-                        "min": 0.0,
-                        "max": 100.0,
-                        "step": 0.1,
-                        "round": 0.01,
-                        "tooltip": "True-CFG scale (official: 4); 1 or less skips the negative pass.",
-                    },
-                ),  # fmt: skip
+                "cfg": inputs.true_cfg("True-CFG scale (official: 4); 1 or less skips the negative pass."),
                 "cfg_normalize": (
                     "BOOLEAN",
                     {

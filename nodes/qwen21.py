@@ -29,7 +29,7 @@ from ..qwen_image_core.qwen21.pipeline import (
 from ..qwen_image_core.qwen21.prompts import rgba_prompt
 from ..qwen_image_core.qwen21.sampler import Condition21
 from ..qwen_image_core.qwen21.schedule import VAE_SCALE
-from . import checks, host, notices, placement
+from . import checks, host, inputs, notices, placement
 from .qwen21_loaders import (
     COND21,
     DIT21,
@@ -230,19 +230,9 @@ class QwenPix21Sampler:
                 "dit": (f"{DIT21},{V1_DIT}", {"tooltip": "From Load Qwen-Image-2.1 Diffusion Model."}),
                 "conditioning": (COND21, {"tooltip": "From Qwen-Image-2.1 Encode."}),
                 "latent": ("LATENT", {"tooltip": "The empty latent from Qwen-Image-2.1 Encode (sets the size)."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip": "Noise seed."}),
+                "seed": inputs.seed(),
                 "steps": ("INT", {"default": 40, "min": 1, "max": 1000, "tooltip": "Euler steps (turbo: 8)."}),
-                "cfg": (
-                    "FLOAT",
-                    {
-                        "default": 4.0,
-                        "min": 0.0,
-                        "max": 100.0,
-                        "step": 0.1,
-                        "round": 0.01,
-                        "tooltip": "True-CFG scale (official 4; turbo 1). 1: no negative pass.",
-                    },
-                ),  # fmt: skip
+                "cfg": inputs.true_cfg("True-CFG scale (official 4; turbo 1). 1: no negative pass."),
                 "schedule": (
                     list(SCHEDULES),
                     {

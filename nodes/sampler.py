@@ -22,7 +22,7 @@ from comfy_extras.nodes_model_advanced import ModelSamplingAuraFlow
 
 from ..qwen_image_core import sampling
 from ..qwen_image_core.offload_plan import DiTWorkload, sampling_bytes
-from . import checks, host, notices
+from . import checks, host, inputs, notices
 from .loaders import DIT
 
 CATEGORY = "QwenPix/sampling"
@@ -63,7 +63,7 @@ class QwenPixSampler:
                         "from SetLatentNoiseMask limits the change to the masked area)."
                     },
                 ),  # fmt: skip
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip": "Noise seed."}),
+                "seed": inputs.seed(),
                 "steps": (
                     "INT",
                     {
@@ -73,17 +73,7 @@ class QwenPixSampler:
                         "tooltip": "Sampling steps (official: 50; ComfyUI workflows: 20; Lightning: 4 or 8).",
                     },
                 ),
-                "cfg": (
-                    "FLOAT",
-                    {
-                        "default": 4.0,
-                        "min": 0.0,
-                        "max": 100.0,
-                        "step": 0.1,
-                        "round": 0.01,
-                        "tooltip": "True-CFG scale; exactly 1 skips the negative pass (Lightning LoRAs use 1).",
-                    },
-                ),
+                "cfg": inputs.true_cfg("True-CFG scale; exactly 1 skips the negative pass (Lightning LoRAs use 1)."),
                 "sampler_name": (
                     comfy.samplers.KSampler.SAMPLERS,
                     {"tooltip": "Any ComfyUI sampler (euler is what the reference pipelines use)."},
