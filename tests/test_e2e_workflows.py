@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -37,6 +38,9 @@ EXPECTED_SIZE = {
 # images a run saves when not one: the layered example saves each layer and the composite (1 + 1 on smoke
 # weights, where its layers are lowered to 1 as the steps are)
 EXPECTED_IMAGES = {"qwen_image_layered": 2}
+# examples that repaint only Load Image's mask (1 - alpha) of this input: outside it the result is the input
+MASKED_INPUT = ROOT / "workflows" / "inputs" / "qwenpix_example_masked.png"
+MASKED = ("qwen_image_controlnet_inpaint", "qwen_image_edit_masked_crop_stitch")
 SMOKE_LAYERS = 1
 
 
@@ -75,11 +79,22 @@ def test_api_workflow_runs_and_reports_progress(models, client, path):
     for img in images:
         with Image.open(models.output_dir / img["subfolder"] / img["filename"]) as im:
             assert im.size == EXPECTED_SIZE[path.stem]
+            if path.stem in MASKED:
+                _assert_repainted_only_in_the_mask(im)
     sampler_id, _ = _node(prompt, *SAMPLERS)
     progress = [e["data"] for e in res.events if e["type"] == "progress" and e["data"]["node"] == sampler_id]
     assert [(p["value"], p["max"]) for p in progress][-2:] == [(1, 2), (2, 2)]
     # the examples use every input as intended: no warning for the user
     assert [e["data"]["message"] for e in res.events if e["type"] == "qwenpix.warning"] == []
+
+
+def _assert_repainted_only_in_the_mask(im: Image.Image) -> None:
+    with Image.open(MASKED_INPUT) as src:
+        rgba = np.asarray(src.convert("RGBA")).astype(int)
+    out, keep = np.asarray(im.convert("RGB")).astype(int), rgba[..., 3] == 255
+    assert keep.any() and not keep.all()
+    assert np.abs(out[keep] - rgba[..., :3][keep]).max() <= 1  # SaveImage truncates to 8 bits: off by one at most
+    assert np.abs(out[~keep] - rgba[..., :3][~keep]).max() > 8  # the masked area was repainted (noise weights)
 
 
 def test_interrupt_mid_sampling_then_next_prompt_succeeds(models, client):
