@@ -185,11 +185,11 @@ def test_a_batched_latent_is_named(models21, client):
 
 
 def test_example_workflows_use_declared_inputs(client):
-    """tools/workflow_qwen21.py's graphs: every node exists and every input it sets is one the node declares."""
-    from tools import workflow_qwen21  # noqa: PLC0415
+    """tools/workflows/qwen21.py's graphs: every node exists and every input it sets is one the node declares."""
+    from tools.workflows import qwen21 as workflow_qwen21  # noqa: PLC0415
 
     info = client.object_info()
-    for name, g in workflow_qwen21.graphs().items():
+    for name, (_note, g) in workflow_qwen21.graphs().items():
         for key, (cls, inputs, *_) in g.items():
             assert cls in info, f"{name}.{key}: no node {cls}"
             declared = {**info[cls]["input"].get("required", {}), **info[cls]["input"].get("optional", {})}

@@ -5,7 +5,8 @@
 - `build.py`: the format machinery (a graph described as data -> UI file, API twin, defaults, thumbnails);
 - `qwen_image.py`: the v1 examples (text to image, Lightning, the edit models, native KSampler);
 - `layered.py`: Qwen-Image-Layered (issue 16);
-- `control.py`: ControlNet Union, Inpainting ControlNet, masked edit with crop and stitch (issue 15).
+- `control.py`: ControlNet Union, Inpainting ControlNet, masked edit with crop and stitch (issue 15);
+- `qwen21.py`: Qwen-Image-2.1 (issue 17): text to image, edit with 3 references, Turbo, background removal.
 
 Each family module exposes `TITLES` (name -> the template card's title), `SOURCES` (model file -> (models
 sub-folder, where it is published)) and `graphs()` (name -> (note text, graph)). To add a family: a module with
@@ -14,13 +15,13 @@ those three and one entry in FAMILIES.
 
 from __future__ import annotations
 
-from tools.workflows import control, layered, qwen_image
+from tools.workflows import control, layered, qwen21, qwen_image
 
 FAMILIES = (
     qwen_image,
     layered,
     control,
-    # issue 17 hooks in here: tools/workflow_qwen21.py (its graphs() must return (note, graph) pairs)
+    qwen21,
 )
 TITLES = {name: title for family in FAMILIES for name, title in family.TITLES.items()}
 

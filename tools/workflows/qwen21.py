@@ -1,6 +1,4 @@
-"""The Qwen-Image-2.1 example workflows (issue 17), described as data in tools/make_workflows.py's format.
-
-    python -m tools.workflow_qwen21     # writes these examples alone (UI files + API twins), as make_workflows does
+"""The Qwen-Image-2.1 example workflows (issue 17), described as data in tools/workflows/build.py's format.
 
 Four graphs on the 2.1 nodes (`nodes/qwen21.py`): text-to-image (the base checkpoint, dynamic shift, true CFG 4),
 an edit with 3 references (`<image1>` .. `<image3>`, the output sized to image1, references padded not
@@ -9,6 +7,8 @@ decoded alpha joined back onto the picture and saved as a PNG with alpha).
 """
 
 from __future__ import annotations
+
+from tools.workflows.build import POSITIVE
 
 REPO = "https://huggingface.co/Comfy-Org/Qwen-Image-2.1/resolve/main"  # no split_files/ prefix in this repo
 DIT, TURBO = "qwen_image_2.1_int8_convrot.safetensors", "qwen_image_2.1_turbo_int8_convrot.safetensors"
@@ -59,7 +59,7 @@ def _graph(dit: str, prompt: str, images: int, steps: int, cfg: float, schedule:
     for i in range(images):
         g[f"img{i + 1}"] = ("LoadImage", {"image": IMAGES[i]})
         encode[f"image{i + 1}"] = (f"img{i + 1}", 0)
-    g["encode"] = ("QwenPix21Encode", encode, {"title": "Prompt"})
+    g["encode"] = ("QwenPix21Encode", encode, POSITIVE)  # the title the thumbnail reads the prompt from
     g["sampler"] = ("QwenPix21Sampler", {"dit": ("dit", 0), "conditioning": ("encode", 0), "latent": ("encode", 1),
                     "seed": 42, "steps": steps, "cfg": cfg, "schedule": schedule})  # fmt: skip
     g["decode"] = ("QwenPix21Decode", {"vae": ("vae", 0), "samples": ("sampler", 0)})
@@ -71,44 +71,37 @@ def _graph(dit: str, prompt: str, images: int, steps: int, cfg: float, schedule:
     return g
 
 
-def graphs() -> dict[str, dict]:
-    """name -> graph, the official settings of each (ecosystem.md §1.5, the 2.1 templates)."""
-    return {
+# name -> what the note says about that example, before the shared usage text
+NOTES = {
+    "qwen_image_21_t2i": "Text to image with the base checkpoint: 1024x1024, 40 steps, dynamic shift, true CFG 4.",
+    "qwen_image_21_edit_3_references": (
+        "An edit with 3 references (Load Image 1..3 as `<image1>` .. `<image3>` in the prompt): the result has "
+        "image1's size; 40 steps, true CFG 4."
+    ),
+    "qwen_image_21_turbo_t2i": (
+        "Text to image with the Turbo checkpoint: its 8 published sigmas (schedule `turbo`, exactly 8 steps) at "
+        "CFG 1, so there is no negative pass."
+    ),
+    "qwen_image_21_background_removal": (
+        "Background removal: the official prompt with `rgba` on; Decode's alpha MASK is joined back onto the "
+        "picture and Save Image writes a PNG with alpha (25 steps, CFG 1)."
+    ),
+}
+
+
+def note_text(name: str) -> str:
+    lines = ["## Model files", "", "| file | put it in | download |", "| --- | --- | --- |"]
+    lines += [f"| {f} | ComfyUI/models/{d}/ | [{f}]({base}/{f}) |" for f, (d, base) in sorted(SOURCES.items())]
+    lines += ["", "## Usage", "", NOTES[name], "", USAGE, ""]
+    return "\n".join([*lines, "The bf16 files (qwen_image_2.1_bf16, qwen3vl_8b_bf16) load too."])
+
+
+def graphs() -> dict[str, tuple[str, dict]]:
+    """name -> (note text, graph), the official settings of each (ecosystem.md §1.5, the 2.1 templates)."""
+    built = {
         "qwen_image_21_t2i": _graph(DIT, T2I_PROMPT, 0, 40, 4.0, "dynamic", False, "t2i"),
         "qwen_image_21_edit_3_references": _graph(DIT, EDIT_PROMPT, 3, 40, 4.0, "dynamic", False, "edit"),
         "qwen_image_21_turbo_t2i": _graph(TURBO, T2I_PROMPT, 0, 8, 1.0, "turbo", False, "turbo"),
         "qwen_image_21_background_removal": _graph(DIT, REMOVE_PROMPT, 1, 25, 1.0, "dynamic", True, "rgba"),
     }
-
-
-def note_text() -> str:
-    lines = ["## Model files", "", "| file | put it in | download |", "| --- | --- | --- |"]
-    lines += [f"| {f} | ComfyUI/models/{d}/ | [{f}]({base}/{f}) |" for f, (d, base) in sorted(SOURCES.items())]
-    lines += ["", "## Usage", "", USAGE, "", "The bf16 files (qwen_image_2.1_bf16, qwen3vl_8b_bf16) load too."]
-    return "\n".join(lines)
-
-
-def main() -> None:
-    """Write these examples' UI workflows (+ thumbnails) and API twins with make_workflows' own converters."""
-    import json  # noqa: PLC0415
-    import tempfile  # noqa: PLC0415
-    from pathlib import Path  # noqa: PLC0415
-
-    from tools import make_workflows as mw  # noqa: PLC0415
-    from tools.comfy_harness import ComfyClient, ComfyServer  # noqa: PLC0415
-
-    assert all((mw.INPUTS / i).is_file() for i in IMAGES), "run python -m tools.make_workflows first (inputs)"
-    with tempfile.TemporaryDirectory() as tmp, ComfyServer(Path(tmp)) as server:
-        info = ComfyClient(server.url).object_info()
-    (mw.OUT / "api").mkdir(parents=True, exist_ok=True)
-    mw.EXAMPLES.mkdir(exist_ok=True)
-    for name, graph in graphs().items():
-        g, title = mw.complete(graph, info), TITLES[name]
-        (mw.OUT / "api" / f"{name}.json").write_text(json.dumps(mw.to_api(g, info), indent=2) + "\n")
-        (mw.EXAMPLES / f"{title}.json").write_text(json.dumps(mw.to_ui(g, info, note_text()), indent=2) + "\n")
-        mw.write_thumbnail(mw.EXAMPLES / f"{title}.jpg", title, g)
-        print(f"wrote example_workflows/{title}.json (+ .jpg) and workflows/api/{name}.json")
-
-
-if __name__ == "__main__":
-    main()
+    return {name: (note_text(name), g) for name, g in built.items()}
