@@ -16,7 +16,6 @@ ComfyUI's other "model patches" (DiffSynth blockwise ControlNets) and ControlNet
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -25,9 +24,8 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import CheckpointError, open_checkpoint
-from . import comfy_quant, foreign
-from .common import common_prefix, split_stored
-from .dit import LATENT_CHANNELS, config_fields, infer_config
+from . import common, foreign
+from .dit import LATENT_CHANNELS, config_fields, infer_config, prefix_free_names
 
 PREFIXES = ("controlnet.", "model.diffusion_model.")
 SIGNATURE = ("controlnet_x_embedder.weight", "controlnet_blocks.0.weight", "img_in.weight", "txt_in.weight")
@@ -92,14 +90,7 @@ def identify(path, keys: list[str], metadata: Mapping[str, str] | None = None) -
 
 
 def _config_json(folder: Path) -> dict:
-    f = folder / "config.json"
-    if not folder.is_dir() or not f.is_file():
-        return {}
-    try:
-        raw = json.loads(f.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"{f}: not valid JSON ({e})") from None
-    return _fields(raw, f)
+    return common.read_config_json(folder, _fields)
 
 
 def _fields(raw, where) -> dict:
@@ -112,14 +103,7 @@ def _fields(raw, where) -> dict:
 
 
 def _metadata_config(metadata: Mapping[str, str], path) -> dict:
-    if CONFIG_METADATA not in metadata:
-        return {}
-    try:
-        raw = json.loads(metadata[CONFIG_METADATA])
-    except ValueError as e:
-        raise CheckpointError(f"{path}: unreadable `{CONFIG_METADATA}` metadata ({e})") from None
-    section = raw.get(CONFIG_SECTION) if isinstance(raw, dict) else None
-    return {} if section is None else _fields(section, f"{path} (metadata {CONFIG_METADATA}.{CONFIG_SECTION})")
+    return common.metadata_config(metadata, path, _fields, CONFIG_METADATA, CONFIG_SECTION)
 
 
 def read_controlnet(path: str | os.PathLike, mmap: bool = False, overrides: Mapping | None = None) -> ControlNetWeights:
@@ -131,13 +115,10 @@ def read_controlnet(path: str | os.PathLike, mmap: bool = False, overrides: Mapp
     path = Path(path)
     config = _config_json(path)
     ckpt = open_checkpoint(path, mmap=mmap)
-    prefix = common_prefix(ckpt.keys(), PREFIXES)
-    names = {k.removeprefix(prefix): k for k in ckpt}
+    prefix, names = prefix_free_names(ckpt.keys(), PREFIXES)
     identify(ckpt.path, list(names), ckpt.metadata)
-    markers = comfy_quant.read_markers(
-        ckpt.path, names, lambda n: ckpt[names[n]], ckpt.metadata, lambda n: n.removeprefix(prefix)
-    )
-    shapes = comfy_quant.logical_shapes({n: ckpt.shape(k) for n, k in names.items()}, markers)
+    markers = common.read_markers(ckpt, names, lambda n: n.removeprefix(prefix))
+    shapes = common.logical_shapes(ckpt, names, markers)
     known = {**_metadata_config(ckpt.metadata, ckpt.path), **config, **(overrides or {})}
     known.setdefault("out_channels", LATENT_CHANNELS)  # a ControlNet has no proj_out to read it from
     hidden, in_channels = shapes["img_in.weight"]  # the DiT's output layer it lacks would be in_channels wide
@@ -149,5 +130,5 @@ def read_controlnet(path: str | os.PathLike, mmap: bool = False, overrides: Mapp
             f"{ckpt.path}: controlnet_x_embedder takes {width} channels; an InstantX Qwen-Image ControlNet takes "
             f"{config['in_channels']} (Union) or {config['in_channels'] + 4} (Inpainting)"
         )
-    tensors, scales, packed, storage = split_stored(ckpt.path, {n: ckpt[k] for n, k in names.items()}, markers)
+    tensors, scales, packed, storage = common.read_stored(ckpt, names, markers)
     return ControlNetWeights(Path(ckpt.path), tensors, scales, config, extra, storage, packed)

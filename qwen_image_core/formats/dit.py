@@ -23,7 +23,6 @@ float8 weights stay float8 and packed weights packed; the model dequantises them
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping
@@ -33,8 +32,8 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import CheckpointError, open_checkpoint
-from . import comfy_quant, foreign, gguf
-from .common import common_prefix, split_stored
+from . import common, foreign, gguf
+from .common import common_prefix
 
 PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 # keys (prefix-free) that every Qwen-Image DiT has; ComfyUI's model detection keys off txt_norm.weight
@@ -167,26 +166,12 @@ def _positive_int(v) -> bool:
 
 def read_config_json(folder: Path) -> dict:
     """MMDiTConfig fields from a diffusers transformer config.json (empty if there is none)."""
-    f = folder / "config.json"
-    if not folder.is_dir() or not f.is_file():
-        return {}
-    try:
-        raw = json.loads(f.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"{f}: not valid JSON ({e})") from None
-    return config_fields(raw, f)
+    return common.read_config_json(folder, config_fields)
 
 
 def metadata_config(metadata: Mapping[str, str], path) -> dict:
     """MMDiTConfig fields from a single file's `config` metadata ({"transformer": <config.json>}), or {}."""
-    if CONFIG_METADATA not in metadata:
-        return {}
-    try:
-        raw = json.loads(metadata[CONFIG_METADATA])
-    except ValueError as e:
-        raise CheckpointError(f"{path}: unreadable `{CONFIG_METADATA}` metadata ({e})") from None
-    section = raw.get(CONFIG_SECTION) if isinstance(raw, dict) else None
-    return {} if section is None else config_fields(section, f"{path} (metadata {CONFIG_METADATA}.{CONFIG_SECTION})")
+    return common.metadata_config(metadata, path, config_fields, CONFIG_METADATA, CONFIG_SECTION)
 
 
 def infer_config(shapes: Mapping[str, tuple[int, ...]], known: Mapping, path) -> dict:
@@ -279,39 +264,51 @@ def read_dit(path: str | os.PathLike, mmap: bool = False, overrides: Mapping | N
         return read_gguf(path, mmap, overrides)
     config = read_config_json(path)
     ckpt = open_checkpoint(path, mmap=mmap)
-    prefix = common_prefix(ckpt.keys(), PREFIXES)
-    names = {k.removeprefix(prefix): k for k in ckpt}
+    prefix, names = prefix_free_names(ckpt.keys(), PREFIXES)
     identify(ckpt.path, [k for k in names if k != ZERO_COND_MARKER], ckpt.metadata)
-    markers = comfy_quant.read_markers(
-        ckpt.path, names, lambda n: ckpt[names[n]], ckpt.metadata, lambda n: n.removeprefix(prefix)
-    )
+    markers = common.read_markers(ckpt, names, lambda n: n.removeprefix(prefix))
     config = {**metadata_config(ckpt.metadata, ckpt.path), **config}
-    if ZERO_COND_MARKER in names:
+    if names.pop(ZERO_COND_MARKER, None) is not None:
         config.setdefault("zero_cond_t", True)
-    shapes = comfy_quant.logical_shapes({n: ckpt.shape(k) for n, k in names.items()}, markers)
-    config = infer_config(shapes, {**config, **(overrides or {})}, ckpt.path)
-    raw = {n: ckpt[k] for n, k in names.items()}
-    raw.pop(ZERO_COND_MARKER, None)
-    tensors, scales, packed, storage = split_stored(ckpt.path, raw, markers)
+    config = infer_config(common.logical_shapes(ckpt, names, markers), {**config, **(overrides or {})}, ckpt.path)
+    tensors, scales, packed, storage = common.read_stored(ckpt, names, markers)
     return DiTWeights(Path(ckpt.path), tensors, scales, config, storage, packed)
+
+
+def prefix_free_names(keys, prefixes) -> tuple[str, dict[str, str]]:
+    """(the prefix most keys carry, {prefix-free name: key})."""
+    keys = list(keys)
+    prefix = common_prefix(keys, prefixes)
+    return prefix, {k.removeprefix(prefix): k for k in keys}
+
+
+def open_gguf(path: Path, mmap: bool, architectures, family: str) -> gguf.GGUFFile:
+    """A GGUF file whose general.architecture is one of `architectures`; else a CheckpointError saying what
+    it holds instead of a `family`."""
+    f = gguf.GGUFFile(path, mmap=mmap)
+    arch = f.architecture
+    if arch not in architectures:
+        what = gguf.ARCHITECTURES.get(arch, f"a model of architecture {arch!r}")
+        raise CheckpointError(f"{path}: this GGUF file holds {what} (general.architecture), not {family}")
+    return f
+
+
+def gguf_config(f: gguf.GGUFFile, path, key: str = GGUF_CONFIG_KEY) -> dict[str, str]:
+    """A GGUF file's config JSON (metadata `key`) as single-file metadata {CONFIG_METADATA: JSON}."""
+    raw_config = f.metadata.get(key)
+    if raw_config is not None and not isinstance(raw_config, str):
+        raise CheckpointError(f"{path}: metadata {key} is not a string of JSON")
+    return {} if raw_config is None else {CONFIG_METADATA: raw_config}
 
 
 def read_gguf(path: Path, mmap: bool = False, overrides: Mapping | None = None) -> DiTWeights:
     """A GGUF DiT: the architecture checked, the same key names, identification and sizes as a single file's
     (config from the `qwen_image.config` metadata string if present); linear weights in a quantised type stay
     packed, other quantised tensors (none in the published files) are dequantised to float32 at load."""
-    f = gguf.GGUFFile(path, mmap=mmap)
-    arch = f.architecture
-    if arch not in GGUF_ARCHITECTURES:
-        what = gguf.ARCHITECTURES.get(arch, f"a model of architecture {arch!r}")
-        raise CheckpointError(f"{path}: this GGUF file holds {what} (general.architecture), not a Qwen-Image DiT")
-    prefix = common_prefix(f.entries, PREFIXES)
-    names = {k.removeprefix(prefix): k for k in f.entries}
+    f = open_gguf(path, mmap, GGUF_ARCHITECTURES, "a Qwen-Image DiT")
+    _, names = prefix_free_names(f.entries, PREFIXES)
     identify(path, [k for k in names if k != ZERO_COND_MARKER])
-    raw_config = f.metadata.get(GGUF_CONFIG_KEY)
-    if raw_config is not None and not isinstance(raw_config, str):
-        raise CheckpointError(f"{path}: metadata {GGUF_CONFIG_KEY} is not a string of JSON")
-    config = metadata_config({} if raw_config is None else {CONFIG_METADATA: raw_config}, path)
+    config = metadata_config(gguf_config(f, path), path)
     if names.pop(ZERO_COND_MARKER, None) is not None:
         config.setdefault("zero_cond_t", True)
     config = infer_config({n: f.shape(k) for n, k in names.items()}, {**config, **(overrides or {})}, path)

@@ -16,7 +16,6 @@ A v1 Qwen-Image file (20B MMDiT) is refused naming its loader, and the v1 reader
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,9 +23,8 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import CheckpointError, open_checkpoint
-from . import comfy_quant, foreign, gguf
-from .common import common_prefix, split_stored
-from .dit import PREFIXES, DiTWeights, guess_family, resolve
+from . import common, foreign, gguf
+from .dit import PREFIXES, DiTWeights, gguf_config, guess_family, open_gguf, prefix_free_names, resolve
 
 FAMILY = "Qwen-Image-2.1 DiT"
 # keys (prefix-free) every 2.1 DiT has; `txt_in.text_norm.weight` is what diffusers' single-file loader keys off
@@ -93,25 +91,11 @@ def _positive_int(v) -> bool:
 
 
 def read_config_json(folder: Path) -> dict:
-    f = folder / "config.json"
-    if not folder.is_dir() or not f.is_file():
-        return {}
-    try:
-        raw = json.loads(f.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"{f}: not valid JSON ({e})") from None
-    return config_fields(raw, f)
+    return common.read_config_json(folder, config_fields)
 
 
 def metadata_config(metadata: Mapping[str, str], path) -> dict:
-    if CONFIG_METADATA not in metadata:
-        return {}
-    try:
-        raw = json.loads(metadata[CONFIG_METADATA])
-    except ValueError as e:
-        raise CheckpointError(f"{path}: unreadable `{CONFIG_METADATA}` metadata ({e})") from None
-    section = raw.get(CONFIG_SECTION) if isinstance(raw, dict) else None
-    return {} if section is None else config_fields(section, f"{path} (metadata {CONFIG_METADATA}.{CONFIG_SECTION})")
+    return common.metadata_config(metadata, path, config_fields, CONFIG_METADATA, CONFIG_SECTION)
 
 
 def infer_config(shapes: Mapping[str, tuple[int, ...]], known: Mapping, path) -> dict:
@@ -206,35 +190,22 @@ def read_dit21(path: str | os.PathLike, mmap: bool = False, overrides: Mapping |
         return read_gguf(path, mmap, overrides)
     config = read_config_json(path)
     ckpt = open_checkpoint(path, mmap=mmap)
-    prefix = common_prefix(ckpt.keys(), PREFIXES)
-    names = {k.removeprefix(prefix): k for k in ckpt}
+    prefix, names = prefix_free_names(ckpt.keys(), PREFIXES)
     identify(ckpt.path, list(names), ckpt.metadata)
-    markers = comfy_quant.read_markers(
-        ckpt.path, names, lambda n: ckpt[names[n]], ckpt.metadata, lambda n: n.removeprefix(prefix)
-    )
+    markers = common.read_markers(ckpt, names, lambda n: n.removeprefix(prefix))
     config = {**metadata_config(ckpt.metadata, ckpt.path), **config, **(overrides or {})}
-    shapes = _fused_shapes(comfy_quant.logical_shapes({n: ckpt.shape(k) for n, k in names.items()}, markers))
-    config = infer_config(shapes, config, ckpt.path)
-    raw = {n: ckpt[k] for n, k in names.items()}
-    tensors, scales, packed, storage = split_stored(ckpt.path, raw, markers)
+    config = infer_config(_fused_shapes(common.logical_shapes(ckpt, names, markers)), config, ckpt.path)
+    tensors, scales, packed, storage = common.read_stored(ckpt, names, markers)
     tensors = fuse_mlp(ckpt.path, tensors, scales, packed)
     return DiTWeights(Path(ckpt.path), tensors, scales, config, storage, packed)
 
 
 def read_gguf(path: Path, mmap: bool = False, overrides: Mapping | None = None) -> DiTWeights:
     """A GGUF 2.1 DiT: ComfyUI's key names, linear weights in a quantised type kept packed."""
-    f = gguf.GGUFFile(path, mmap=mmap)
-    arch = f.architecture
-    if arch not in GGUF_ARCHITECTURES:
-        what = gguf.ARCHITECTURES.get(arch, f"a model of architecture {arch!r}")
-        raise CheckpointError(f"{path}: this GGUF file holds {what} (general.architecture), not a {FAMILY}")
-    prefix = common_prefix(f.entries, PREFIXES)
-    names = {k.removeprefix(prefix): k for k in f.entries}
+    f = open_gguf(path, mmap, GGUF_ARCHITECTURES, f"a {FAMILY}")
+    _, names = prefix_free_names(f.entries, PREFIXES)
     identify(path, list(names))
-    raw_config = f.metadata.get(GGUF_CONFIG_KEY)
-    if raw_config is not None and not isinstance(raw_config, str):
-        raise CheckpointError(f"{path}: metadata {GGUF_CONFIG_KEY} is not a string of JSON")
-    config = metadata_config({} if raw_config is None else {CONFIG_METADATA: raw_config}, path)
+    config = metadata_config(gguf_config(f, path, GGUF_CONFIG_KEY), path)
     shapes = _fused_shapes({n: f.shape(k) for n, k in names.items()})
     config = infer_config(shapes, {**config, **(overrides or {})}, path)
     tensors, packed = gguf.load_weights(f, names, lambda name, shape: name.endswith(".weight") and len(shape) == 2)
