@@ -187,10 +187,7 @@ def generate(
         for c in controls
     ]  # fmt: skip
     noise = torch.randn((len(prompts), LATENT_CHANNELS, height // VAE_SCALE, width // VAE_SCALE), generator=g)
-    cond = pipe.encode_prompt(prompts, "t2i", dtype, max_sequence_length)
-    uncond = None
-    if negative_prompt is not None and cfg_scale > 1.0:
-        uncond = pipe.encode_prompt(_batch(negative_prompt, len(prompts)), "t2i", dtype, max_sequence_length)
+    cond, uncond = pipe.encode_t2i(prompts, negative_prompt, cfg_scale, dtype, max_sequence_length)
     sigmas = make_sigmas(schedule, steps, height, width)
     latents = pipe.sample(noise, cond, uncond, sigmas=sigmas, cfg_scale=cfg_scale, controls=made)
     return pipe.decode(latents.to(dtype))

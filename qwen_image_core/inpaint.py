@@ -118,10 +118,7 @@ def inpaint(
     if len(sigmas) < 2:
         raise ValueError(f"strength {strength} leaves no step of {steps}: raise strength or steps")
     noise = torch.randn((len(prompts), LATENT_CHANNELS, height // VAE_SCALE, width // VAE_SCALE), generator=g)
-    cond = pipe.encode_prompt(prompts, "t2i", dtype, max_sequence_length)
-    uncond = None
-    if negative_prompt is not None and cfg_scale > 1.0:
-        uncond = pipe.encode_prompt(_batch(negative_prompt, len(prompts)), "t2i", dtype, max_sequence_length)
+    cond, uncond = pipe.encode_t2i(prompts, negative_prompt, cfg_scale, dtype, max_sequence_length)
     sampler = masked_euler(z, latent_mask(m, z.shape[-2:]), noise)
     latents = pipe.sample(
         noise, cond, uncond, sigmas=sigmas, cfg_scale=cfg_scale, latents=z, controls=controls, sampler=sampler

@@ -177,6 +177,15 @@ class QwenImagePipeline:
         )
         return Conditioning(embeds, None if bool(mask.all()) else mask)
 
+    def encode_t2i(self, prompts: Sequence[str], negative_prompt, cfg_scale: float, dtype, max_len):
+        """(cond, uncond) of text-to-image prompts; uncond (the negative, one for all or one per prompt) only when
+        guidance runs: a negative given and cfg_scale > 1, else None."""
+        cond = self.encode_prompt(prompts, "t2i", dtype, max_len)
+        uncond = None
+        if negative_prompt is not None and cfg_scale > 1.0:
+            uncond = self.encode_prompt(_batch(negative_prompt, len(prompts)), "t2i", dtype, max_len)
+        return cond, uncond
+
     def encode_images(self, images, dtype=torch.float32, sample: bool = False, generator=None) -> torch.Tensor:
         """[B, 3, H, W] in [-1, 1] -> normalised latents."""
         return self.vae.encode(images.to(device=self.device, dtype=dtype), sample=sample, generator=generator)
@@ -223,10 +232,7 @@ class QwenImagePipeline:
         if noise is None:
             shape = (len(prompts), LATENT_CHANNELS, height // VAE_SCALE, width // VAE_SCALE)
             noise = torch.randn(shape, generator=g)
-        cond = self.encode_prompt(prompts, "t2i", dtype, max_sequence_length)
-        uncond = None
-        if negative_prompt is not None and cfg_scale > 1.0:
-            uncond = self.encode_prompt(_batch(negative_prompt, len(prompts)), "t2i", dtype, max_sequence_length)
+        cond, uncond = self.encode_t2i(prompts, negative_prompt, cfg_scale, dtype, max_sequence_length)
         latents = self.sample(
             noise, cond, uncond, sigmas=sigmas, cfg_scale=cfg_scale, latents=start, callback=callback, loras=loras
         )
