@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import comfy_quant
-from .qwen_vl import legacy_state_dict, randomize_, write_hf_folder
+from .qwen_vl import legacy_state_dict, randomize_exact_, tiny_sizes, write_hf_folder
 
 __all__ = ["legacy_state_dict", "reference_model", "write_hf_folder", "write_quantised", "write_single"]
 
@@ -60,9 +60,7 @@ TINY_VISION = dict(
 def reference_config(text: dict | None = None, vision: dict | None = None):
     from transformers import Qwen3VLConfig  # noqa: PLC0415
 
-    t = {**TINY_TEXT, **(text or {})}
-    v = {**TINY_VISION, **(vision or {})}
-    v["out_hidden_size"] = t["hidden_size"]
+    t, v = tiny_sizes(TINY_TEXT, TINY_VISION, text, vision)
     return Qwen3VLConfig(text_config=t, vision_config=v)
 
 
@@ -74,12 +72,7 @@ def reference_model(seed: int = 0, text: dict | None = None, vision: dict | None
     cfg = reference_config(text, vision)
     cfg._attn_implementation = "sdpa"
     model = Qwen3VLForConditionalGeneration(cfg).eval()
-    randomize_(model, seed)
-    if exact_in is not None:
-        with torch.no_grad():
-            for p in model.parameters():
-                p.copy_(p.to(exact_in).float())
-    return model
+    return randomize_exact_(model, seed, exact_in)
 
 
 def write_single(

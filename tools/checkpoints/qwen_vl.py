@@ -42,10 +42,16 @@ FULL_PREFIX = "text_encoders.qwen25_7b.transformer."
 def reference_config(text: dict | None = None, vision: dict | None = None):
     from transformers import Qwen2_5_VLConfig  # noqa: PLC0415
 
-    t = {**TINY_TEXT, **(text or {})}
-    v = {**TINY_VISION, **(vision or {})}
-    v["out_hidden_size"] = t["hidden_size"]
+    t, v = tiny_sizes(TINY_TEXT, TINY_VISION, text, vision)
     return Qwen2_5_VLConfig(text_config=t, vision_config=v)
+
+
+def tiny_sizes(tiny_text: dict, tiny_vision: dict, text: dict | None, vision: dict | None) -> tuple[dict, dict]:
+    """(text, vision) config fields: the tiny ones with the given changes; the tower projects to the text width."""
+    t = {**tiny_text, **(text or {})}
+    v = {**tiny_vision, **(vision or {})}
+    v["out_hidden_size"] = t["hidden_size"]
+    return t, v
 
 
 @torch.no_grad()
@@ -77,11 +83,16 @@ def reference_model(
 
     torch.manual_seed(seed)
     model = (cls or Qwen2_5_VLForConditionalGeneration)(reference_config(text, vision)).eval()
+    return randomize_exact_(model, seed, exact_in)
+
+
+@torch.no_grad()
+def randomize_exact_(model: torch.nn.Module, seed: int, exact_in: torch.dtype | None) -> torch.nn.Module:
+    """`randomize_`, then (unless `exact_in` is None) every weight rounded to a value `exact_in` holds exactly."""
     randomize_(model, seed)
     if exact_in is not None:
-        with torch.no_grad():
-            for p in model.parameters():
-                p.copy_(p.to(exact_in).float())
+        for p in model.parameters():
+            p.copy_(p.to(exact_in).float())
     return model
 
 
