@@ -25,6 +25,20 @@ def weights_line(model) -> str:
     return f"{getattr(model, 'storage', '') or 'weights'}; {size}"
 
 
+def compute_dtype_input() -> tuple:
+    """The DiT loaders' `compute_dtype` input (auto: the device's best float type)."""
+    tip = "Precision of the math. auto: bf16 on GPUs that have it, else fp16; fp32 on CPU."
+    return (DTYPES, {"default": "auto", "tooltip": tip})
+
+
+def load_file(name: str, value: str, folder: str, repo_part: str, kind: str, fix: str, loader):
+    """`loader(path)` of input `name`'s file `value` from ComfyUI's `folder` (`repo_part` of a diffusers repo), held
+    in host.MODELS under `kind`; a missing or unreadable file is an error naming the input, with `fix`."""
+    with host.input_problem(name, value, fix):
+        path = host.model_path(folder, value, repo_part)
+        return host.MODELS.get(kind, path, lambda: loader(path))
+
+
 class QwenPixDiTLoader:
     DISPLAY_NAME = "Load Qwen-Image Diffusion Model"
     CATEGORY = CATEGORY
@@ -52,13 +66,7 @@ class QwenPixDiTLoader:
                         "models/diffusers."
                     },
                 ),
-                "compute_dtype": (
-                    DTYPES,
-                    {
-                        "default": "auto",
-                        "tooltip": "Precision of the math. auto: bf16 on GPUs that have it, else fp16; fp32 on CPU.",
-                    },
-                ),
+                "compute_dtype": compute_dtype_input(),
             },
             "optional": {
                 "positions": (
@@ -105,9 +113,7 @@ class QwenPixDiTLoader:
              compile: str = "off"):  # fmt: skip
         fix = "choose a complete Qwen-Image diffusion model (DiT) (.safetensors, .gguf) from models/diffusion_models"
         fix += "; a Qwen-Image-2.1 DiT loads with 'Load Qwen-Image-2.1 Diffusion Model'"
-        with host.input_problem("dit_name", dit_name, fix):
-            path = host.model_path("diffusion_models", dit_name, "transformer")
-            model = host.MODELS.get("DiT", path, lambda: load_dit(path))
+        model = load_file("dit_name", dit_name, "diffusion_models", "transformer", "DiT", fix, load_dit)
         with host.input_problem("positions", positions, f"choose one of {', '.join(native_model.POSITIONS)}"):
             convention = native_model.POSITIONS.get(positions)
             if convention is None:
@@ -207,9 +213,7 @@ class QwenPixVAELoader:
     def load(self, vae_name: str):
         fix = "choose the Qwen-Image VAE (qwen_image_vae.safetensors, complete) from models/vae"
         fix += "; the Qwen-Image-2.1 VAE loads with 'Load Qwen-Image-2.1 VAE'"
-        with host.input_problem("vae_name", vae_name, fix):
-            path = host.model_path("vae", vae_name, "vae")
-            return (host.MODELS.get("VAE", path, lambda: load_vae(path)),)
+        return (load_file("vae_name", vae_name, "vae", "vae", "VAE", fix, load_vae),)
 
 
 UNMATCHED = ["refuse (strict)", "skip with a warning"]

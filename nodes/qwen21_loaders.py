@@ -12,7 +12,7 @@ import torch
 from ..qwen_image_core.formats.vae21 import load_vae21
 from ..qwen_image_core.qwen21 import DiT21, load_dit21, load_qwen3_vl
 from . import host
-from .loaders import DTYPES, weights_line
+from .loaders import compute_dtype_input, load_file, weights_line
 
 CATEGORY = "QwenPix/Qwen-Image-2.1"
 DIT21, ENCODER21, VAE21, COND21 = "QWENPIX21_DIT", "QWENPIX21_TEXT_ENCODER", "QWENPIX21_VAE", "QWENPIX21_CONDITIONING"
@@ -53,12 +53,6 @@ def _refuse_v1(name: str, value, want: type, node: str, v1_home: str):
     )
 
 
-def _load(name: str, value: str, folder: str, repo_part: str, kind: str, fix: str, loader):
-    with host.input_problem(name, value, fix):
-        path = host.model_path(folder, value, repo_part)
-        return host.MODELS.get(kind, path, lambda: loader(path))
-
-
 class QwenPix21DiTLoader:
     DISPLAY_NAME = "Load Qwen-Image-2.1 Diffusion Model"
     CATEGORY = CATEGORY
@@ -78,13 +72,7 @@ class QwenPix21DiTLoader:
                     host.model_names("diffusion_models", "transformer"),
                     {"tooltip": "A Qwen-Image-2.1 file from models/diffusion_models (e.g. qwen_image_2.1_bf16)."},
                 ),
-                "compute_dtype": (
-                    DTYPES,
-                    {
-                        "default": "auto",
-                        "tooltip": "Precision of the math. auto: bf16 on GPUs that have it, else fp16; fp32 on CPU.",
-                    },
-                ),  # fmt: skip
+                "compute_dtype": compute_dtype_input(),
             }
         }
 
@@ -95,7 +83,7 @@ class QwenPix21DiTLoader:
     def load(self, dit_name: str, compute_dtype: str):
         fix = "choose a Qwen-Image-2.1 DiT from models/diffusion_models (a v1 Qwen-Image DiT: 'Load Qwen-Image "
         fix += "Diffusion Model')"
-        dit = _load("dit_name", dit_name, "diffusion_models", "transformer", "DiT 2.1", fix, load_dit21)
+        dit = load_file("dit_name", dit_name, "diffusion_models", "transformer", "DiT 2.1", fix, load_dit21)
         dtype = host.compute_dtype(compute_dtype, host.compute_device())
         return {"ui": {"qwenpix_plan": [weights_line(dit)]}, "result": (DiT21Handle(dit, dtype),)}
 
@@ -131,7 +119,8 @@ class QwenPix21TextEncoderLoader:
             beside = (path if path.is_dir() else path.parent) / "tokenizer"
             return load_qwen3_vl(path, tokenizer=beside if beside.is_dir() else host.comfy_tokenizer_dir())
 
-        enc = _load("text_encoder_name", text_encoder_name, "text_encoders", "text_encoder", "Qwen3-VL", fix, loader)
+        name = text_encoder_name
+        enc = load_file("text_encoder_name", name, "text_encoders", "text_encoder", "Qwen3-VL", fix, loader)
         return {"ui": {"qwenpix_plan": [weights_line(enc.model)]}, "result": (enc,)}
 
 
@@ -153,7 +142,7 @@ class QwenPix21VAELoader:
 
     def load(self, vae_name: str):
         fix = "choose the Qwen-Image-2.1 VAE from models/vae (v1's qwen_image_vae: 'Load Qwen-Image VAE')"
-        return (_load("vae_name", vae_name, "vae", "vae", "VAE 2.1", fix, load_vae21),)
+        return (load_file("vae_name", vae_name, "vae", "vae", "VAE 2.1", fix, load_vae21),)
 
 
 LOADERS = {
