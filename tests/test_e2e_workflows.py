@@ -1,7 +1,8 @@
 """The example workflows through the real ComfyUI server, on tiny smoke-test weights in the real formats.
 
-Each API workflow runs as shipped except for the number of steps (2, to fit CI on a CPU) and the output
-prefix; the image sizes are the ones the workflow asks for. Also: progress on /ws, interruption.
+Each API workflow runs as shipped except for the number of steps (2, to fit CI on a CPU; the 2.1 Turbo
+schedule keeps its fixed 8) and the output prefix; the image sizes are the ones the workflow asks for. Also:
+progress on /ws, interruption.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tools.run_workflows import SAMPLERS
+from tools.run_workflows import SAMPLERS, lower_steps
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,7 +35,13 @@ EXPECTED_SIZE = {
     "qwen_image_controlnet_union": (1328, 1328),  # the official template's size
     "qwen_image_controlnet_inpaint": (384, 256),  # composited back onto the (masked) example input
     "qwen_image_edit_masked_crop_stitch": (384, 256),  # the crop stitched back into the example input
+    "qwen_image_21_t2i": (1024, 1024),  # the 2.1 templates' size
+    "qwen_image_21_turbo_t2i": (1024, 1024),
+    "qwen_image_21_edit_3_references": (384, 256),  # image1's own size (references padded, cropped back)
+    "qwen_image_21_background_removal": (384, 256),  # the picture's own size, RGBA
 }
+# examples whose result carries an alpha channel (saved as an RGBA PNG)
+RGBA = ("qwen_image_21_background_removal",)
 # images a run saves when not one: the layered example saves each layer and the composite (1 + 1 on smoke
 # weights, where its layers are lowered to 1 as the steps are)
 EXPECTED_IMAGES = {"qwen_image_layered": 2}
@@ -56,8 +63,8 @@ def _node(prompt: dict, *classes: str) -> tuple[str, dict]:
 def _prepared(path: Path, tag: str, steps: int = 2) -> dict:
     prompt = json.loads(path.read_text())
     for node in prompt.values():
-        if node["class_type"] in SAMPLERS:  # ours or the native KSampler
-            node["inputs"]["steps"] = steps
+        if node["class_type"] in SAMPLERS:  # ours or the native KSampler; a fixed schedule keeps its count
+            lower_steps(node, steps)
         if node["class_type"] == "QwenPixLayeredSampler":
             node["inputs"]["layers"] = min(node["inputs"]["layers"], SMOKE_LAYERS)
         if node["class_type"] == "SaveImage":
@@ -79,11 +86,13 @@ def test_api_workflow_runs_and_reports_progress(models, client, path):
     for img in images:
         with Image.open(models.output_dir / img["subfolder"] / img["filename"]) as im:
             assert im.size == EXPECTED_SIZE[path.stem]
+            assert (im.mode == "RGBA") == (path.stem in RGBA), im.mode
             if path.stem in MASKED:
                 _assert_repainted_only_in_the_mask(im)
-    sampler_id, _ = _node(prompt, *SAMPLERS)
+    sampler_id, sampler = _node(prompt, *SAMPLERS)
     progress = [e["data"] for e in res.events if e["type"] == "progress" and e["data"]["node"] == sampler_id]
-    assert [(p["value"], p["max"]) for p in progress][-2:] == [(1, 2), (2, 2)]
+    n = sampler["inputs"]["steps"]
+    assert [(p["value"], p["max"]) for p in progress][-2:] == [(n - 1, n), (n, n)]
     # the examples use every input as intended: no warning for the user
     assert [e["data"]["message"] for e in res.events if e["type"] == "qwenpix.warning"] == []
 

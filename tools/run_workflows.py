@@ -34,10 +34,22 @@ LOADER_INPUTS: dict[str, tuple[str, str]] = {
     "QwenPixVAELoader": ("vae_name", "vae"),
     "QwenPixLoraLoader": ("lora_name", "loras"),
     "QwenPixControlNetLoader": ("control_net_name", "controlnet"),
+    "QwenPix21DiTLoader": ("dit_name", "diffusion_models"),
+    "QwenPix21TextEncoderLoader": ("text_encoder_name", "text_encoders"),
+    "QwenPix21VAELoader": ("vae_name", "vae"),
 }
 
 # sampler nodes whose `steps` the job lowers on smoke-test weights
-SAMPLERS = ("QwenPixSampler", "KSampler", "QwenPixLayeredSampler")
+SAMPLERS = ("QwenPixSampler", "KSampler", "QwenPixLayeredSampler", "QwenPix21Sampler")
+# (sampler, schedule) whose step count is fixed: the 2.1 Turbo schedule is its 8 published sigmas
+FIXED_STEPS = {("QwenPix21Sampler", "turbo")}
+
+
+def lower_steps(node: dict, steps: int) -> None:
+    """Set a sampler node's `steps` to at most `steps`, unless its schedule fixes the count."""
+    if node["class_type"] in SAMPLERS and (node["class_type"], node["inputs"].get("schedule")) not in FIXED_STEPS:
+        node["inputs"]["steps"] = min(node["inputs"]["steps"], steps)
+
 
 # what the job runs while the pack has no example workflows yet: an empty latent decoded to a PNG
 BUILTIN_SMOKE = {
@@ -112,11 +124,11 @@ def main(argv: list[str] | None = None) -> int:
         if smoke:  # noise in, noise out: a couple of steps prove the graph as well as the shipped count
             for _, prompt in jobs:
                 for node in prompt.values():
-                    if node["class_type"] in SAMPLERS:
-                        node["inputs"]["steps"] = min(node["inputs"]["steps"], args.smoke_steps)
+                    lower_steps(node, args.smoke_steps)
             print(
                 f"NOTE: no real weights for {', '.join(smoke)} in {args.models}: generated tiny random smoke-test "
-                f"weights in the real formats. The pipeline runs end to end ({args.smoke_steps} sampling steps), but "
+                f"weights in the real formats. The pipeline runs end to end ({args.smoke_steps} sampling steps; a "
+                "fixed schedule such as the 2.1 Turbo's keeps its own), but "
                 "those images are noise."
             )
         print(f"starting ComfyUI ({server.comfy_dir}) ...", flush=True)

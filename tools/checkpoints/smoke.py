@@ -3,7 +3,8 @@
 The main job and the end-to-end tests put these where a workflow expects e.g. `qwen_image_fp8_e4m3fn.safetensors`:
 the graph then runs end to end through the same loaders as the real files (the images are noise). The DiT's
 text width equals the tiny text encoder's hidden size, and LoRAs and ControlNets match the tiny DiT, so the files
-combine.
+combine. Qwen-Image-2.1 names (`qwen_image_2.1_*`, `qwen3vl_*`) get tiny 2.1 files: its DiT, its Qwen3-VL encoder
+(the tokenizer comes from ComfyUI's, as for the real file) and its VAE, in the layout the name says.
 """
 
 from __future__ import annotations
@@ -12,9 +13,16 @@ from pathlib import Path
 
 import torch
 
-from tools.checkpoints import controlnet, dit, lora, qwen_vl, vae
+from tools.checkpoints import controlnet, dit, dit21, lora, qwen3_vl, qwen_vl, vae, vae21
 
 TEXT_HIDDEN = qwen_vl.TINY_TEXT["hidden_size"]
+TEXT_HIDDEN_21 = qwen3_vl.TINY_TEXT["hidden_size"]  # the tiny Qwen3-VL's width: the 2.1 DiT's text width
+
+
+def is_qwen21(name: str) -> bool:
+    """A Qwen-Image-2.1 file by its name (DiT and VAE `qwen_image_2.1_*`, encoder `qwen3vl_*` / `qwen3_vl_*`)."""
+    name = name.lower()
+    return "qwen_image_2.1" in name or name.startswith(("qwen3vl", "qwen3_vl"))
 
 
 def dit_config():
@@ -23,6 +31,12 @@ def dit_config():
 
 def write_diffusion_model(path: Path) -> None:
     name, cfg = path.name.lower(), dit_config()
+    if is_qwen21(name):  # int8_convrot: the quantised layout (widths in 256-groups); otherwise bf16
+        if "int8_convrot" in name:
+            dit21.write_comfy_quant(path, dit21.quant_config(text_dim=TEXT_HIDDEN_21))
+        else:
+            dit21.write_comfy(path, dit21.tiny_config(text_dim=TEXT_HIDDEN_21))
+        return
     if "layered" in name:  # Qwen-Image-Layered: its extra timestep embedding (and layer-3D RoPE)
         cfg = dit.tiny_config(text_dim=TEXT_HIDDEN, **dit.LAYERED)
     zero_cond_t = "2511" in name
@@ -51,6 +65,13 @@ def _add_marker(path: Path) -> None:
 
 
 def write_text_encoder(path: Path) -> None:
+    if is_qwen21(path.name):
+        model = qwen3_vl.reference_model(seed=0)
+        if "int8_convrot" in path.name.lower():
+            qwen3_vl.write_quantised(path, model, "int8_convrot")
+        else:
+            qwen3_vl.write_single(path, model)
+        return
     sd = qwen_vl.legacy_state_dict(qwen_vl.reference_model(seed=0))
     sd = {k: v for k, v in sd.items() if not k.startswith("lm_head.")}  # never used for conditioning
     if "fp8" in path.name.lower():
@@ -60,6 +81,9 @@ def write_text_encoder(path: Path) -> None:
 
 
 def write_vae(path: Path) -> None:
+    if is_qwen21(path.name):
+        vae21.write_vae21(path.parent / ".smoke-vae21", "single").rename(path)
+        return
     channels = 4 if "layered" in path.name.lower() else 3  # qwen_image_layered_vae: the RGBA VAE
     vae.write_vae(path.parent / ".smoke-vae", "comfy", base_dim=16, image_channels=channels).rename(path)
 
