@@ -100,6 +100,9 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths:
 
 
 class VisionAttention(nn.Module):
+    """Fused-qkv self-attention with 2D RoPE over packed segments; the Qwen2.5-VL and Qwen3-VL towers' alike
+    (`cfg`: any config with hidden_size and num_heads)."""
+
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.num_heads = cfg.num_heads
@@ -214,6 +217,15 @@ def rope_2d(grids, head_dim: int, theta: float, merge: int, device) -> tuple[tor
     return angles.cos(), angles.sin()
 
 
+def checked_grids(patches: torch.Tensor, grids) -> list[tuple[int, ...]]:
+    """grids [(t, gh, gw)] as ints; a ValueError unless they hold exactly the N patches [N, patch_dim]."""
+    grids = [tuple(int(v) for v in g) for g in grids]
+    n = patches.shape[0]
+    if n != sum(t * h * w for t, h, w in grids):
+        raise ValueError(f"{n} patches do not match the image grids {grids}")
+    return grids
+
+
 class VisionTower(nn.Module):
     """Qwen2.5-VL's ViT; module names equal the checkpoint's `visual.*` keys."""
 
@@ -234,11 +246,9 @@ class VisionTower(nn.Module):
         """patches [N, patch_dim] in the compute dtype; grids [(t, gh, gw)] per image -> [N/4, out_hidden].
 
         check: called before each block; raise from it to stop (a host's interrupt check)."""
-        grids = [tuple(int(v) for v in g) for g in grids]
+        grids = checked_grids(patches, grids)
         unit = self.cfg.merge_size**2
         n = patches.shape[0]
-        if n != sum(t * h * w for t, h, w in grids):
-            raise ValueError(f"{n} patches do not match the image grids {grids}")
         order, window_lengths = window_order(grids, self.cfg)
         frame_lengths = [h * w for t, h, w in grids for _ in range(t)]  # full attention: within each frame
         order = order.to(patches.device)

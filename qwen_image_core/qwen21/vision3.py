@@ -24,7 +24,7 @@ from torch import nn
 
 from .. import progress
 from ..ops import Linear, cast_weight
-from ..vision import packed_attention, rope_2d, rotate_half
+from ..vision import VisionAttention, checked_grids, rope_2d
 
 
 @dataclass(frozen=True)
@@ -70,22 +70,6 @@ class LayerNorm(nn.LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = (cast_weight(t, None, x.dtype) for t in (self.weight, self.bias))
         return F.layer_norm(x, self.normalized_shape, w, b, self.eps)
-
-
-class VisionAttention(nn.Module):
-    def __init__(self, cfg: Vision3Config):
-        super().__init__()
-        self.num_heads = cfg.num_heads
-        self.qkv = Linear(cfg.hidden_size, 3 * cfg.hidden_size)
-        self.proj = Linear(cfg.hidden_size, cfg.hidden_size)
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
-        n = x.shape[0]
-        q, k, v = self.qkv(x).view(n, 3, self.num_heads, -1).unbind(1)  # each [N, H, Dh]
-        # rotary in float32, as the reference does, then back to the compute dtype
-        q = (q.float() * cos + rotate_half(q.float()) * sin).to(x.dtype)
-        k = (k.float() * cos + rotate_half(k.float()) * sin).to(x.dtype)
-        return self.proj(packed_attention(q, k, v, lengths).reshape(n, -1))
 
 
 class VisionMLP(nn.Module):
@@ -197,10 +181,7 @@ class VisionTower3(nn.Module):
         (merged features [N/4, out_hidden], DeepStack features: one [N/4, out_hidden] per DeepStack layer).
 
         check: called before each block; raise from it to stop (a host's interrupt check)."""
-        grids = [tuple(int(v) for v in g) for g in grids]
-        n = patches.shape[0]
-        if n != sum(t * h * w for t, h, w in grids):
-            raise ValueError(f"{n} patches do not match the image grids {grids}")
+        grids = checked_grids(patches, grids)
         x = self.patch_embed(patches) + self.positions(grids, patches.dtype, patches.device)  # [N, hidden]
         cos, sin = rope_2d(grids, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.merge_size, patches.device)
         lengths = [h * w for t, h, w in grids for _ in range(t)]  # attention within each frame
