@@ -81,16 +81,34 @@ def _merged_dit(path, lora_path, strength: float):
     return dit
 
 
+def _inputs():
+    """The graph's text embeddings [1, T, D] and picture [H, W, 4] (QwenPixTestConditioning, QwenPixTestImage)."""
+    cond = torch.randn(1, TOKENS, CFG.text_dim, generator=torch.Generator().manual_seed(1))
+    image = torch.rand(1, HEIGHT, WIDTH, 4, generator=torch.Generator().manual_seed(4))[0]
+    return cond, image
+
+
 @pytest.fixture(scope="module")
 def merged_run(files) -> layered.Decomposition:
     """decompose on the DiT with the LoRA merged at STRENGTH, with the server graph's picture, text and seed."""
     models = files.models_dir
     dit = _merged_dit(models / "diffusion_models" / DIT, models / "loras" / LORA, STRENGTH)
-    vae = load_vae(models / "vae" / VAE)
-    cond = torch.randn(1, TOKENS, CFG.text_dim, generator=torch.Generator().manual_seed(1))  # QwenPixTestConditioning
-    image = torch.rand(1, HEIGHT, WIDTH, 4, generator=torch.Generator().manual_seed(4))[0]  # QwenPixTestImage rgba
-    return layered.decompose(dit, vae, None, image, "", layers=LAYERS, resolution=640, steps=STEPS, cfg_scale=1.0,
-                             seed=SEED, prompt_embeds=(cond, None))  # fmt: skip
+    cond, image = _inputs()
+    return layered.decompose(dit, load_vae(models / "vae" / VAE), None, image, "", layers=LAYERS, resolution=640,
+                             steps=STEPS, cfg_scale=1.0, seed=SEED, prompt_embeds=(cond, None))  # fmt: skip
+
+
+def _base_latents(comfy) -> np.ndarray:
+    """decompose's sampling steps (without its decode) on the DiT without the LoRA."""
+    models = comfy.models_dir
+    dit, vae = load_dit(models / "diffusion_models" / DIT).float(), load_vae(models / "vae" / VAE)
+    cond, image = _inputs()
+    with torch.no_grad():
+        pixels = layered.prepare_image(image, 640)  # [1, 4, H, W]
+        ref = vae.encode(pixels).float()
+        noise = layered.layered_noise(1, LAYERS, *pixels.shape[-2:], SEED)
+        sigmas = layered.layered_sigmas(STEPS, tuple(ref.shape[-2:]))
+        return layered.sample_layers(dit, noise, ref, cond, sigmas=sigmas, cfg_scale=1.0).numpy()
 
 
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
@@ -114,3 +132,10 @@ def test_layered_sampler_with_lora_equals_decompose_on_the_merged_dit(server_run
     diff = float(np.abs(got - _server_latent(server_runs, "plain")).max())
     print(f"{loader}: vs the run without the LoRA, max diff {diff:.2e}")
     assert diff > 1e-2, f"the LoRA changed nothing (max diff {diff:.2e})"
+
+
+def test_the_run_without_lora_is_the_base_dit(server_runs):
+    """The MODEL without the LoRA, in the same prompt as the two with it, samples with the file's weights."""
+    err = _rel(_server_latent(server_runs, "plain"), _base_latents(server_runs))
+    print(f"\nplain: layered latent vs the base DiT, max rel diff {err:.2e}")
+    assert err <= REL
