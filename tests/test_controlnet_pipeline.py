@@ -4,21 +4,17 @@ weights (the repo of tests/test_pipeline.py plus a ControlNet folder): final ima
 
 from __future__ import annotations
 
-import shutil
-
-import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_pipeline_repo import diffusers_components, picture, write_repo
 
-import oracles
 from qwen_image_core import control
 from qwen_image_core.controlnet import load_controlnet
 from qwen_image_core.pipeline import QwenImagePipeline
 from tools.checkpoints import controlnet as C
 from tools.checkpoints import dit as D
 from tools.checkpoints import qwen_vl as Q
-from tools.checkpoints.vae import write_vae
 
 ATOL = 1e-4
 STEPS = 4
@@ -28,12 +24,7 @@ W, H = 96, 64
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
     root = tmp_path_factory.mktemp("cnrepo")
-    cfg = D.tiny_config(text_dim=Q.TINY_TEXT["hidden_size"])
-    D.write_diffusers(root, cfg, dtype=torch.float32, repo=True)
-    write_vae(root, "diffusers", base_dim=8, dtype=torch.float32, seed=5)
-    te = Q.reference_model(seed=0, cls=oracles.VLOracle)
-    Q.write_hf_folder(root / "text_encoder", te, dtype=torch.bfloat16)
-    shutil.copytree(oracles.TOKENIZER, root / "tokenizer")
+    te = write_repo(root)
     net_cfg = D.tiny_config(text_dim=Q.TINY_TEXT["hidden_size"], num_layers=1)
     C.write_diffusers(root / "cn_union", net_cfg, seed=7)
     C.write_instantx(root / "cn_inpaint.safetensors", net_cfg, seed=8, dtype=torch.float32, extra_channels=4)
@@ -47,16 +38,7 @@ def ours(repo):
 
 @pytest.fixture(scope="module")
 def components(repo):
-    from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
-
-    root, te = repo
-    return dict(
-        transformer=QwenImageTransformer2DModel.from_pretrained(root / "transformer").eval(),
-        vae=AutoencoderKLQwenImage.from_pretrained(root / "vae").eval(),
-        text_encoder=te,
-        tokenizer=oracles.tokenizer(),
-        scheduler=oracles.scheduler(),
-    )
+    return diffusers_components(*repo)
 
 
 def ref_net(root, name):
@@ -68,10 +50,6 @@ def ref_net(root, name):
     m = QwenImageControlNetModel(**conf)
     m.load_state_dict(C.state_dict(load_controlnet(root / name).config, 8, 4))
     return m.eval()
-
-
-def picture(w, h, seed):
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
 
 
 def check(ours, ref):

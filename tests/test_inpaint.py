@@ -6,19 +6,16 @@ at sizes that are not multiples of 16, for several mask shapes; bad masks named.
 from __future__ import annotations
 
 import os
-import shutil
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
+from tiny_pipeline_repo import diffusers_components, picture, write_repo
 
 import oracles
 from qwen_image_core import inpaint as I
 from qwen_image_core.pipeline import QwenImagePipeline
-from tools.checkpoints import dit as D
-from tools.checkpoints import qwen_vl as Q
-from tools.checkpoints.vae import write_vae
 
 ATOL = 1e-4
 W, H = 96, 64
@@ -27,12 +24,7 @@ W, H = 96, 64
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
     root = tmp_path_factory.mktemp("inpaintrepo")
-    cfg = D.tiny_config(text_dim=Q.TINY_TEXT["hidden_size"])
-    D.write_diffusers(root, cfg, dtype=torch.float32, repo=True)
-    write_vae(root, "diffusers", base_dim=8, dtype=torch.float32, seed=5)
-    te = Q.reference_model(seed=0, cls=oracles.VLOracle)
-    Q.write_hf_folder(root / "text_encoder", te, dtype=torch.bfloat16)
-    shutil.copytree(oracles.TOKENIZER, root / "tokenizer")
+    te = write_repo(root)
     return root, te
 
 
@@ -43,20 +35,7 @@ def ours(repo):
 
 @pytest.fixture(scope="module")
 def components(repo):
-    from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
-
-    root, te = repo
-    return dict(
-        transformer=QwenImageTransformer2DModel.from_pretrained(root / "transformer").eval(),
-        vae=AutoencoderKLQwenImage.from_pretrained(root / "vae").eval(),
-        text_encoder=te,
-        tokenizer=oracles.tokenizer(),
-        scheduler=oracles.scheduler(),
-    )
-
-
-def picture(w, h, seed):
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+    return diffusers_components(*repo)
 
 
 def box_mask(w, h, box):
