@@ -210,6 +210,17 @@ class UpBlock(nn.Module):
         return x if self.upsamplers is None else self.upsamplers[0](x)
 
 
+def run_stages(x: torch.Tensor, stages: nn.ModuleList, check: Callable[[], None] | None) -> torch.Tensor:
+    """x through each stage in turn (an encoder's or decoder's blocks); `check` called before each (raise from
+    it to stop: a host's interrupt check), and a progress step reported after each."""
+    for i, stage in enumerate(stages):
+        if check is not None:
+            check()
+        x = stage(x)
+        progress.step(check, i + 1, len(stages))
+    return x
+
+
 class Encoder(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
@@ -229,11 +240,7 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor, check: Callable[[], None] | None = None) -> torch.Tensor:
         x = self.conv_in(x)  # [B, 96, H, W]
-        for i, block in enumerate(self.down_blocks):
-            if check is not None:
-                check()
-            x = block(x)  # ... [B, 384, H/8, W/8]
-            progress.step(check, i + 1, len(self.down_blocks))
+        x = run_stages(x, self.down_blocks, check)  # ... [B, 384, H/8, W/8]
         x = self.mid_block(x)
         return self.conv_out(F.silu(self.norm_out(x, inplace=True), inplace=True))  # [B, 32, H/8, W/8]
 
@@ -254,11 +261,7 @@ class Decoder(nn.Module):
 
     def forward(self, z: torch.Tensor, check: Callable[[], None] | None = None) -> torch.Tensor:
         x = self.mid_block(self.conv_in(z))  # [B, 384, h, w]
-        for i, block in enumerate(self.up_blocks):
-            if check is not None:
-                check()
-            x = block(x)  # ... [B, 96, 8h, 8w]
-            progress.step(check, i + 1, len(self.up_blocks))
+        x = run_stages(x, self.up_blocks, check)  # ... [B, 96, 8h, 8w]
         return self.conv_out(F.silu(self.norm_out(x, inplace=True), inplace=True))  # [B, 3, 8h, 8w]
 
 

@@ -28,8 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import progress
-from ..vae import Conv2d, ImageVAE, MidBlock, ResidualBlock, RMSNorm, upsample2x_conv3x3
+from ..vae import Conv2d, ImageVAE, MidBlock, ResidualBlock, RMSNorm, run_stages, upsample2x_conv3x3
 from ..vae_tiling import choose_tiling
 
 # fmt: off
@@ -165,11 +164,7 @@ class Encoder21(nn.Module):
 
     def forward(self, x: torch.Tensor, check: Callable[[], None] | None = None) -> torch.Tensor:
         x = self.conv_in(x)  # [B, 96, H, W]
-        for i, block in enumerate(self.down_blocks):
-            if check is not None:
-                check()
-            x = block(x)  # ... [B, 768, H/16, W/16]
-            progress.step(check, i + 1, len(self.down_blocks))
+        x = run_stages(x, self.down_blocks, check)  # ... [B, 768, H/16, W/16]
         x = self.mid_block(x)
         return self.conv_out(F.silu(self.norm_out(x, inplace=True), inplace=True))  # [B, 128, H/16, W/16]
 
@@ -192,11 +187,7 @@ class Decoder21(nn.Module):
 
     def forward(self, z: torch.Tensor, check: Callable[[], None] | None = None) -> torch.Tensor:
         x = self.mid_block(self.conv_in(z))  # [B, 1152, h, w]
-        for i, block in enumerate(self.up_blocks):
-            if check is not None:
-                check()
-            x = block(x)  # ... [B, 144, 16h, 16w]
-            progress.step(check, i + 1, len(self.up_blocks))
+        x = run_stages(x, self.up_blocks, check)  # ... [B, 144, 16h, 16w]
         return self.conv_out(F.silu(self.norm_out(x, inplace=True), inplace=True))  # [B, 4, 16h, 16w]
 
 
