@@ -26,8 +26,25 @@ from .formats import qwen_vl as qwen_vl_format
 from .ops import Linear, cast_weight
 
 
+class TowerSizes:
+    """What a vision tower's config (Qwen2.5-VL's or Qwen3-VL's) derives from its hidden_size, num_heads,
+    in_channels and patch sizes; its heads are checked to split for the 2D RoPE."""
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 4:
+            raise ValueError(f"vision hidden {self.hidden_size} does not split into {self.num_heads} heads of 4k")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patch_dim(self) -> int:
+        return self.in_channels * self.temporal_patch_size * self.patch_size**2
+
+
 @dataclass(frozen=True)
-class VisionConfig:
+class VisionConfig(TowerSizes):
     depth: int = 32  # transformer blocks
     hidden_size: int = 1280  # patch-token width
     num_heads: int = 16  # 16 heads x 80 channels
@@ -41,18 +58,6 @@ class VisionConfig:
     full_attention_blocks: tuple[int, ...] = (7, 15, 23, 31)  # blocks that attend over the whole image
     rope_theta: float = 10000.0  # 2D RoPE base
     rms_eps: float = 1e-6  # RMSNorm epsilon
-
-    def __post_init__(self):
-        if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 4:
-            raise ValueError(f"vision hidden {self.hidden_size} does not split into {self.num_heads} heads of 4k")
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @property
-    def patch_dim(self) -> int:
-        return self.in_channels * self.temporal_patch_size * self.patch_size**2
 
     @classmethod
     def from_shapes(cls, shapes: Mapping[str, tuple[int, ...]], prefix: str = "visual.", **known) -> VisionConfig:
@@ -131,7 +136,15 @@ class VisionMLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class VisionBlock(nn.Module):
+class PreNormBlock(nn.Module):
+    """x + attn(norm1(x), ...), then + mlp(norm2(x)): a vision block; subclasses build the four layers."""
+
+    def forward(self, x, cos, sin, lengths):
+        x = x + self.attn(self.norm1(x), cos, sin, lengths)
+        return x + self.mlp(self.norm2(x))
+
+
+class VisionBlock(PreNormBlock):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.norm1 = RMSNorm(cfg.hidden_size, cfg.rms_eps)
@@ -139,23 +152,21 @@ class VisionBlock(nn.Module):
         self.attn = VisionAttention(cfg)
         self.mlp = VisionMLP(cfg)
 
-    def forward(self, x, cos, sin, lengths):
-        x = x + self.attn(self.norm1(x), cos, sin, lengths)
-        return x + self.mlp(self.norm2(x))
-
 
 class PatchEmbed(nn.Module):
-    """Conv3d with kernel = stride = one patch, i.e. a linear map of each flattened (C, T, P, P) patch."""
+    """Conv3d with kernel = stride = one patch, i.e. a linear map of each flattened (C, T, P, P) patch;
+    without a bias in Qwen2.5-VL, with one in Qwen3-VL."""
 
-    def __init__(self, cfg: VisionConfig):
+    def __init__(self, cfg: VisionConfig, bias: bool = False):
         super().__init__()
         k = (cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
-        self.proj = nn.Conv3d(cfg.in_channels, cfg.hidden_size, kernel_size=k, stride=k, bias=False)
+        self.proj = nn.Conv3d(cfg.in_channels, cfg.hidden_size, kernel_size=k, stride=k, bias=bias)
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         w = cast_weight(self.proj.weight, None, patches.dtype)  # [hidden, C, T, P, P]
-        x = F.conv3d(patches.view(-1, *w.shape[1:]), w)  # same arithmetic as the reference's Conv3d
-        return x.view(patches.shape[0], -1)  # [N, 1176] -> [N, hidden]
+        b = None if self.proj.bias is None else cast_weight(self.proj.bias, None, patches.dtype)
+        x = F.conv3d(patches.view(-1, *w.shape[1:]), w, b)  # same arithmetic as the reference's Conv3d
+        return x.view(patches.shape[0], -1)  # [N, patch_dim] -> [N, hidden]
 
 
 class PatchMerger(nn.Module):

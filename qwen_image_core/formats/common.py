@@ -30,6 +30,23 @@ def common_prefix(keys: Iterable[str], candidates: Iterable[str]) -> str:
     return ""
 
 
+def positive_int(v) -> bool:
+    """A config value that is a whole number above 0 (a JSON true is not 1)."""
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def checked_number(field: str, v, where, floats) -> int | float:
+    """A config value: a positive number (as float) for the fields in `floats`, else a positive integer;
+    a CheckpointError naming `where` and the field otherwise (a JSON true is no number)."""
+    if field in floats:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+            raise CheckpointError(f"{where}: {field} is {v!r}, expected a positive number")
+        return float(v)
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise CheckpointError(f"{where}: {field} is {v!r}, expected a positive integer")
+    return v
+
+
 def select_names(ckpt: Checkpoint, prefix: str, rename: Callable[[str], str], dropped, twice: str) -> dict[str, str]:
     """{model name: file key} of the keys under `prefix`, renamed, without those starting with `dropped`;
     a name reached from two keys is a CheckpointError naming the file (`twice` says which namings)."""

@@ -148,20 +148,16 @@ def config_fields(raw, where) -> dict:
         if v is None:
             continue
         if ours == "rope_axes":
-            if not (isinstance(v, list) and len(v) == 3 and all(_positive_int(a) for a in v)):
+            if not (isinstance(v, list) and len(v) == 3 and all(common.positive_int(a) for a in v)):
                 raise CheckpointError(f"{where}: {theirs} is {v!r}, expected three positive integers")
             v = tuple(v)
         elif ours in FLAG_FIELDS:
             if not isinstance(v, bool):
                 raise CheckpointError(f"{where}: {theirs} is {v!r}, expected true or false")
-        elif not _positive_int(v):
+        elif not common.positive_int(v):
             raise CheckpointError(f"{where}: {theirs} is {v!r}, expected a positive integer")
         cfg[ours] = v
     return cfg
-
-
-def _positive_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
 
 def read_config_json(folder: Path) -> dict:

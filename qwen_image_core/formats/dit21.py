@@ -71,30 +71,22 @@ def config_fields(raw, where) -> dict:
         if v is None:
             continue
         ok = {
-            "rope_axes": isinstance(v, list) and len(v) == 3 and all(_positive_int(a) for a in v),
+            "rope_axes": isinstance(v, list) and len(v) == 3 and all(common.positive_int(a) for a in v),
             "causal_condition": isinstance(v, bool),
             "eps": isinstance(v, float) and v > 0,
-        }.get(ours, _positive_int(v))
+        }.get(ours, common.positive_int(v))
         if not ok:
             raise CheckpointError(f"{where}: {theirs} is {v!r}, not a valid value")
         cfg[ours] = tuple(v) if ours == "rope_axes" else v
     ratio = raw.get("mlp_ratio")
     if ratio is not None:
-        if not _positive_int(ratio):
+        if not common.positive_int(ratio):
             raise CheckpointError(f"{where}: mlp_ratio is {ratio!r}, expected a positive integer")
         cfg["mlp_ratio"] = ratio  # turned into mlp_dim by infer_config (it needs the width)
     return cfg
 
 
-def _positive_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v > 0
-
-
-def read_config_json(folder: Path) -> dict:
-    return common.read_config_json(folder, config_fields)
-
-
-def metadata_config(metadata: Mapping[str, str], path) -> dict:
+def _metadata_config(metadata: Mapping[str, str], path) -> dict:  # {"transformer": <config.json>}
     return common.metadata_config(metadata, path, config_fields, CONFIG_METADATA, CONFIG_SECTION)
 
 
@@ -188,12 +180,12 @@ def read_dit21(path: str | os.PathLike, mmap: bool = False, overrides: Mapping |
     path = resolve(path)
     if gguf.is_gguf(path):
         return read_gguf(path, mmap, overrides)
-    config = read_config_json(path)
+    config = common.read_config_json(path, config_fields)
     ckpt = open_checkpoint(path, mmap=mmap)
     prefix, names = prefix_free_names(ckpt.keys(), PREFIXES)
     identify(ckpt.path, list(names), ckpt.metadata)
     markers = common.read_markers(ckpt, names, lambda n: n.removeprefix(prefix))
-    config = {**metadata_config(ckpt.metadata, ckpt.path), **config, **(overrides or {})}
+    config = {**_metadata_config(ckpt.metadata, ckpt.path), **config, **(overrides or {})}
     config = infer_config(_fused_shapes(common.logical_shapes(ckpt, names, markers)), config, ckpt.path)
     tensors, scales, packed, storage = common.read_stored(ckpt, names, markers)
     tensors = fuse_mlp(ckpt.path, tensors, scales, packed)
@@ -205,7 +197,7 @@ def read_gguf(path: Path, mmap: bool = False, overrides: Mapping | None = None) 
     f = open_gguf(path, mmap, GGUF_ARCHITECTURES, f"a {FAMILY}")
     _, names = prefix_free_names(f.entries, PREFIXES)
     identify(path, list(names))
-    config = metadata_config(gguf_config(f, path, GGUF_CONFIG_KEY), path)
+    config = _metadata_config(gguf_config(f, path, GGUF_CONFIG_KEY), path)
     shapes = _fused_shapes({n: f.shape(k) for n, k in names.items()})
     config = infer_config(shapes, {**config, **(overrides or {})}, path)
     tensors, packed = gguf.load_weights(f, names, lambda name, shape: name.endswith(".weight") and len(shape) == 2)

@@ -27,9 +27,9 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from ..checkpoint import Checkpoint, CheckpointError
-from . import foreign
-from .common import logical_shapes, metadata_config, read_config_json, read_markers, read_stored, select_names
-from .qwen_vl import CONFIG_METADATA, CONFIG_SECTION, canonical_name
+from . import foreign, qwen_vl
+from .common import checked_number, metadata_config, read_config_json, select_names
+from .qwen_vl import CONFIG_METADATA, CONFIG_SECTION, canonical_name, markers_under
 
 WHAT = "Qwen3-VL text encoder (Qwen-Image-2.1)"
 PREFIXES = ("text_encoders.qwen3vl_8b.transformer.", "text_encoder.", "")  # tried in order ("" = bare keys)
@@ -94,19 +94,11 @@ def encoder_names(ckpt: Checkpoint) -> dict[str, str]:
 
 def encoder_markers(ckpt: Checkpoint, names: Mapping[str, str]) -> dict:
     """The comfy_quant markers of the encoder's layers, under canonical names."""
-    layers = {k.removesuffix(".weight"): n.removesuffix(".weight") for n, k in names.items() if n.endswith(".weight")}
-    prefix = find_prefix(list(ckpt.keys())) or ""
-    return read_markers(ckpt, names, lambda k: layers.get(k, canonical_name(k.removeprefix(prefix))))
+    return markers_under(ckpt, names, find_prefix(list(ckpt.keys())) or "")
 
 
-def encoder_shapes(ckpt: Checkpoint, names: Mapping[str, str], markers) -> dict[str, tuple[int, ...]]:
-    """Canonical shapes, packed weights given as the float weights they stand for."""
-    return logical_shapes(ckpt, names, markers)
-
-
-def encoder_weights(ckpt: Checkpoint, names: Mapping[str, str], markers):
-    """(weights, float8 scales, packed comfy_quant layers, storage description), under canonical names."""
-    return read_stored(ckpt, names, markers)
+# shapes and tensors under canonical names: the same steps as Qwen2.5-VL's
+encoder_shapes, encoder_weights = qwen_vl.encoder_shapes, qwen_vl.encoder_weights
 
 
 def _value(field: str, v, where):
@@ -114,13 +106,7 @@ def _value(field: str, v, where):
         if not isinstance(v, (list, tuple)) or not all(isinstance(a, int) and a >= 0 for a in v):
             raise CheckpointError(f"{where}: {field} is {v!r}, expected a list of non-negative integers")
         return tuple(v)
-    if field in FLOATS:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-            raise CheckpointError(f"{where}: {field} is {v!r}, expected a positive number")
-        return float(v)
-    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-        raise CheckpointError(f"{where}: {field} is {v!r}, expected a positive integer")
-    return v
+    return checked_number(field, v, where, FLOATS)
 
 
 def parse_config(raw, where) -> dict:

@@ -29,7 +29,15 @@ import torch
 
 from ..checkpoint import Checkpoint, CheckpointError
 from . import comfy_quant, foreign
-from .common import logical_shapes, metadata_config, read_config_json, read_markers, read_stored, select_names
+from .common import (
+    checked_number,
+    logical_shapes,
+    metadata_config,
+    read_config_json,
+    read_markers,
+    read_stored,
+    select_names,
+)
 
 # prefixes under which the encoder's keys may sit, tried in order ("" = bare keys)
 PREFIXES = ("text_encoders.qwen25_7b.transformer.", "text_encoder.", "")
@@ -113,8 +121,13 @@ def encoder_names(ckpt: Checkpoint) -> dict[str, str]:
 
 def encoder_markers(ckpt: Checkpoint, names: Mapping[str, str]) -> dict[str, comfy_quant.Marker]:
     """The comfy_quant markers of the encoder's layers, under legacy names (`names`: legacy -> file key)."""
+    return markers_under(ckpt, names, find_prefix(list(ckpt.keys())) or "")
+
+
+def markers_under(ckpt: Checkpoint, names: Mapping[str, str], prefix: str) -> dict[str, comfy_quant.Marker]:
+    """The comfy_quant markers of an encoder whose keys sit under `prefix`, under the names of `names`
+    (canonical -> file key); a marker's layer is renamed by `names`, else by `canonical_name`."""
     layers = {k.removesuffix(".weight"): n.removesuffix(".weight") for n, k in names.items() if n.endswith(".weight")}
-    prefix = find_prefix(list(ckpt.keys())) or ""
     return read_markers(ckpt, names, lambda k: layers.get(k, canonical_name(k.removeprefix(prefix))))
 
 
@@ -180,13 +193,7 @@ def _value(field: str, v, where):
         if not ok or (field == "mrope_section" and (len(v) != 3 or 0 in v)):
             raise CheckpointError(f"{where}: {field} is {v!r}, expected a list of non-negative integers")
         return tuple(v)
-    if field in FLOATS:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-            raise CheckpointError(f"{where}: {field} is {v!r}, expected a positive number")
-        return float(v)
-    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-        raise CheckpointError(f"{where}: {field} is {v!r}, expected a positive integer")
-    return v
+    return checked_number(field, v, where, FLOATS)
 
 
 def parse_config(raw, where) -> dict:

@@ -24,11 +24,11 @@ from torch import nn
 
 from .. import progress
 from ..ops import Linear, cast_weight
-from ..vision import VisionAttention, checked_grids, rope_2d
+from ..vision import PatchEmbed, PreNormBlock, TowerSizes, VisionAttention, checked_grids, rope_2d
 
 
 @dataclass(frozen=True)
-class Vision3Config:
+class Vision3Config(TowerSizes):
     depth: int = 27  # transformer blocks
     hidden_size: int = 1152  # patch-token width
     num_heads: int = 16  # 16 heads x 72 channels
@@ -44,20 +44,11 @@ class Vision3Config:
     norm_eps: float = 1e-6  # LayerNorm epsilon
 
     def __post_init__(self):
-        if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 4:
-            raise ValueError(f"vision hidden {self.hidden_size} does not split into {self.num_heads} heads of 4k")
+        super().__post_init__()
         if round(self.num_position_embeddings**0.5) ** 2 != self.num_position_embeddings:
             raise ValueError(f"{self.num_position_embeddings} position embeddings are not a square grid")
         if any(not 0 <= i < self.depth for i in self.deepstack_layers):
             raise ValueError(f"DeepStack layers {self.deepstack_layers} outside the {self.depth} blocks")
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @property
-    def patch_dim(self) -> int:
-        return self.in_channels * self.temporal_patch_size * self.patch_size**2
 
     @property
     def grid_side(self) -> int:
@@ -84,32 +75,13 @@ class VisionMLP(nn.Module):
         return self.linear_fc2(F.gelu(self.linear_fc1(x), approximate="tanh"))
 
 
-class VisionBlock(nn.Module):
+class VisionBlock(PreNormBlock):
     def __init__(self, cfg: Vision3Config):
         super().__init__()
         self.norm1 = LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
         self.norm2 = LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
         self.attn = VisionAttention(cfg)
         self.mlp = VisionMLP(cfg)
-
-    def forward(self, x, cos, sin, lengths):
-        x = x + self.attn(self.norm1(x), cos, sin, lengths)
-        return x + self.mlp(self.norm2(x))
-
-
-class PatchEmbed(nn.Module):
-    """Conv3d with kernel = stride = one patch (with bias), i.e. a linear map of each flattened patch."""
-
-    def __init__(self, cfg: Vision3Config):
-        super().__init__()
-        k = (cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
-        self.proj = nn.Conv3d(cfg.in_channels, cfg.hidden_size, kernel_size=k, stride=k, bias=True)
-
-    def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        w = cast_weight(self.proj.weight, None, patches.dtype)  # [hidden, C, T, P, P]
-        b = cast_weight(self.proj.bias, None, patches.dtype)
-        x = F.conv3d(patches.view(-1, *w.shape[1:]), w, b)  # same arithmetic as the reference's Conv3d
-        return x.view(patches.shape[0], -1)  # [N, patch_dim] -> [N, hidden]
 
 
 class PatchMerger(nn.Module):
@@ -159,7 +131,7 @@ class VisionTower3(nn.Module):
     def __init__(self, cfg: Vision3Config):
         super().__init__()
         self.cfg = cfg
-        self.patch_embed = PatchEmbed(cfg)
+        self.patch_embed = PatchEmbed(cfg, bias=True)  # Qwen3-VL's patch embedding has a bias
         self.pos_embed = nn.Embedding(cfg.num_position_embeddings, cfg.hidden_size)
         self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.depth))
         self.merger = PatchMerger(cfg, norm_after_shuffle=False)
