@@ -89,10 +89,6 @@ def identify(path, keys: list[str], metadata: Mapping[str, str] | None = None) -
     )
 
 
-def _config_json(folder: Path) -> dict:
-    return common.read_config_json(folder, _fields)
-
-
 def _fields(raw, where) -> dict:
     if not isinstance(raw, dict):
         raise CheckpointError(f"{where}: a ControlNet config must be a JSON object")
@@ -113,7 +109,7 @@ def read_controlnet(path: str | os.PathLike, mmap: bool = False, overrides: Mapp
     patches), unknown control widths and sizes that cannot be known.
     """
     path = Path(path)
-    config = _config_json(path)
+    config = common.read_config_json(path, _fields)
     ckpt = open_checkpoint(path, mmap=mmap)
     prefix, names = prefix_free_names(ckpt.keys(), PREFIXES)
     identify(ckpt.path, list(names), ckpt.metadata)
