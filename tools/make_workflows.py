@@ -37,7 +37,7 @@ from tools.workflows.build import (
     write_thumbnail,
 )
 
-# what the tests and tools/workflow_qwen21.py (issue 17, until it joins tools/workflows/) use from here
+# what the tests use from here (the machinery lives in tools/workflows/build.py)
 __all__ = [
     "EXAMPLES", "INPUTS", "OUT", "THUMB_SIZE", "TITLES",
     "complete", "main", "title_of", "to_api", "to_ui", "widget_default", "write_thumbnail",
