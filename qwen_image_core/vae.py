@@ -221,7 +221,25 @@ def run_stages(x: torch.Tensor, stages: nn.ModuleList, check: Callable[[], None]
     return x
 
 
-class Encoder(nn.Module):
+class EncoderStack(nn.Module):
+    """conv_in, the down_blocks (run_stages), mid_block, then norm_out, SiLU and conv_out; subclasses build them."""
+
+    def forward(self, x: torch.Tensor, check: Callable[[], None] | None = None) -> torch.Tensor:
+        x = self.mid_block(run_stages(self.conv_in(x), self.down_blocks, check))
+        return self.conv_out(F.silu(self.norm_out(x, inplace=True), inplace=True))
+
+
+class DecoderStack(nn.Module):
+    """conv_in, mid_block, the up_blocks (run_stages), then norm_out, SiLU and conv_out; subclasses build them."""
+
+    def forward(self, z: torch.Tensor, check: Callable[[], None] | None = None) -> torch.Tensor:
+        x = run_stages(self.mid_block(self.conv_in(z)), self.up_blocks, check)
+        return self.conv_out(F.silu(self.norm_out(x, inplace=True), inplace=True))
+
+
+class Encoder(EncoderStack):
+    """Images [B, 3 (4: Layered), H, W] -> [B, 96, H, W] -> ... [B, 384, H/8, W/8] -> moments [B, 32, H/8, W/8]."""
+
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         dims = [cfg.base_dim * m for m in (1, *cfg.dim_mult)]  # 96, 96, 192, 384, 384
@@ -238,14 +256,10 @@ class Encoder(nn.Module):
         self.norm_out = RMSNorm(dims[-1])
         self.conv_out = Conv2d(dims[-1], 2 * cfg.z_dim, 3, padding=1)
 
-    def forward(self, x: torch.Tensor, check: Callable[[], None] | None = None) -> torch.Tensor:
-        x = self.conv_in(x)  # [B, 96, H, W]
-        x = run_stages(x, self.down_blocks, check)  # ... [B, 384, H/8, W/8]
-        x = self.mid_block(x)
-        return self.conv_out(F.silu(self.norm_out(x, inplace=True), inplace=True))  # [B, 32, H/8, W/8]
 
+class Decoder(DecoderStack):
+    """Latents [B, 16, h, w] -> [B, 384, h, w] -> ... [B, 96, 8h, 8w] -> images [B, 3 (4: Layered), 8h, 8w]."""
 
-class Decoder(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         dims = [cfg.base_dim * m for m in (cfg.dim_mult[-1], *cfg.dim_mult[::-1])]  # 384, 384, 384, 192, 96
@@ -258,11 +272,6 @@ class Decoder(nn.Module):
         )
         self.norm_out = RMSNorm(dims[-1])
         self.conv_out = Conv2d(dims[-1], cfg.image_channels, 3, padding=1)
-
-    def forward(self, z: torch.Tensor, check: Callable[[], None] | None = None) -> torch.Tensor:
-        x = self.mid_block(self.conv_in(z))  # [B, 384, h, w]
-        x = run_stages(x, self.up_blocks, check)  # ... [B, 96, 8h, 8w]
-        return self.conv_out(F.silu(self.norm_out(x, inplace=True), inplace=True))  # [B, 3, 8h, 8w]
 
 
 # --- the VAE --------------------------------------------------------------------------------------

@@ -25,10 +25,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..vae import Conv2d, ImageVAE, MidBlock, ResidualBlock, RMSNorm, run_stages, upsample2x_conv3x3
+from ..vae import Conv2d, DecoderStack, EncoderStack, ImageVAE, MidBlock, ResidualBlock, RMSNorm, upsample2x_conv3x3
 from ..vae_tiling import choose_tiling
 
 # fmt: off
@@ -148,7 +147,9 @@ class UpBlock(nn.Module):
         return self.upsampler(x).add_(shortcut)
 
 
-class Encoder21(nn.Module):
+class Encoder21(EncoderStack):
+    """Images [B, 4, H, W] -> [B, 96, H, W] -> ... [B, 768, H/16, W/16] -> moments [B, 128, H/16, W/16]."""
+
     def __init__(self, cfg: VAE21Config):
         super().__init__()
         dims = [cfg.encoder_dim * m for m in (1, *cfg.dim_mult)]  # 96, 96, 192, 384, 768, 768
@@ -162,14 +163,10 @@ class Encoder21(nn.Module):
         self.norm_out = RMSNorm(dims[-1])
         self.conv_out = Conv2d(dims[-1], 2 * cfg.z_dim, 3, padding=1)
 
-    def forward(self, x: torch.Tensor, check: Callable[[], None] | None = None) -> torch.Tensor:
-        x = self.conv_in(x)  # [B, 96, H, W]
-        x = run_stages(x, self.down_blocks, check)  # ... [B, 768, H/16, W/16]
-        x = self.mid_block(x)
-        return self.conv_out(F.silu(self.norm_out(x, inplace=True), inplace=True))  # [B, 128, H/16, W/16]
 
+class Decoder21(DecoderStack):
+    """Latents [B, 64, h, w] -> [B, 1152, h, w] -> ... [B, 144, 16h, 16w] -> images [B, 4, 16h, 16w]."""
 
-class Decoder21(nn.Module):
     def __init__(self, cfg: VAE21Config):
         super().__init__()
         mult = (cfg.dim_mult[-1], *cfg.dim_mult[::-1])
@@ -184,11 +181,6 @@ class Decoder21(nn.Module):
         )
         self.norm_out = RMSNorm(dims[-1])
         self.conv_out = Conv2d(dims[-1], cfg.image_channels, 3, padding=1)
-
-    def forward(self, z: torch.Tensor, check: Callable[[], None] | None = None) -> torch.Tensor:
-        x = self.mid_block(self.conv_in(z))  # [B, 1152, h, w]
-        x = run_stages(x, self.up_blocks, check)  # ... [B, 144, 16h, 16w]
-        return self.conv_out(F.silu(self.norm_out(x, inplace=True), inplace=True))  # [B, 4, 16h, 16w]
 
 
 # The width `vae_tiling`'s working-memory estimate (v1's bytes per pixel at width 96) is scaled by, per direction,
