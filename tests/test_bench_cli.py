@@ -28,3 +28,10 @@ def test_bench_refuses_sizes_the_model_cannot_take():
     cmd = [sys.executable, "-m", "qwen_image_core", "bench", "--steps", "1", "--width", "100"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "multiples of 16" in proc.stderr
+
+
+def test_the_main_job_bench_flag_runs_the_same_bench():
+    cmd = ["bash", "tools/run.sh", "--bench", "--steps", "1", "--width", "64", "--height", "64"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1].startswith("qwenpix bench | synthetic tiny | cpu float32 | 64x64 CFG")

@@ -7,4 +7,8 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 bash tools/setup.sh
 PY=${QWENPIX_PYTHON:-$ROOT/.venv/bin/python}
+if [[ "${1:-}" == "--bench" ]]; then  # `bash tools/run.sh --bench [options]`: time the DiT on this machine's device
+  shift
+  exec "$PY" -m qwen_image_core bench "$@"
+fi
 exec "$PY" -m tools.run_workflows "$@"
