@@ -28,8 +28,8 @@ from pathlib import Path
 
 from ..checkpoint import Checkpoint, CheckpointError
 from . import foreign, qwen_vl
-from .common import checked_number, metadata_config, read_config_json, select_names
-from .qwen_vl import CONFIG_METADATA, CONFIG_SECTION, canonical_name, markers_under
+from .common import checked_number, select_names
+from .qwen_vl import canonical_name, config_from, markers_under, pick_fields, vision_section
 
 WHAT = "Qwen3-VL text encoder (Qwen-Image-2.1)"
 PREFIXES = ("text_encoders.qwen3vl_8b.transformer.", "text_encoder.", "")  # tried in order ("" = bare keys)
@@ -118,22 +118,17 @@ def parse_config(raw, where) -> dict:
     text = {**raw, **(raw.get("text_config") if isinstance(raw.get("text_config"), dict) else {})}
     if isinstance(text.get("rope_parameters"), dict):
         text = {**{k: v for k, v in text["rope_parameters"].items() if k in TEXT_FIELDS}, **text}
-    out = {ours: _value(ours, text[k], where) for k, ours in TEXT_FIELDS.items() if text.get(k) is not None}
+    out = pick_fields(text, TEXT_FIELDS, _value, where)
     vision = raw.get("vision_config")
     if isinstance(vision, dict):
-        v = {**vision, **(vision["rope_parameters"] if isinstance(vision.get("rope_parameters"), dict) else {})}
-        out["vision"] = {ours: _value(ours, v[k], f"{where} vision_config") for k, ours in VISION_FIELDS.items()
-                         if v.get(k) is not None}  # fmt: skip
+        out["vision"] = vision_section(vision, VISION_FIELDS, _value, f"{where} vision_config")
     return out
 
 
 def read_config(path: Path, metadata: Mapping[str, str]) -> dict:
     """Sizes from `path`/config.json (a folder), else a single file's `config` metadata ({"text_encoder":
     <config.json>}, as `formats.qwen_vl`); {} when neither exists."""
-    path = Path(path)
-    if (path / "config.json").is_file():
-        return read_config_json(path, parse_config)
-    return metadata_config(metadata, path, parse_config, CONFIG_METADATA, CONFIG_SECTION)
+    return config_from(path, metadata, parse_config)
 
 
 def _shape(shapes, key, path) -> tuple[int, ...]:

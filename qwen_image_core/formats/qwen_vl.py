@@ -207,24 +207,40 @@ def parse_config(raw, where) -> dict:
     for rope_key in ("rope_scaling", "rope_parameters"):  # transformers 4 / 5 spellings
         if isinstance(text.get(rope_key), dict):
             text = {**{k: v for k, v in text[rope_key].items() if k in TEXT_FIELDS}, **text}
-    out = {ours: _value(ours, text[k], where) for k, ours in TEXT_FIELDS.items() if text.get(k) is not None}
+    out = pick_fields(text, TEXT_FIELDS, _value, where)
     if "head_dim" not in out and "hidden_size" in out and "num_heads" in out:
         if out["hidden_size"] % out["num_heads"]:
             raise CheckpointError(f"{where}: hidden_size {out['hidden_size']} does not split into the heads")
         out["head_dim"] = out["hidden_size"] // out["num_heads"]
     vision = raw.get("vision_config")
     if isinstance(vision, dict):
-        v = {**vision, **(vision["rope_parameters"] if isinstance(vision.get("rope_parameters"), dict) else {})}
-        out["vision"] = {ours: _value(ours, v[k], f"{where} vision_config") for k, ours in VISION_FIELDS.items()
-                         if v.get(k) is not None}  # fmt: skip
+        out["vision"] = vision_section(vision, VISION_FIELDS, _value, f"{where} vision_config")
     return out
 
 
 def read_config(path: Path, metadata: Mapping[str, str]) -> dict:
     """Sizes from `path`/config.json (a folder), else the file's `config` metadata; {} when neither exists."""
+    return config_from(path, metadata, parse_config)
+
+
+def config_from(path, metadata: Mapping[str, str], parse) -> dict:
+    """parse() of `path`/config.json (a folder), else of a single file's `config` metadata ({"text_encoder":
+    <config.json>}); {} when neither exists. The Qwen2.5-VL and Qwen3-VL encoders' layout alike."""
+    path = Path(path)
     if (path / "config.json").is_file():
-        return read_config_json(path, parse_config)
-    return metadata_config(metadata, path, parse_config, CONFIG_METADATA, CONFIG_SECTION)
+        return read_config_json(path, parse)
+    return metadata_config(metadata, path, parse, CONFIG_METADATA, CONFIG_SECTION)
+
+
+def pick_fields(section: Mapping, fields: Mapping[str, str], value, where) -> dict:
+    """{our field: value(our field, v, where)} of the `fields` (theirs -> ours) a config section sets."""
+    return {ours: value(ours, section[k], where) for k, ours in fields.items() if section.get(k) is not None}
+
+
+def vision_section(vision: Mapping, fields: Mapping[str, str], value, where) -> dict:
+    """The vision tower's fields of a transformers `vision_config` (its `rope_parameters` included)."""
+    rope = vision["rope_parameters"] if isinstance(vision.get("rope_parameters"), dict) else {}
+    return pick_fields({**vision, **rope}, fields, value, where)
 
 
 def _shape(shapes, key, path) -> tuple[int, ...]:
