@@ -163,7 +163,7 @@ class QwenPixLayeredSampler:
         pixels = layered.prepare_image(picture, int(resolution), alpha)
         height, width = pixels.shape[-2:]
         with placement.vae_on_device(vae) as device:
-            image_latent = vae.encode(pixels.to(device), check=host.check_interrupt).float()
+            image_latent = vae.encode(pixels.to(device), check=host.node_progress()).float()
         dtype = dit.model_dtype() or torch.float32
         wl = DiTWorkload(width, height * (layers + 1), 1, False, cond.shape[1], ((width, height),),
                          dtype.itemsize, dtype == torch.float16)  # fmt: skip
@@ -235,7 +235,7 @@ class QwenPixLayeredDecode:
             )
         with placement.vae_on_device(vae) as device:
             layers, composite = layered.decode_layers(
-                vae, to_core(raw).to(device), tile=tile, check=host.check_interrupt
+                vae, to_core(raw).to(device), tile=tile, check=host.node_progress()
             )
         out = lambda t: t.movedim(1, -1).to(host.intermediate_device())  # [B, H, W, 4] in [0, 1]
         rgba = out(layers)

@@ -199,7 +199,7 @@ class _Parts:
 
 def _condition(encoder: Qwen3VLEncoder, text: str, pictures, device) -> Condition21:
     feats, mask, slots = encoder.encode(
-        [text], pictures, dtype=torch.float32, device=device, check=host.check_interrupt
+        [text], pictures, dtype=torch.float32, device=device, check=host.node_progress()
     )
     image_slots = slots[0] if bool(slots.any()) else None  # as QwenImage21Pipeline.encode_prompt
     return Condition21(feats.cpu(), image_slots, None, None if bool(mask.all()) else mask)
@@ -316,7 +316,7 @@ class QwenPix21Decode:
                 "Fix: connect the Qwen-Image-2.1 Sampler"
             )
         with placement.vae_on_device(vae) as device:
-            decoded = vae.decode(raw.to(device), check=host.check_interrupt)
+            decoded = vae.decode(raw.to(device), check=host.node_progress())
             rgba = (decoded.float() / 2 + 0.5).clamp(0, 1)  # as QwenImage21Pipeline.decode
         crop = samples.get("qwenpix21_crop")
         if crop is not None:
