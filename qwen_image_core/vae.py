@@ -51,16 +51,9 @@ LATENT_RGB_BIAS = (-0.1835, -0.0868, -0.3360)
 # fmt: on
 
 
-@dataclass(frozen=True)
-class VAEConfig:
-    base_dim: int = 96  # channels of the full-resolution stage
-    z_dim: int = 16  # latent channels (the encoder emits 2 * z_dim: mean and log-variance)
-    dim_mult: tuple[int, ...] = (1, 2, 4, 4)  # stage widths / base_dim: 96, 192, 384, 384
-    num_res_blocks: int = 2  # residual blocks per encoder stage; the decoder has one more per stage
-    temporal_downsample: tuple[bool, ...] = (False, True, True)  # video only: which stages carry a time_conv
-    image_channels: int = 3  # 3 (RGB); 4 for Qwen-Image-Layered's RGBA VAE
-    latents_mean: tuple[float, ...] = LATENTS_MEAN  # raw latent mean per channel
-    latents_std: tuple[float, ...] = LATENTS_STD  # raw latent std per channel
+class StageSizes:
+    """What a VAE config (v1's or 2.1's) checks and derives of its dim_mult, temporal_downsample, z_dim and
+    latent statistics."""
 
     def __post_init__(self):
         if len(self.temporal_downsample) != len(self.dim_mult) - 1:
@@ -70,8 +63,20 @@ class VAEConfig:
 
     @property
     def scale(self) -> int:
-        """Pixels per latent along each axis (8)."""
+        """Pixels per latent along each axis (2 per downsampling stage: 8 for v1, 16 for 2.1)."""
         return 2 ** (len(self.dim_mult) - 1)
+
+
+@dataclass(frozen=True)
+class VAEConfig(StageSizes):
+    base_dim: int = 96  # channels of the full-resolution stage
+    z_dim: int = 16  # latent channels (the encoder emits 2 * z_dim: mean and log-variance)
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)  # stage widths / base_dim: 96, 192, 384, 384
+    num_res_blocks: int = 2  # residual blocks per encoder stage; the decoder has one more per stage
+    temporal_downsample: tuple[bool, ...] = (False, True, True)  # video only: which stages carry a time_conv
+    image_channels: int = 3  # 3 (RGB); 4 for Qwen-Image-Layered's RGBA VAE
+    latents_mean: tuple[float, ...] = LATENTS_MEAN  # raw latent mean per channel
+    latents_std: tuple[float, ...] = LATENTS_STD  # raw latent std per channel
 
 
 # --- layers ---------------------------------------------------------------------------------------

@@ -27,7 +27,17 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..vae import Conv2d, DecoderStack, EncoderStack, ImageVAE, MidBlock, ResidualBlock, RMSNorm, upsample2x_conv3x3
+from ..vae import (
+    Conv2d,
+    DecoderStack,
+    EncoderStack,
+    ImageVAE,
+    MidBlock,
+    ResidualBlock,
+    RMSNorm,
+    StageSizes,
+    upsample2x_conv3x3,
+)
 from ..vae_tiling import choose_tiling
 
 # fmt: off
@@ -56,7 +66,7 @@ LATENTS_STD = (
 
 
 @dataclass(frozen=True)
-class VAE21Config:
+class VAE21Config(StageSizes):
     encoder_dim: int = 96  # channels of the encoder's full-resolution stage
     decoder_dim: int = 144  # channels of the decoder's full-resolution stage
     z_dim: int = 64  # latent channels (the encoder emits 2 * z_dim: mean and log-variance)
@@ -66,17 +76,6 @@ class VAE21Config:
     image_channels: int = 4  # RGBA
     latents_mean: tuple[float, ...] = LATENTS_MEAN  # raw latent mean per channel
     latents_std: tuple[float, ...] = LATENTS_STD  # raw latent std per channel
-
-    def __post_init__(self):
-        if len(self.temporal_downsample) != len(self.dim_mult) - 1:
-            raise ValueError("temporal_downsample needs one entry per downsampling stage")
-        if len(self.latents_mean) != self.z_dim or len(self.latents_std) != self.z_dim:
-            raise ValueError(f"latents_mean/std need {self.z_dim} values")
-
-    @property
-    def scale(self) -> int:
-        """Pixels per latent along each axis (16)."""
-        return 2 ** (len(self.dim_mult) - 1)
 
 
 def space_to_channels_mean(x: torch.Tensor, cout: int, time: int, space: int) -> torch.Tensor:
