@@ -29,7 +29,7 @@ from pathlib import Path
 from ..checkpoint import Checkpoint, CheckpointError
 from . import foreign, qwen_vl
 from .common import checked_number, select_names
-from .qwen_vl import canonical_name, config_from, markers_under, pick_fields, vision_section
+from .qwen_vl import canonical_name, config_from, markers_under, pick_fields, text_section, vision_section
 
 WHAT = "Qwen3-VL text encoder (Qwen-Image-2.1)"
 PREFIXES = ("text_encoders.qwen3vl_8b.transformer.", "text_encoder.", "")  # tried in order ("" = bare keys)
@@ -111,11 +111,7 @@ def _value(field: str, v, where):
 
 def parse_config(raw, where) -> dict:
     """Qwen3VLConfig fields (with "vision": Vision3Config fields) from a transformers Qwen3-VL config."""
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{where}: a text-encoder config must be a JSON object")
-    if raw.get("model_type") not in (None, *MODEL_TYPES):
-        raise CheckpointError(f"{where}: this config describes a {raw['model_type']!r} model, not Qwen3-VL")
-    text = {**raw, **(raw.get("text_config") if isinstance(raw.get("text_config"), dict) else {})}
+    text = text_section(raw, MODEL_TYPES, "Qwen3-VL", where)
     if isinstance(text.get("rope_parameters"), dict):
         text = {**{k: v for k, v in text["rope_parameters"].items() if k in TEXT_FIELDS}, **text}
     out = pick_fields(text, TEXT_FIELDS, _value, where)

@@ -198,12 +198,7 @@ def _value(field: str, v, where):
 
 def parse_config(raw, where) -> dict:
     """QwenVLConfig fields (with "vision": VisionConfig fields) from a transformers Qwen2.5-VL config."""
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{where}: a text-encoder config must be a JSON object")
-    kind = raw.get("model_type")
-    if kind is not None and kind not in MODEL_TYPES:
-        raise CheckpointError(f"{where}: this config describes a {kind!r} model, not Qwen2.5-VL")
-    text = {**raw, **(raw.get("text_config") if isinstance(raw.get("text_config"), dict) else {})}
+    text = text_section(raw, MODEL_TYPES, "Qwen2.5-VL", where)
     for rope_key in ("rope_scaling", "rope_parameters"):  # transformers 4 / 5 spellings
         if isinstance(text.get(rope_key), dict):
             text = {**{k: v for k, v in text[rope_key].items() if k in TEXT_FIELDS}, **text}
@@ -230,6 +225,17 @@ def config_from(path, metadata: Mapping[str, str], parse) -> dict:
     if (path / "config.json").is_file():
         return read_config_json(path, parse)
     return metadata_config(metadata, path, parse, CONFIG_METADATA, CONFIG_SECTION)
+
+
+def text_section(raw, model_types, family: str, where) -> dict:
+    """A transformers VL config's language-model fields (its `text_config` over the top level), after checking
+    it is a JSON object of one of `model_types` (or of none); CheckpointError naming `where` otherwise."""
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{where}: a text-encoder config must be a JSON object")
+    kind = raw.get("model_type")
+    if kind is not None and kind not in model_types:
+        raise CheckpointError(f"{where}: this config describes a {kind!r} model, not {family}")
+    return {**raw, **(raw.get("text_config") if isinstance(raw.get("text_config"), dict) else {})}
 
 
 def pick_fields(section: Mapping, fields: Mapping[str, str], value, where) -> dict:
