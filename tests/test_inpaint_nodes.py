@@ -5,31 +5,16 @@ has sides multiples of 16, and masks of the wrong size or batch are errors namin
 from __future__ import annotations
 
 import importlib
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from tools.comfy_paths import import_comfy_for_oracle
+from tools.comfy_paths import import_comfy_for_oracle, import_pack
 
 import_comfy_for_oracle()
-ROOT = Path(__file__).resolve().parent.parent
 
 
-def _import_pack():
-    for name, folder in (("qwenpix", ROOT), ("qwenpix.nodes", ROOT / "nodes")):
-        if name not in sys.modules:
-            init = folder / "__init__.py"
-            spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(folder)])
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[name] = module
-            if name == "qwenpix":
-                spec.loader.exec_module(module)
-
-
-_import_pack()
+import_pack()
 N = importlib.import_module("qwenpix.nodes.inpaint")
 InputError = importlib.import_module("qwenpix.nodes.checks").InputError
 

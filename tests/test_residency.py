@@ -17,15 +17,12 @@ imports every node module; ComfyUI's own top-level `nodes` module is never shado
 from __future__ import annotations
 
 import importlib
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from tools.checkpoints import dit as W
-from tools.comfy_paths import import_comfy_for_oracle
+from tools.comfy_paths import import_comfy_for_oracle, import_pack
 
 import_comfy_for_oracle()
 
@@ -33,22 +30,7 @@ import comfy.model_management as mm  # noqa: E402
 import comfy.model_patcher  # noqa: E402
 import comfy.weight_adapter  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _import_pack():
-    """The pack as the package `qwenpix` with `qwenpix.nodes` set up as a package but not executed."""
-    for name, folder in (("qwenpix", ROOT), ("qwenpix.nodes", ROOT / "nodes")):
-        if name not in sys.modules:
-            init = folder / "__init__.py"
-            spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(folder)])
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[name] = module
-            if name == "qwenpix":
-                spec.loader.exec_module(module)
-
-
-_import_pack()
+import_pack()
 native_model = importlib.import_module("qwenpix.nodes.native_model")
 patcher = importlib.import_module("qwenpix.nodes.patcher")
 placement = importlib.import_module("qwenpix.nodes.placement")

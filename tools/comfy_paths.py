@@ -30,3 +30,19 @@ def import_comfy_for_oracle() -> Path:
 
     comfy.cli_args.args.cpu = True
     return d
+
+
+def import_pack() -> None:
+    """Make this pack importable in-process as ComfyUI loads it: the package `qwenpix` (its __init__ run) with
+    `qwenpix.nodes` registered as a package, so `importlib.import_module("qwenpix.nodes.<module>")` works in
+    tests that call node code without a server. Call after `import_comfy_for_oracle()`."""
+    import importlib.util  # noqa: PLC0415
+
+    for name, folder in (("qwenpix", ROOT), ("qwenpix.nodes", ROOT / "nodes")):
+        if name not in sys.modules:
+            init = folder / "__init__.py"
+            spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(folder)])
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            if name == "qwenpix":
+                spec.loader.exec_module(module)
