@@ -41,7 +41,7 @@ EXPECTED_SIZE = {
     "qwen_image_21_background_removal": (384, 256),  # the picture's own size, RGBA
 }
 # examples whose result carries an alpha channel (saved as an RGBA PNG)
-RGBA = ("qwen_image_21_background_removal",)
+RGBA = ("qwen_image_21_background_removal", "qwen_image_layered")  # examples that save RGBA PNGs
 # images a run saves when not one: the layered example saves each layer and the composite (1 + 1 on smoke
 # weights, where its layers are lowered to 1 as the steps are)
 EXPECTED_IMAGES = {"qwen_image_layered": 2}

@@ -11,8 +11,6 @@ from the node classes (labels kept), then translate the new or changed entries i
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
 import re
 import sys
@@ -29,17 +27,10 @@ def _nodes():
     """{node id: node class} as ComfyUI registers them (the pack imported as the package `qwenpix`)."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-    from tools.comfy_paths import import_comfy_for_oracle  # noqa: PLC0415
+    from tools.comfy_paths import import_comfy_for_oracle, import_pack  # noqa: PLC0415
 
     import_comfy_for_oracle()
-    if "qwenpix" not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            "qwenpix", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)]
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["qwenpix"] = module
-        spec.loader.exec_module(module)
-    return importlib.import_module("qwenpix.nodes").NODE_CLASS_MAPPINGS
+    return import_pack(register_nodes=True).NODE_CLASS_MAPPINGS
 
 
 def _inputs(cls) -> dict[str, str | None]:

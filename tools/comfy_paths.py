@@ -32,10 +32,12 @@ def import_comfy_for_oracle() -> Path:
     return d
 
 
-def import_pack() -> None:
+def import_pack(register_nodes: bool = False):
     """Make this pack importable in-process as ComfyUI loads it: the package `qwenpix` (its __init__ run) with
     `qwenpix.nodes` registered as a package, so `importlib.import_module("qwenpix.nodes.<module>")` works in
-    tests that call node code without a server. Call after `import_comfy_for_oracle()`."""
+    tests that call node code without a server; `register_nodes`: also run `qwenpix.nodes` (its
+    NODE_CLASS_MAPPINGS), as ComfyUI does when it asks for them. Call after `import_comfy_for_oracle()`.
+    Returns the `qwenpix.nodes` package."""
     import importlib.util  # noqa: PLC0415
 
     for name, folder in (("qwenpix", ROOT), ("qwenpix.nodes", ROOT / "nodes")):
@@ -46,3 +48,7 @@ def import_pack() -> None:
             sys.modules[name] = module
             if name == "qwenpix":
                 spec.loader.exec_module(module)
+    nodes = sys.modules["qwenpix.nodes"]
+    if register_nodes and not hasattr(nodes, "NODE_CLASS_MAPPINGS"):
+        nodes.__spec__.loader.exec_module(nodes)
+    return nodes
