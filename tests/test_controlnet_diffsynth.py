@@ -10,12 +10,13 @@ import gc
 import importlib
 
 import torch
-from test_inpaint_nodes import _import_pack  # the pack as `qwenpix` (registers ComfyUI's modules first)
 
 from oracles import assert_close
 from tools.checkpoints import dit as W
+from tools.comfy_paths import import_comfy_for_oracle, import_pack
 
-_import_pack()
+import_comfy_for_oracle()
+import_pack()  # the pack as `qwenpix` (ComfyUI's modules importable first)
 native_model = importlib.import_module("qwenpix.nodes.native_model")
 
 import comfy.ops  # noqa: E402
