@@ -25,8 +25,6 @@ CJK = re.compile(r"[\u4e00-\u9fff]")  # at least one Chinese character: the text
 
 def _nodes():
     """{node id: node class} as ComfyUI registers them (the pack imported as the package `qwenpix`)."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
     from tools.comfy_paths import import_comfy_for_oracle, import_pack  # noqa: PLC0415
 
     import_comfy_for_oracle()

@@ -50,5 +50,12 @@ def import_pack(register_nodes: bool = False):
                 spec.loader.exec_module(module)
     nodes = sys.modules["qwenpix.nodes"]
     if register_nodes and not hasattr(nodes, "NODE_CLASS_MAPPINGS"):
+        # ComfyUI's own top-level `nodes` module first (comfy_extras import it by that name; with this checkout
+        # on sys.path, the pack's nodes/ folder could otherwise be found under that name)
+        top = sys.modules.get("nodes")
+        if top is None or Path(getattr(top, "__file__", "") or "").parent != comfyui_dir():
+            spec = importlib.util.spec_from_file_location("nodes", comfyui_dir() / "nodes.py")
+            sys.modules["nodes"] = module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
         nodes.__spec__.loader.exec_module(nodes)
     return nodes
