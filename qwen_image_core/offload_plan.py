@@ -185,7 +185,7 @@ def plan_blocks(
     free: int,
     reserve: int,
     activation_bytes: int,
-    block_compute_s: float,
+    block_compute_s: float | Sequence[float],
     h2d_bytes_per_s: float,
     name: str = "device",
     storage: str = "",
@@ -196,12 +196,15 @@ def plan_blocks(
 
     For each ring size k the most resident blocks that fit are kept (streamed ones interleaved); among
     those candidates the fastest wins, ties going to more resident blocks, then the smaller ring.
-    `max_resident` caps the resident count (out-of-memory recovery). Deterministic.
+    `max_resident` caps the resident count (out-of-memory recovery). `block_compute_s`: seconds per block, one
+    figure for all or one per block (a ControlNet's blocks before the DiT's, `control_offload.py`). Deterministic.
     """
     n = len(block_bytes)
     budget = free - reserve - activation_bytes - fixed_bytes  # for blocks and staging
     cap = n if max_resident is None else max(0, min(n, max_resident))
-    compute = [block_compute_s] * n
+    compute = list(block_compute_s) if isinstance(block_compute_s, Sequence) else [block_compute_s] * n
+    if len(compute) != n:
+        raise ValueError(f"block_compute_s: {len(compute)} figures for {n} blocks")
     copy = [b / h2d_bytes_per_s for b in block_bytes]
 
     def make(streamed: tuple[int, ...], k: int) -> Plan:
