@@ -52,6 +52,11 @@ class Transfer:
         """A resident copy of t on the device (placed once, at attach)."""
         return self._account(t.to(self.device, copy=True))
 
+    def activation(self, t: torch.Tensor) -> torch.Tensor:
+        """A copy on this device of an activation computed on another one (the block boundaries of a model spread
+        over several devices, `multi_device.py`); not counted as held: it lives as long as the pass uses it."""
+        return t.to(self.device, copy=True)
+
     def copy(self, dst: torch.Tensor, src: torch.Tensor, after):
         """dst <- src once `after` (a `release` marker) has passed; returns a marker for `wait`."""
         dst.copy_(src)
