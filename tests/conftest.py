@@ -22,7 +22,7 @@ from tools.comfy_harness import ComfyClient, ComfyServer
 from tools.run_workflows import needed_models, stage_models
 
 TEST_PACK = Path(__file__).resolve().parent / "comfy_test_pack"  # test-only helper nodes
-BUDGET_MB = float(os.environ.get("QWENPIX_TMP_BUDGET_MB", "6000"))  # peak scratch a module may leave on disk
+BUDGET_MB = float(os.environ.get("QWENPIX_TMP_BUDGET_MB", "4000"))  # peak scratch a module may leave on disk
 
 
 @dataclass

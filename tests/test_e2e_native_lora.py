@@ -22,7 +22,7 @@ from tools.checkpoints import lora as L
 
 pytestmark = pytest.mark.e2e
 BF16, FP8 = "qp_lora_wide_bf16.safetensors", "qp_lora_wide_fp8.safetensors"
-F32, F32_2511 = "qp_pos_wide_f32.safetensors", "qp_pos_wide_2511_f32.safetensors"
+POS, POS_2511 = "qp_pos_wide_bf16.safetensors", "qp_pos_wide_2511_bf16.safetensors"  # bf16 keeps the disk small
 LORAS = ("qp_native_lora_kohya.safetensors", "qp_native_lora_lightx2v.safetensors")
 
 
@@ -31,8 +31,8 @@ def files(comfy):
     d, cfg = comfy.models_dir / "diffusion_models", D.config(num_layers=1)
     D.write_comfy(d / BF16, cfg, dtype=torch.bfloat16, seed=3)
     D.write_fp8(d / FP8, cfg, seed=3)
-    D.write_comfy(d / F32, cfg, dtype=torch.float32, seed=4)
-    D.write_comfy(d / F32_2511, cfg, dtype=torch.float32, seed=4, zero_cond_t=True)
+    D.write_comfy(d / POS, cfg, dtype=torch.bfloat16, seed=4)  # both sides compute in float32 (exact upcast)
+    D.write_comfy(d / POS_2511, cfg, dtype=torch.bfloat16, seed=4, zero_cond_t=True)
     for seed, (name, fmt) in enumerate(zip(LORAS, ("kohya", "lightx2v"), strict=True)):
         L.write_lora(comfy.models_dir / "loras" / name, cfg, fmt, rank=4, alpha=8.0, seed=seed + 1)
     return comfy
@@ -116,11 +116,11 @@ def _big_reference(method=None):
 @pytest.fixture(scope="module")
 def position_runs(files):
     graph = {**common(), "big": node("QwenPixTestLatent", seed=31, width=96, height=80)}
-    graph.update(models(F32))  # o_ms, n_ms: ComfyUI native positions and ComfyUI's own model
+    graph.update(models(POS))  # o_ms, n_ms: ComfyUI native positions and ComfyUI's own model
     graph["off_ms"] = node("ModelSamplingAuraFlow", model=["off_load", 0], shift=3.1)
-    graph["off_load"] = node("QwenPixDiTLoader", dit_name=F32, compute_dtype="fp32", positions="official (diffusers)")
+    graph["off_load"] = node("QwenPixDiTLoader", dit_name=POS, compute_dtype="fp32", positions="official (diffusers)")
     graph["z_ms"] = node("ModelSamplingAuraFlow", model=["z_load", 0], shift=3.1)
-    graph["z_load"] = node("QwenPixDiTLoader", dit_name=F32_2511, compute_dtype="fp32", positions="ComfyUI native")
+    graph["z_load"] = node("QwenPixDiTLoader", dit_name=POS_2511, compute_dtype="fp32", positions="ComfyUI native")
     twin(graph, "odd", _odd)
     twin(graph, "bigref", _big_reference())
     add_case(graph, "odd_official", _odd("off"))
