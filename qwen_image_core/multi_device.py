@@ -10,7 +10,8 @@ the last stage with its inputs moved the same way, and the model's output is mov
 so a caller only ever sees the first device (ComfyUI's main device). On CUDA a tensor already on the stage's
 device is left alone; on the CPU stand-ins of the tests (every stage on the host, each with its own
 accounting `Transfer`), a tensor counts as on stage j when it is the output of stage j's previous block or
-module (or a view of it).
+module (or a view of it). LoRA factors (`ops.Linear.lora`) are moved to the device of their layer's stage
+on first use.
 """
 
 from __future__ import annotations
@@ -149,6 +150,8 @@ class MultiDeviceStreamer:
     def _bring(self, j: int):
         def hook(module, args, kwargs):
             b = self.boundaries[j]
+            if b.transfer.device.type != "cpu":
+                factors_to(module, b.transfer.device)
             return b.bring(args), {k: b.bring(v) for k, v in kwargs.items()}
 
         return hook
@@ -158,6 +161,15 @@ class MultiDeviceStreamer:
             self.boundaries[j].made(output)
 
         return hook
+
+
+def factors_to(module: nn.Module, device: torch.device) -> None:
+    """The LoRA factors of `module`'s layers on `device` (the run moved them to the first device,
+    `ops.lora_to`): moved on first use, kept there (the layer's `lora` tuple is replaced)."""
+    for m in module.modules():
+        lora = getattr(m, "lora", ())
+        if lora and lora[0][0].device != device:
+            m.lora = tuple((d.to(device), u.to(device), s) for d, u, s in lora)
 
 
 def place_dit(model: nn.Module, devices: Sequence[str | DeviceBudget], budgets: Sequence[int] | None = None,
