@@ -24,7 +24,7 @@ from torch import nn
 from ..qwen_image_core import compiled, matmul
 from ..qwen_image_core.mmdit import MMDiT
 from ..qwen_image_core.offload_plan import DiTWorkload, plan_dit, sampling_bytes
-from . import host, notices
+from . import host, notices, run_modulation
 from .conds import CONDPaddedTokens, CONDTextLengths
 from .patcher import placed_patcher
 
@@ -97,11 +97,12 @@ class NativeDiT(nn.Module):
         mask = None if attention_mask is None or txt_lengths is not None else attention_mask.to(img.device) != 0
         options = transformer_options or {}
         hook = block_hook(x, options, control, len(self.transformer_blocks))
+        step_mod = run_modulation.step_modulation(options, self.core, timestep, img, refs, zero_cond_t)  # or None
         with matmul.using(self.core, self.matmul), compiled.using(self.transformer_blocks, self.compile):
             out = self.core_forward(
                 img, timestep, context, mask, refs or None, zero_cond_t,
                 positions=self.positions, ref_layout=layout, block_hook=hook, attention_fn=host_attention(options),
-                txt_lengths=txt_lengths,
+                txt_lengths=txt_lengths, step_mod=step_mod,
             )  # fmt: skip
         return out.unsqueeze(2) if frames else out
 
@@ -254,6 +255,10 @@ def dit_model(dit: MMDiT, dtype: torch.dtype, positions: str = "official", matmu
             return plan_dit(dit, budget, card, model.last_workload, 0, max_resident, activation_bytes=0)
 
         base = placed_patcher(model, model.diffusion_model, model.diffusion_model.transformer_blocks, plan_for)
+        base.add_wrapper_with_key(  # the run's AdaLN modulation precomputed where the sampler allows it
+            comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, run_modulation.WRAPPER_KEY,
+            run_modulation.sampler_sample_wrapper,
+        )  # fmt: skip
         dit.native_patcher = base
     m = base.clone()
     if dtype != base.model.get_dtype():

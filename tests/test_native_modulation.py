@@ -1,0 +1,123 @@
+"""AdaLN modulation precomputed on the bridged native MODEL (issue 13, 3), in process through ComfyUI 0.3.75's own
+sampling code (comfy.sample.sample = KSampler's path, CPU, float32): the run's modulation weights are read once
+where the sampler stays on the schedule (euler, euler_ancestral, dpmpp_2m, heun), with output latents equal bit
+for bit to the per-call path (the same MODEL without the SAMPLER_SAMPLE wrapper); samplers with midpoints (dpm_2,
+dpmpp_2s_ancestral) compute per call, unchanged; a sampler wrongly taken for a schedule sampler is an error, not
+a different image."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from tools.checkpoints import dit as D
+from tools.comfy_paths import import_comfy_for_oracle, import_pack
+
+import_comfy_for_oracle()
+
+import comfy.patcher_extension  # noqa: E402
+import comfy.sample  # noqa: E402
+import comfy.samplers  # noqa: E402
+
+import_pack()
+native_model = importlib.import_module("qwenpix.nodes.native_model")
+run_modulation = importlib.import_module("qwenpix.nodes.run_modulation")
+mmdit = importlib.import_module("qwenpix.qwen_image_core.mmdit")
+modulation = importlib.import_module("qwenpix.qwen_image_core.modulation")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+LAYERS, STEPS = 2, 4
+N_LAYERS = 2 * LAYERS + 1  # img_mod.1 and txt_mod.1 per block, norm_out.linear
+
+
+@pytest.fixture(scope="module")
+def dit(tmp_path_factory):
+    path = D.write_comfy(tmp_path_factory.mktemp("native_mod") / "dit.safetensors", D.tiny_config(num_layers=LAYERS))
+    return mmdit.load_dit(path)
+
+
+class Reads:
+    """Counts the weight casts (`compute_weight`) of the DiT's modulation layers: one per weight read."""
+
+    def __init__(self, dit):
+        self.layers, self.count = [m for _, m in modulation.modulation_layers(dit)], 0
+
+    def __enter__(self):
+        for layer in self.layers:
+            cast = layer.compute_weight
+
+            def counted(*a, cast=cast, **k):
+                self.count += 1
+                return cast(*a, **k)
+
+            layer.compute_weight = counted
+        return self
+
+    def __exit__(self, *exc):
+        for layer in self.layers:
+            del layer.compute_weight
+
+
+def ksampler(dit, sampler: str, precompute: bool, cfg: float = 3.0, dtype=torch.float32):
+    """KSampler's sampling (comfy.sample.sample) of the bridged MODEL; returns (latent, modulation weight reads)."""
+    model = native_model.dit_model(dit, dtype)
+    if not precompute:
+        model.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, run_modulation.WRAPPER_KEY)
+    g = torch.Generator().manual_seed(3)
+    pos = [[torch.randn(1, 7, dit.config.text_dim, generator=g), {}]]
+    neg = [[torch.randn(1, 5, dit.config.text_dim, generator=g), {}]]  # another length: per-row text keys
+    latent = torch.zeros(1, 16, 1, 8, 8)
+    noise = torch.randn(latent.shape, generator=g)
+    with Reads(dit) as r:
+        out = comfy.sample.sample(model, noise, STEPS, cfg, sampler, "simple", pos, neg, latent, seed=3,
+                                  disable_pbar=True)  # fmt: skip
+    return out, r.count
+
+
+# evaluations per run: one per step, heun two per step but the last (sigma 0: an Euler step)
+@pytest.mark.parametrize("sampler, calls", [("euler", STEPS), ("euler_ancestral", STEPS), ("dpmpp_2m", STEPS),
+                                            ("heun", 2 * STEPS - 1)])  # fmt: skip
+def test_schedule_samplers_read_the_modulation_once_per_run_and_equal_the_per_call_path(dit, sampler, calls):
+    pre, reads_pre = ksampler(dit, sampler, True)
+    per, reads_per = ksampler(dit, sampler, False)
+    assert torch.equal(pre, per)  # bit for bit
+    assert (reads_pre, reads_per) == (N_LAYERS, calls * N_LAYERS)  # cond and uncond batched: one call each
+
+
+@pytest.mark.parametrize("sampler", ["dpm_2", "dpmpp_2s_ancestral"])  # midpoints, off the schedule
+def test_samplers_with_midpoints_compute_per_call_unchanged(dit, sampler):
+    pre, reads_pre = ksampler(dit, sampler, True)
+    per, reads_per = ksampler(dit, sampler, False)
+    assert torch.equal(pre, per)
+    assert reads_pre == reads_per > STEPS * N_LAYERS  # more evaluations than steps, each computes its own
+
+
+def test_bf16_compute_is_bit_exact_too(dit):
+    pre, reads_pre = ksampler(dit, "euler", True, dtype=torch.bfloat16)
+    per, _ = ksampler(dit, "euler", False, dtype=torch.bfloat16)
+    assert torch.equal(pre, per) and reads_pre == N_LAYERS
+
+
+def test_cfg_1_precomputes_for_its_rows(dit):
+    pre, reads_pre = ksampler(dit, "euler", True, cfg=1.0)  # cond only: a batch of 1 row
+    per, _ = ksampler(dit, "euler", False, cfg=1.0)
+    assert torch.equal(pre, per) and reads_pre == N_LAYERS
+
+
+def test_a_sampler_off_its_schedule_taken_for_a_schedule_sampler_is_an_error(dit, monkeypatch):
+    import comfy.k_diffusion.sampling as kd  # noqa: PLC0415
+
+    monkeypatch.setattr(run_modulation, "SCHEDULE_SAMPLERS", run_modulation.SCHEDULE_SAMPLERS | {kd.sample_dpm_2})
+    with pytest.raises(RuntimeError, match="outside its step's schedule entry"):
+        ksampler(dit, "dpm_2", True)
+
+
+@pytest.mark.parametrize("sampler", comfy.samplers.KSampler.SAMPLERS)
+def test_every_ksampler_sampler_equals_the_per_call_path(dit, sampler):
+    pre, reads_pre = ksampler(dit, sampler, True)
+    per, reads_per = ksampler(dit, sampler, False)
+    assert torch.equal(pre, per)
+    scheduled = comfy.samplers.sampler_object(sampler).sampler_function in run_modulation.SCHEDULE_SAMPLERS
+    assert reads_pre == (N_LAYERS if scheduled else reads_per)
