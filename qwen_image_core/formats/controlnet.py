@@ -35,6 +35,8 @@ CONFIG_METADATA, CONFIG_SECTION = "config", "controlnet"  # single-file metadata
 KINDS = {0: "union", 4: "inpaint"}
 # ControlNets and patches of other models, by one characteristic key (prefix-free), checked in order
 OTHER_CONTROLS = (
+    ("control_img_in.weight", "a Fun Qwen-Image ControlNet Union (VideoX-Fun, 2512): load it with "
+     "controlnet_fun.load_fun_controlnet (the Load Qwen-Image ControlNet node reads both kinds)"),
     ("controlnet_blocks.0.y_rms.weight", "a DiffSynth blockwise ControlNet (a model patch): load it with "
      "ModelPatchLoader + QwenImageDiffsynthControlnet"),
     ("controlnet_single_blocks.0.weight", "a Flux ControlNet (diffusers layout)"),

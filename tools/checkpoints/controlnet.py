@@ -72,3 +72,52 @@ def write_diffusers(folder, cfg: MMDiTConfig, seed: int = 0, dtype=torch.float32
     write_safetensors(folder / "diffusion_pytorch_model.safetensors", entries)
     (folder / "config.json").write_text(json.dumps(config_json(cfg, extra_channels), indent=2))
     return folder
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The Fun ControlNet Union (VideoX-Fun, alibaba-pai/Qwen-Image-2512-Fun-Controlnet-Union): control_img_in and
+# control_blocks.<k> (a DiT block + after_proj, block 0 also before_proj), no prefix, as the published file.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def fun_config(dit: MMDiTConfig, num_blocks: int = 2, injection_layers=None):
+    """A Fun ControlNet configuration of `dit`'s width; injection_layers default to every DiT block in turn."""
+    from qwen_image_core.controlnet_fun import FunConfig  # noqa: PLC0415 (the core stays optional here)
+
+    layers = tuple(range(num_blocks)) if injection_layers is None else tuple(injection_layers)
+    return FunConfig(num_blocks=num_blocks, num_heads=dit.num_heads, head_dim=dit.head_dim, mlp_dim=dit.mlp_dim,
+                     injection_layers=layers)  # fmt: skip
+
+
+def fun_shapes(cfg) -> dict[str, tuple[int, ...]]:
+    from qwen_image_core.controlnet_fun import FunControlNet  # noqa: PLC0415
+
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in FunControlNet(cfg).state_dict().items()}
+
+
+def fun_tensor(name: str, shape, seed: int, zero_after: bool) -> torch.Tensor:
+    if zero_after and ".after_proj." in name:  # the zero-initialised output projections of a fresh branch
+        return torch.zeros(shape)
+    return random_tensor(name, shape, seed)
+
+
+def fun_state_dict(cfg, seed: int = 0, zero_after: bool = False) -> dict[str, torch.Tensor]:
+    """The float32 random weights the Fun writer stores."""
+    return {k: fun_tensor(k, s, seed, zero_after) for k, s in fun_shapes(cfg).items()}
+
+
+def write_fun(path, cfg, seed: int = 0, dtype=torch.bfloat16, linear_dtype=None, zero_after: bool = False) -> Path:
+    """A Fun ControlNet single file; `linear_dtype` (e.g. torch.float8_e4m3fn): Linear weights stored in it;
+    injection layers other than the published (0, 12, 24, 36, 48) travel in the `config` metadata."""
+    from qwen_image_core.formats import controlnet_fun as fun_format  # noqa: PLC0415
+
+    entries = [
+        (k, s, linear_dtype if linear_dtype is not None and is_linear_weight(k, s) else dtype,
+         lambda k=k, s=s: fun_tensor(k, s, seed, zero_after))
+        for k, s in fun_shapes(cfg).items()
+    ]  # fmt: skip
+    meta = None
+    if tuple(cfg.injection_layers) != fun_format.INJECTION_LAYERS:
+        meta = {"config": json.dumps({"controlnet": {"control_layers": list(cfg.injection_layers)}})}
+    return write_safetensors(Path(path), entries, meta)
