@@ -88,7 +88,8 @@ def comfy_oracle(sd_dit, sd_fun, img, sigma, txt, context, strength=1.0):
 def test_hints_and_velocity_match_the_comfyui_oracle(tmp_path, dtype):
     path = C.write_fun(tmp_path / "fun.safetensors", FUN, seed=3, dtype=dtype)
     net, model = load_fun_controlnet(path), dit()
-    assert net.config == FUN and net.kind == "fun" and len(net.state_dict()) == 2 + 34 * 2 + 2 - 2 + 2
+    assert net.config == FUN and net.kind == "fun"
+    assert len(net.state_dict()) == 2 + 2 * 34 + 2  # control_img_in, 2 x (block + after_proj), before_proj
     img, sigma, txt, ctx = inputs(b=2)
     sd_fun = {k: v.to(dtype).float() for k, v in C.fun_state_dict(FUN, 3).items()}
     ref_hints, ref_v = comfy_oracle(D.state_dict(CFG, 2), sd_fun, img, sigma, txt, ctx, strength=0.8)
