@@ -207,6 +207,11 @@ class QwenPixModel(comfy.model_base.QwenImage):
         self.last_workload = DiTWorkload(compute_bytes=dtype.itemsize, fp16=dtype == torch.float16)
 
     def extra_conds(self, **kwargs):
+        if "qwenpix21" in kwargs:  # Qwen-Image-2.1 Encode's payload (nodes/qwen21_model.py)
+            raise ValueError(
+                "this conditioning is from Qwen-Image-2.1 Encode, for the Qwen-Image-2.1 MODEL (the MODEL output of "
+                "Load Qwen-Image-2.1 Diffusion Model); a v1 Qwen-Image model takes Qwen-Image Text Encode / Edit Encode"
+            )
         for key in kwargs:
             if key not in SAMPLER_KEYS | MODEL_KEYS | SILENT_KEYS:
                 notices.warn(f"conditioning key '{key}' is not used by the Qwen-Image model; it has no effect")
