@@ -12,7 +12,7 @@ import torch
 
 from ..qwen_image_core.pipeline import prepare_references
 from ..qwen_image_core.sizes import check_reference, latent_shape
-from . import checks, host, placement
+from . import checks, host, inpaint, placement
 from .loaders import TEXT_ENCODER, VAE
 
 CATEGORY = "QwenPix/conditioning"
@@ -57,17 +57,21 @@ class QwenPixTextEncode:
 class QwenPixEditEncode:
     DISPLAY_NAME = "Qwen-Image Edit Encode"
     CATEGORY = CATEGORY
-    RETURN_TYPES = ("CONDITIONING", "LATENT")
-    RETURN_NAMES = ("conditioning", "latent")
+    RETURN_TYPES = ("CONDITIONING", "LATENT", inpaint.CROP)
+    RETURN_NAMES = ("conditioning", "latent", "crop")
     OUTPUT_TOOLTIPS = (
         "Instruction + reference images (native layout with reference_latents).",
         "An empty latent at the edit's output size, from image1: ~1 MP at its aspect ratio (official) or its own size "
-        "(keep size).",
+        "(keep size); with 'crop to mask', from the crop.",
+        "With a mask: for 'Qwen-Image Stitch Into Original' (edited + crop), which puts the decoded edit back into "
+        "Picture 1 where the mask is set. Without a mask: nothing (Stitch refuses it).",
     )
     FUNCTION = "encode"
     DESCRIPTION = (
         f"Encodes an edit instruction with 1-{MAX_IMAGES} reference images ('Picture 1'..'Picture {MAX_IMAGES}' "
-        "in the prompt) for Qwen-Image-Edit / 2509 / 2511; the canvas follows Picture 1."
+        "in the prompt) for Qwen-Image-Edit / 2509 / 2511; the canvas follows Picture 1. With a mask: "
+        "'crop to mask' edits only the masked area of Picture 1 (plus padding) at ~megapixels, and 'Qwen-Image "
+        "Stitch Into Original' on the decoded edit and the crop output pastes back only the masked pixels."
     )
 
     @classmethod
@@ -101,16 +105,20 @@ class QwenPixEditEncode:
                 ),
             },
             "optional": {
-                f"image{i}": (
-                    "IMAGE",
-                    {"tooltip": f"Reference 'Picture {i}' (edit_plus only; 2509 works best with 1-3)."},
-                )
-                for i in range(2, MAX_IMAGES + 1)
+                **inpaint.EDIT_INPUTS,  # mask, mask_mode, padding, megapixels, references
+                **{
+                    f"image{i}": (
+                        "IMAGE",
+                        {"tooltip": f"Reference 'Picture {i}' (edit_plus only; 2509 works best with 1-3)."},
+                    )
+                    for i in range(2, MAX_IMAGES + 1)
+                },
             },
         }
 
     def encode(self, text_encoder, vae, prompt: str, image1, variant: str, resize: str, **more):
         given = {f"image{i}": more.pop(f"image{i}") for i in range(2, MAX_IMAGES + 1) if f"image{i}" in more}
+        masked = {k: more.pop(k) for k in inpaint.EDIT_INPUTS if k in more}
         if more:  # ComfyUI passes linked inputs the node does not declare (image11 sent through the API)
             extra = ", ".join(sorted(more))
             raise host.InputError(
@@ -127,6 +135,9 @@ class QwenPixEditEncode:
             checks.check_image(name, im)
             if im.shape[0] > 1:
                 logging.warning("QwenPix edit encode: %s is a batch of %d; using its first image", name, im.shape[0])
+        # a mask crops Picture 1 (and aligned references) to its padded box; crop is the record for Stitch
+        named, crop = inpaint.edit_crop([(n, im[:1]) for n, im in named], masked.pop("mask", None), **masked)
+        for name, im in named:
             check_reference(name, im.shape[2], im.shape[1], RESIZES[resize] == "keep")
         images = [im[0] for _, im in named]  # first image of each batch
         fix = "use the 'edit_plus (2509 / 2511)' variant for several reference images, or keep only image1"
@@ -141,7 +152,7 @@ class QwenPixEditEncode:
             ]
         b, c, h, w = latent_shape(refs.width // 16 * 16, refs.height // 16 * 16, 1)
         empty = torch.zeros((b, c, 1, h, w), device=host.intermediate_device())
-        return (_conditioning(embeds, {"reference_latents": latents}), {"samples": empty})
+        return (_conditioning(embeds, {"reference_latents": latents}), {"samples": empty}, crop)
 
 
 NODES = {"QwenPixTextEncode": QwenPixTextEncode, "QwenPixEditEncode": QwenPixEditEncode}
