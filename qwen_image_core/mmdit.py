@@ -7,11 +7,11 @@ arXiv 2403.03206). Module names equal the checkpoint keys, so weights load by as
 
 Numerics follow diffusers' `QwenImageTransformer2DModel` (the official code); where ComfyUI 0.3.75
 differs (odd token grids, text RoPE start with references) diffusers wins. Linear layers compute in the
-compute dtype whatever their storage dtype (float8 included). RMSNorm and RoPE run in float32. In float16
-the residual streams are kept in float32 and sublayer outputs are clamped to the float16 range, because
-the real model's activations overflow float16. The timestep stays float32 (diffusers rounds it to the
-model dtype first; the same in float32). Odd latent sizes are padded circularly to even ones (ComfyUI's
-choice; diffusers refuses them) and the output is cropped back.
+compute dtype whatever their storage dtype (float8 included). RMSNorm and RoPE compute in float32 (`norms.using`:
+the QK norms in the compute dtype, an opt-in). In float16 the residual streams are kept in float32 and sublayer
+outputs are clamped to the float16 range, because the real model's activations overflow float16. The timestep
+stays float32 (diffusers rounds it to the model dtype first; the same in float32). Odd latent sizes are padded
+circularly to even ones (ComfyUI's choice; diffusers refuses them) and the output is cropped back.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from .attention import attention, text_keys
 from .checkpoint import CheckpointError
 from .formats import dit as dit_format
 from .formats.common import assign_weights
-from .ops import Linear, TensorFn, cast_weight
+from .norms import RMSNorm
+from .ops import Linear
 
 # ---------------------------------------------------------------------------------------------------------
 # Configuration
@@ -86,21 +87,6 @@ F16_MAX = 65504.0
 def fp16_safe(x: torch.Tensor) -> torch.Tensor:
     """Clamp a float16 tensor into the finite range (inf -> +-65504); other dtypes pass through."""
     return x.clamp(-F16_MAX, F16_MAX) if x.dtype == torch.float16 else x
-
-
-class RMSNorm(nn.Module):
-    """RMSNorm with a learnt scale, computed in float32 and returned in the input dtype (`weight_fns`:
-    active patches of the scale, as on `ops.Linear`)."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.weight_fns: tuple[TensorFn, ...] = ()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = cast_weight(self.weight, None, torch.float32, (), self.weight_fns)
-        return F.rms_norm(x.float(), x.shape[-1:], w, self.eps).to(x.dtype)
 
 
 def layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:

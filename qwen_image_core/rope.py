@@ -113,9 +113,11 @@ def rope_table(pos: torch.Tensor, axes: tuple[int, ...], theta: float, precision
 def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent channel pairs of x [B, N, H, D] by rot [N, D/2, 2, 2]; float32 inside, x's dtype out.
 
-    (x0, x1) -> (cos x0 - sin x1, sin x0 + cos x1): the complex product (x0 + i x1) e^(i angle).
+    (x0, x1) -> (cos x0 - sin x1, sin x0 + cos x1): the complex product (x0 + i x1) e^(i angle). x is read in its
+    own dtype: the products with the float32 table promote to float32 inside the kernels (the same numbers as an
+    upcast copy first, bit for bit, without writing and reading that float32 copy).
     """
-    pairs = x.float().unflatten(-1, (-1, 1, 2))  # [B, N, H, D/2, 1, 2]
+    pairs = x.unflatten(-1, (-1, 1, 2))  # [B, N, H, D/2, 1, 2]
     rot = rot[:, None]  # [N, 1, D/2, 2, 2], broadcast over heads
     out = rot[..., 0] * pairs[..., 0]  # [B, N, H, D/2, 2]
     out.addcmul_(rot[..., 1], pairs[..., 1])
