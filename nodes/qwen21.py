@@ -4,8 +4,9 @@
 The 2.1 family is a second architecture (a 7B single-stream DiT, Qwen3-VL-8B, a 64-channel 16x RGBA VAE), so its
 files load with their own loaders and travel as their own types (QWENPIX21_*): a 2.1 output cannot be linked to a
 v1 node, the v1 loaders name these loaders when handed a 2.1 file, and these nodes name the v1 nodes when
-handed a v1 model. ComfyUI 0.3.75 has no Qwen-Image-2.1 model class, so the DiT is not a native MODEL (KSampler
-cannot run it): the 2.1 sampler runs the core's Euler loop (`qwen_image_core.qwen21.pipeline`).
+handed a v1 model. ComfyUI 0.3.75 has no Qwen-Image-2.1 model class: the 2.1 sampler runs the core's Euler loop
+(`qwen_image_core.qwen21.pipeline`); the loader's MODEL output and Encode's positive / negative are the pack's
+own ComfyUI model of the DiT for ComfyUI's samplers (`qwen21_model.py`, `qwen21_sampling.py`).
 Every number comes from the core pipeline's pieces, in the same order as `QwenImage21Pipeline.generate/edit`,
 so a graph's image equals the core's for the same inputs.
 """
@@ -29,7 +30,7 @@ from ..qwen_image_core.qwen21.pipeline import (
 from ..qwen_image_core.qwen21.prompts import rgba_prompt
 from ..qwen_image_core.qwen21.sampler import Condition21
 from ..qwen_image_core.qwen21.schedule import VAE_SCALE
-from . import checks, host, inputs, notices, placement
+from . import checks, host, inputs, notices, placement, qwen21_model
 from .qwen21_loaders import (
     COND21,
     DIT21,
@@ -46,6 +47,7 @@ from .qwen21_loaders import (
     DiT21Handle,
     _refuse_v1,
 )
+from .qwen21_sampling import NODES as SAMPLING_NODES
 
 CATEGORY = "QwenPix/Qwen-Image-2.1"
 SCHEDULES = ("dynamic", "turbo")  # the base checkpoint's shift from the token count; the Turbo file's 8 sigmas
@@ -91,17 +93,20 @@ def _references(images: dict) -> list[torch.Tensor]:
 class QwenPix21Encode:
     DISPLAY_NAME = "Qwen-Image-2.1 Encode"
     CATEGORY = CATEGORY
-    RETURN_TYPES = (COND21, "LATENT")
-    RETURN_NAMES = ("conditioning", "latent")
+    RETURN_TYPES = (COND21, "LATENT", "CONDITIONING", "CONDITIONING")
+    RETURN_NAMES = ("conditioning", "latent", "positive", "negative")
     OUTPUT_TOOLTIPS = (
         "The prompt and negative (with the references) for the Qwen-Image-2.1 Sampler.",
         "An empty 2.1 latent: image1's size for edits (padded to 32), else width x height.",
+        "The prompt (with the references) as CONDITIONING for KSampler / CFGGuider on the 2.1 MODEL.",
+        "The negative prompt (with the references) as CONDITIONING for the 2.1 MODEL.",
     )
     FUNCTION = "encode"
     DESCRIPTION = (
         "Encodes a prompt (a STRING from any node) with Qwen3-VL and up to 10 reference pictures (image1 .. image10, "
-        "<image1> .. in the prompt); references are encoded by the 2.1 VAE too. Outputs the conditioning and an "
-        "empty latent sized to image1 (edits) or width x height (text-to-image)."
+        "<image1> .. in the prompt); references are encoded by the 2.1 VAE too. Outputs the conditioning for the "
+        "2.1 Sampler, an empty latent sized to image1 (edits) or width x height (text-to-image), and positive / "
+        "negative CONDITIONING for ComfyUI's samplers on the 2.1 loader's MODEL."
     )
 
     @classmethod
@@ -186,7 +191,8 @@ class QwenPix21Encode:
         channels = vae.cfg.z_dim
         empty = torch.zeros(1, channels, height // VAE_SCALE, width // VAE_SCALE)
         latent = {"samples": empty.to(host.intermediate_device()), "qwenpix21_crop": crop}
-        return (Conditioning21(conds[0], conds[1], crop, negative_prompt), latent)
+        native = tuple(qwen21_model.conditioning(c) for c in conds)
+        return (Conditioning21(conds[0], conds[1], crop, negative_prompt), latent, *native)
 
 
 class _Parts:
@@ -330,4 +336,5 @@ NODES = {
     "QwenPix21Encode": QwenPix21Encode,
     "QwenPix21Sampler": QwenPix21Sampler,
     "QwenPix21Decode": QwenPix21Decode,
+    **SAMPLING_NODES,
 }

@@ -13,13 +13,14 @@ from ..qwen_image_core.formats.vae21 import load_vae21
 from ..qwen_image_core.qwen21 import DiT21, load_dit21, load_qwen3_vl
 from . import host
 from .loaders import compute_dtype_input, load_file, weights_line
+from .qwen21_model import dit21_model
 
 CATEGORY = "QwenPix/Qwen-Image-2.1"
 DIT21, ENCODER21, VAE21, COND21 = "QWENPIX21_DIT", "QWENPIX21_TEXT_ENCODER", "QWENPIX21_VAE", "QWENPIX21_CONDITIONING"
 V1_DIT, V1_ENCODER, V1_VAE = "MODEL", "QWENPIX_TEXT_ENCODER", "QWENPIX_VAE"  # accepted only to be named clearly
 NO_NATIVE = (
-    "ComfyUI 0.3.75 has no Qwen-Image-2.1 model class, so this is not a native MODEL (KSampler and model patches "
-    "cannot take it): sample it with the Qwen-Image-2.1 Sampler."
+    "ComfyUI 0.3.75 has no Qwen-Image-2.1 model class: the loader's MODEL output is the pack's own ComfyUI model "
+    "of it (KSampler, SamplerCustomAdvanced, LoraLoaderModelOnly; not v1 patches or ControlNets)."
 )
 DIT_NODE, ENCODER_NODE, VAE_NODE = (
     "'Load Qwen-Image-2.1 Diffusion Model'",
@@ -56,12 +57,19 @@ def _refuse_v1(name: str, value, want: type, node: str, v1_home: str):
 class QwenPix21DiTLoader:
     DISPLAY_NAME = "Load Qwen-Image-2.1 Diffusion Model"
     CATEGORY = CATEGORY
-    RETURN_TYPES = (DIT21,)
-    OUTPUT_TOOLTIPS = ("The Qwen-Image-2.1 DiT for the Qwen-Image-2.1 Sampler (not a native MODEL, see the help).",)
+    RETURN_TYPES = (DIT21, "MODEL")
+    RETURN_NAMES = ("dit", "model")
+    OUTPUT_TOOLTIPS = (
+        "The Qwen-Image-2.1 DiT for the Qwen-Image-2.1 Sampler.",
+        "The same DiT as a ComfyUI MODEL for KSampler / SamplerCustomAdvanced, with the 2.1 Encode's positive and "
+        "negative (shift for 1024x1024: set it for your latent with Qwen-Image-2.1 Model Sampling).",
+    )
     FUNCTION = "load"
     DESCRIPTION = (
         "Loads a Qwen-Image-2.1 diffusion model (qwen_image_2.1_bf16, _int8_convrot, the Turbo files, GGUF, a "
-        "diffusers transformer/ folder); weights stay in their stored form. " + NO_NATIVE
+        "diffusers transformer/ folder); weights stay in their stored form. Outputs the DiT for the 2.1 Sampler and "
+        "a MODEL for ComfyUI's samplers (flow matching with the 2.1 dynamic shift, the prefix K/V cache once per "
+        "run, LoRAs in ComfyUI's diffusion_model. key layout). " + NO_NATIVE
     )
 
     @classmethod
@@ -85,7 +93,8 @@ class QwenPix21DiTLoader:
         fix += "Diffusion Model')"
         dit = load_file("dit_name", dit_name, "diffusion_models", "transformer", "DiT 2.1", fix, load_dit21)
         dtype = host.compute_dtype(compute_dtype, host.compute_device())
-        return {"ui": {"qwenpix_plan": [weights_line(dit)]}, "result": (DiT21Handle(dit, dtype),)}
+        model = dit21_model(dit, dtype)
+        return {"ui": {"qwenpix_plan": [weights_line(dit)]}, "result": (DiT21Handle(dit, dtype), model)}
 
 
 class QwenPix21TextEncoderLoader:
