@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from qwen_image_core.checkpoint import CheckpointError
-from qwen_image_core.controlnet_fun import FunControl, FunForward, context_latent, hint_hook, load_fun_controlnet
+from qwen_image_core.control_fun import FunControl, FunForward, hint_hook
+from qwen_image_core.controlnet_fun import context_latent, load_fun_controlnet
 from qwen_image_core.formats import controlnet_fun as fun_format
 from qwen_image_core.mmdit import MMDiT
 from tools.checkpoints import controlnet as C
