@@ -8,6 +8,7 @@ from ..qwen_image_core.lora import lora_targets, read_lora
 from ..qwen_image_core.mmdit import load_dit
 from ..qwen_image_core.text_encoder import load_text_encoder
 from . import checks, host, native_model, notices, placement
+from .parallel import spread
 from .patcher import lora_patches
 
 CATEGORY = "QwenPix/loaders"
@@ -101,6 +102,16 @@ class QwenPixDiTLoader:
                         "torch.compile (Triton on NVIDIA GPUs). off: eager PyTorch.",
                     },
                 ),
+                "devices": (
+                    "STRING",
+                    {
+                        "default": "",
+                        "tooltip": "Spread the model's blocks over several GPUs of this machine, e.g. cuda:0,cuda:1 "
+                        "(each holds a contiguous range; what fits nowhere streams from host memory; activations "
+                        "move between GPUs at the range boundaries). The first is ComfyUI's device for this model. "
+                        "Empty: ComfyUI's device alone.",
+                    },
+                ),
             },
         }
 
@@ -110,7 +121,7 @@ class QwenPixDiTLoader:
         return host.model_fingerprint("diffusion_models", dit_name, "transformer")
 
     def load(self, dit_name: str, compute_dtype: str, positions: str = "official (diffusers)", matmul: str = "off",
-             compile: str = "off"):  # fmt: skip
+             compile: str = "off", devices: str = ""):  # fmt: skip
         fix = "choose a complete Qwen-Image diffusion model (DiT) (.safetensors, .gguf) from models/diffusion_models"
         fix += "; a Qwen-Image-2.1 DiT loads with 'Load Qwen-Image-2.1 Diffusion Model'"
         model = load_file("dit_name", dit_name, "diffusion_models", "transformer", "DiT", fix, load_dit)
@@ -128,7 +139,8 @@ class QwenPixDiTLoader:
         native = native_model.dit_model(model, dtype, convention, matmul, compile)
         native.set_attachments("qwenpix_name", dit_name)  # for messages (the NaN diagnosis)
         native.set_attachments("qwenpix_compute", compute_dtype)
-        plan = placement.describe_default_plan(model)  # shown on the node by the web extension
+        spread_plan = spread(native, devices)  # None: ComfyUI's device alone
+        plan = spread_plan or placement.describe_default_plan(model)  # shown on the node by the web extension
         lines = [weights_line(model) + " ·", plan] + ([matmul_seam.coverage(model, matmul)] if matmul != "off" else [])
         if model.config.layer3d_rope:  # issue 16: say what drives it (ComfyUI 0.3.75 has no layered latents)
             lines.insert(0, "Qwen-Image-Layered: sample it with the Qwen-Image Layered Sampler ·")

@@ -1,4 +1,11 @@
-"""Qwen-Image Sampler (several devices): one image's tokens split over N devices (Ulysses sequence parallel).
+"""Several devices: the DiT loader's `devices` (the blocks spread over the listed GPUs, `SpreadPlacement`) and the
+Qwen-Image Sampler (several devices): one image's tokens split over N devices (Ulysses sequence parallel).
+
+Spread placement (`qwen_image_core.multi_device`): ComfyUI sees the model on its main device, the first listed
+(the MODEL's load device): its budget there is ComfyUI's, the bytes ComfyUI counts are those held there, and the
+model takes its inputs and returns its output there. The other listed devices are ours: each takes what its free
+memory allows (less 1 GiB and one block's activations), unknown to ComfyUI's model management. Out-of-memory
+re-planning is not done for a spread model (the error is ComfyUI's).
 
 The work is the core's (`qwen_image_core.parallel`): N worker processes, one per device, each load the MODEL's
 DiT file once and stay up between prompts (they are held by the loaded model and end with it or with the
@@ -14,13 +21,16 @@ import comfy.sample
 import comfy.utils
 import torch
 
+from ..qwen_image_core.costs import GiB, dit_activation_bytes
+from ..qwen_image_core.multi_device import MultiDeviceStreamer, parse_devices
+from ..qwen_image_core.multi_device_plan import DeviceBudget, MultiPlan, dit_parts, plan_dit_devices
 from ..qwen_image_core.parallel import jobs
 from ..qwen_image_core.parallel.group import check_devices
 from ..qwen_image_core.parallel.workers import DitFile, Workers
 from ..qwen_image_core.pipeline import Conditioning, make_sigmas
-from . import checks, host, notices
-from .loaders import DIT
+from . import checks, host, notices, patcher
 
+DIT = "MODEL"  # as loaders.DIT (not imported from there: the loader imports this module for its `devices`)
 CATEGORY = "QwenPix/sampling"
 USED_COND_KEYS = {"attention_mask", "reference_latents", "pooled_output"}  # pooled_output: Qwen has none
 
@@ -42,6 +52,132 @@ def _conditioning(name: str, conditioning, text_dim: int) -> Conditioning:
         mask = None if bool(mask.all()) else mask
     refs = [host.latent_to_core(r) for r in extra.get("reference_latents") or []]
     return Conditioning(embeds.float().cpu(), mask, refs or None)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Spread placement: the DiT loader's `devices`
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _signature(plan: MultiPlan) -> tuple:
+    return tuple((s.device, s.first, s.plan.num_blocks, s.plan.streamed, s.plan.buffers) for s in plan.stages)
+
+
+class SpreadPlacement(patcher.Placement):
+    """`patcher.Placement` for a DiT spread over `devices` (the first: ComfyUI's load device). `workload()`: the
+    last sampling workload (the model's `memory_required` records it) for the activation room of the others."""
+
+    def __init__(self, module, devices, workload, reserve: int = GiB):
+        super().__init__(module, module.transformer_blocks, None)
+        self.devices, self.workload = [torch.device(d) for d in devices], workload
+        self.reserve = reserve  # kept free on each device but the first (whose budget is ComfyUI's)
+        self.streamer: MultiDeviceStreamer | None = None
+        self.transfers: dict[str, object] = {}  # device name -> its Transfer (made once)
+        self._placed = 0
+
+    def _transfer(self, d: torch.device):
+        if str(d) not in self.transfers:
+            self.transfers[str(d)] = patcher.SEAM.transfer(d)
+        return self.transfers[str(d)]
+
+    @property
+    def placed_bytes(self) -> int:
+        return self._placed
+
+    @property
+    def streams(self) -> bool:
+        return self.streamer is not None and any(s.plan.streamed for s in self.streamer.stages)
+
+    @property
+    def device(self) -> torch.device | None:
+        return self.devices[0] if self.streamer is not None else None
+
+    @property
+    def held(self) -> int:
+        """Bytes held on ComfyUI's device (the first stage's): what ComfyUI's model management counts."""
+        return self.streamer.stages[0].plan.device_bytes if self.streamer is not None else 0
+
+    @property
+    def can_shrink(self) -> bool:
+        return False
+
+    def shrink(self) -> None:
+        """No re-planning after an out-of-memory error for a spread model."""
+
+    def plan(self, budget: int | None) -> MultiPlan:
+        """The plan for `budget` bytes on the first device and the free memory of the others."""
+        wl, cfg = self.workload(), self.module.config
+        act = dit_activation_bytes(wl, cfg.hidden, cfg.mlp_dim)
+        specs = []
+        for j, d in enumerate(self.devices):
+            t = self._transfer(d)
+            free = t.free_memory()
+            free = 1 << 62 if free is None else free + t.allocated  # what this placement holds there counts as free
+            room = (free if budget is None else min(free, budget)) if j == 0 else max(0, free - self.reserve - act)
+            specs.append(DeviceBudget(str(d), room, patcher.SEAM.card(d)))
+        plan = plan_dit_devices(self.module, specs, wl, reserve=0, activation_bytes=0)
+        if plan.stages[0].device != str(self.devices[0]):
+            raise RuntimeError(f"QwenPix: {self.devices[0]} (ComfyUI's device for this model) cannot hold its first "
+                               f"blocks: {plan.explain()}")  # fmt: skip
+        return plan
+
+    def place(self, device, budget, max_resident=None) -> int:
+        if device is None or torch.device(device).type == "cpu":
+            return 0
+        if torch.device(device) != self.devices[0]:
+            raise RuntimeError(f"QwenPix: the model is spread over {', '.join(map(str, self.devices))} and must be "
+                               f"loaded on {self.devices[0]}, not {device}")  # fmt: skip
+        plan = self.plan(None if budget is None else int(budget))
+        if self.streamer is not None and _signature(self.streamer.plan) == _signature(plan):
+            return self.held
+        self.release()
+        head, blocks, tail = dit_parts(self.module)
+        transfers = [self.transfers[s.device] for s in plan.stages]
+        self.streamer = MultiDeviceStreamer(self.module, head, blocks, tail, plan, transfers).attach()
+        self._placed += sum(s.stats.load_bytes for s in self.streamer.streamers)
+        self.last_plan = plan.explain()
+        return self.held
+
+    def release(self, host: bool = False) -> None:
+        if self.streamer is not None:
+            self.streamer.detach()
+            self.streamer = None
+            for t in self.transfers.values():
+                t.empty_cache()
+
+
+def spread(native, text: str) -> str | None:
+    """Spread the MODEL `native` (a fresh loader output) over the devices listed in `text` ("" or one device: the
+    usual one-device placement); returns the plan's text for the node, or None. A clear error for a device
+    that does not exist. The choice belongs to the DiT (shared by every MODEL of it)."""
+    base = native.model
+    single = getattr(base, "qwenpix_single_placement", None) or base.qwenpix_placement
+    base.qwenpix_single_placement = single
+    names = [d for d in str(text).split(",") if d.strip()]
+    try:
+        devices = parse_devices(text) if names else []
+        if any(d.type != "cuda" for d in devices):
+            raise ValueError("list CUDA devices only (e.g. cuda:0,cuda:1)")
+    except ValueError as e:
+        raise host.InputError(f"devices '{text}': {e}\nFix: list the GPUs to spread the model over, e.g. "
+                              "cuda:0,cuda:1, or leave it empty for ComfyUI's device") from None  # fmt: skip
+    current = base.qwenpix_placement
+    want = devices if len(devices) > 1 else None
+    have = current.devices if isinstance(current, SpreadPlacement) else None
+    if want != have:
+        current.release(host=True)
+        base.qwenpix_placement = single if want is None else SpreadPlacement(
+            base.diffusion_model, want, lambda: base.last_workload)  # fmt: skip
+    if devices:
+        native.load_device = devices[0]
+    if want is None:
+        return None
+    return base.qwenpix_placement.plan(None).explain()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sequence parallel
+# ---------------------------------------------------------------------------------------------------------
 
 
 def _devices(text: str) -> tuple[str, ...]:

@@ -174,14 +174,16 @@ def factors_to(module: nn.Module, device: torch.device) -> None:
 
 def place_dit(model: nn.Module, devices: Sequence[str | DeviceBudget], budgets: Sequence[int] | None = None,
               workload=None, reserve: int = GiB, cards=None, transfers: Sequence[Transfer] | None = None,
-              link_gbps: float = 12.5, activation_bytes: int | None = None) -> MultiDeviceStreamer:  # fmt: skip
+              link_gbps: float = 12.5, activation_bytes: int | None = None,
+              counts: Sequence[int] | None = None) -> MultiDeviceStreamer:  # fmt: skip
     """An MMDiT spread over several devices and attached: the core API of multi-device placement.
 
     devices: names ("cuda:0", "cuda:1", ...; see `parse_devices`) or `DeviceBudget`s; budgets: bytes per device
     for this model (default: each device's free memory); cards: their time models (default: detected);
     transfers: one per device (default: `default_transfer`); activation_bytes: kept free per device (None: the
-    workload's estimate, `plan_dit_devices`). The model then takes its inputs on the first device
-    and gives its output there (`pipeline.sample` runs on it as on one device)."""
+    workload's estimate, `plan_dit_devices`); counts: blocks per device (None: the planner's choice).
+    The model then takes its inputs on the first device and gives its output there (`pipeline.sample` runs on it
+    as on one device)."""
     if devices and all(isinstance(d, DeviceBudget) for d in devices):
         specs = list(devices)
     else:
@@ -196,7 +198,7 @@ def place_dit(model: nn.Module, devices: Sequence[str | DeviceBudget], budgets: 
             raise ValueError(f"{len(budgets)} budgets for {len(names)} devices")
         cards = cards or [detect_card(torch.device(d)) for d in names]
         specs = [DeviceBudget(n, int(b), c) for n, b, c in zip(names, budgets, cards, strict=True)]
-    plan = plan_dit_devices(model, specs, workload, reserve, activation_bytes, link_gbps)
+    plan = plan_dit_devices(model, specs, workload, reserve, activation_bytes, link_gbps, counts)
     if transfers is None:
         transfers = [default_transfer(s.device) for s in plan.stages]
     else:  # given for every listed device: keep those of the devices used
@@ -228,7 +230,13 @@ def parse_devices(text: str) -> list[torch.device]:
     names = [d.strip() for d in str(text).split(",") if d.strip()]
     if not names:
         raise ValueError("no devices listed (expected e.g. cuda:0,cuda:1)")
-    devs = [check_device(n) for n in names]
-    if len({str(d) for d in devs}) != len(devs):
-        raise ValueError(f"a device is listed twice in '{text}'")
-    return devs
+    seen = set()
+    for n in names:
+        try:
+            key = str(torch.device(n))
+        except RuntimeError:
+            raise ValueError(f"'{n}' is not a device name (expected e.g. cuda:0)") from None
+        if key in seen:
+            raise ValueError(f"{key} is listed twice")
+        seen.add(key)
+    return [check_device(n) for n in names]

@@ -12,9 +12,11 @@ devices' simulated steps plus the boundary copies.
 How the blocks are spread (deterministic):
 - if everything fits resident on the first k devices of the list, the smallest such k is used, each device
   filled in order as far as its budget allows (fewest boundaries; later devices stay free);
-- otherwise each device takes, in order, the blocks its budget holds resident beside a staging ring of two,
-  plus a share of the blocks that must stream, proportional to its resident count + 1 (the resident blocks'
-  compute hides the copies); each device's own plan then streams what its range does not hold. A device that cannot
+- otherwise two spreads are costed and the faster kept (ties: more blocks resident): (1) each device takes, in
+  order, the blocks its budget holds resident beside a staging ring of two, plus a share of the blocks that
+  must stream, proportional to its resident count + 1 (the resident blocks' compute hides the copies);
+  (2) the devices before the last hold blocks resident only, the last streams the rest. Each device's own
+  plan then streams what its range does not hold. A device that cannot
   hold even the ring is left out (the plan says so); if none can, `PlanError` names each device's need.
 """
 
@@ -107,9 +109,19 @@ def _stage_budget(d: DeviceBudget, reserve: int, activation_bytes: int, fixed: i
     return d.free - reserve - activation_bytes - fixed
 
 
-def _resident_split(sizes, head, tail, devices, reserve, act) -> list[int] | None:
-    """Block counts per device when everything fits resident on a prefix of the devices (fewest devices)."""
+def _resident_split(sizes, head, tail, devices, reserve, act, fill: bool = False) -> list[int] | None:
+    """Block counts per device when everything fits resident on a prefix of the devices (fewest devices).
+    fill=True: the counts of all the devices, each filled in order as far as it holds (some blocks may be left)."""
     n = len(sizes)
+    if fill:
+        counts, at = [], 0
+        for j, d in enumerate(devices):
+            room, take = _stage_budget(d, reserve, act, head if j == 0 else 0), 0
+            while at + take < n and sum(sizes[at : at + take + 1]) <= room:
+                take += 1
+            counts.append(take)
+            at += take
+        return counts
     for k in range(1, len(devices) + 1):
         counts, at = [], 0
         for j in range(k):
@@ -154,56 +166,84 @@ def plan_devices(
     link_gbps: float = 12.5,
     name: str = "model",
     storage: str = "",
+    counts: Sequence[int] | None = None,
 ) -> MultiPlan:
     """Spread `block_bytes` (in execution order) over `devices` (in the order given; the first holds the head).
 
     block_flops: one block's FLOPs per step (each device's card turns it into seconds); activation_bytes: kept
-    free on every device; boundary_bytes: what crosses a boundary per pass; link_gbps: device to device."""
+    free on every device; boundary_bytes: what crosses a boundary per pass; link_gbps: device to device; counts:
+    blocks per device in order (None: chosen as the module says), each device's plan then made for its range."""
     names = [d.name for d in devices]
     if not devices:
         raise ValueError("plan_devices: no devices given")
     if len(set(names)) != len(names):
         raise ValueError(f"plan_devices: a device is listed twice in {', '.join(names)}")
     unused: list[str] = []
+
+    def build(used: Sequence[DeviceBudget], counts: Sequence[int]) -> MultiPlan:
+        stages, at = [], 0
+        for j, (d, c) in enumerate(zip(used, counts, strict=True)):
+            head, tail = j == 0, j == len(used) - 1
+            fixed = (head_bytes if head else 0) + (tail_bytes if tail else 0)
+            sec = block_flops / (d.card.tflops * 1e12 * d.card.mfu)
+            try:
+                plan = plan_blocks(block_bytes[at : at + c], fixed, d.free, reserve, activation_bytes, sec,
+                                   d.card.h2d_gbps * GB, name=d.name, storage=storage)  # fmt: skip
+            except PlanError as e:
+                raise PlanError(f"{name}: {e}") from None
+            stages.append(Stage(d.name, at, plan, head, tail))
+            at += c
+        compute = sum(s.plan.compute_s for s in stages)
+        steps = sum(s.plan.step_s for s in stages) + (len(stages) - 1) * boundary_bytes / (link_gbps * GB)
+        left = [u for u in unused if u.split(":")[0] not in {d.name for d in used}]
+        return MultiPlan(name, tuple(stages), tuple(left), boundary_bytes, link_gbps, compute, steps)
+
+    if counts is not None:  # the caller's ranges
+        if len(counts) != len(devices) or sum(counts) != len(block_bytes) or min(counts) < 0:
+            raise ValueError(f"plan_devices: counts {list(counts)} do not split {len(block_bytes)} blocks over "
+                             f"{len(devices)} devices")  # fmt: skip
+        unused += [f"{d.name}: not used (0 blocks asked)" for d, c in zip(devices, counts, strict=True) if not c]
+        return build([d for d, c in zip(devices, counts, strict=True) if c], [c for c in counts if c])
     counts = _resident_split(block_bytes, head_bytes, tail_bytes, devices, reserve, activation_bytes)
-    used = list(devices)
-    if counts is None:  # streaming: every device that can hold its staging ring takes a proportional range
-        ring = 2 * max(block_bytes, default=0)
-        rooms = []
-        for j, d in enumerate(devices):
-            fixed = (head_bytes if j == 0 else 0) + (tail_bytes if j == len(devices) - 1 else 0)
-            room = _stage_budget(d, reserve, activation_bytes, fixed) - ring
-            rooms.append(room)
-        keep = [j for j, r in enumerate(rooms) if r >= 0]
-        for j, d in enumerate(devices):
-            if j not in keep:
-                unused.append(f"{d.name}: not used, {_size(d.free)} cannot hold its staging ring "
-                              f"({_size(ring)}) beside {_size(activation_bytes)} activations and "
-                              f"{_size(reserve)} reserve")  # fmt: skip
-        if not keep:
-            raise PlanError(f"{name}: no device can stream this model:\n" + "\n".join(unused))
-        used = [devices[j] for j in keep]
-        counts = _streaming_split(block_bytes, [rooms[j] for j in keep])
-        unused += [f"{d.name}: not needed (no blocks left for it)" for d, c in zip(used, counts, strict=True) if not c]
-        used, counts = [d for d, c in zip(used, counts, strict=True) if c], [c for c in counts if c]
-    else:
-        used = used[: len(counts)]
+    if counts is not None:
         unused += [f"{d.name}: not needed (everything fits on the devices before it)" for d in devices[len(counts) :]]
-    stages, at, compute = [], 0, 0.0
-    for j, (d, c) in enumerate(zip(used, counts, strict=True)):
-        head, tail = j == 0, j == len(used) - 1
-        fixed = (head_bytes if head else 0) + (tail_bytes if tail else 0)
-        sec = block_flops / (d.card.tflops * 1e12 * d.card.mfu)
+        return build(devices[: len(counts)], counts)
+    # streaming. Candidate 1: every device that can hold a staging ring keeps what it can resident beside it and
+    # streams a share; candidate 2: the devices before the last hold blocks resident only, the last streams the
+    # rest. The faster by the time model wins (ties: more blocks resident).
+    ring = 2 * max(block_bytes, default=0)
+    rooms = []
+    for j, d in enumerate(devices):
+        fixed = (head_bytes if j == 0 else 0) + (tail_bytes if j == len(devices) - 1 else 0)
+        rooms.append(_stage_budget(d, reserve, activation_bytes, fixed) - ring)
+    keep = [j for j, r in enumerate(rooms) if r >= 0]
+    for j, d in enumerate(devices):
+        if j not in keep:
+            unused.append(f"{d.name}: not used, {_size(d.free)} cannot hold its staging ring "
+                          f"({_size(ring)}) beside {_size(activation_bytes)} activations and "
+                          f"{_size(reserve)} reserve")  # fmt: skip
+    if not keep:
+        raise PlanError(f"{name}: no device can stream this model:\n" + "\n".join(unused))
+    candidates, errors = [], []
+    shared = _streaming_split(block_bytes, [rooms[j] for j in keep])
+    last = keep[-1]
+    filled = _resident_split(block_bytes[:-1], head_bytes, 0, devices[:last], reserve, activation_bytes, fill=True)
+    for used, counts in (([devices[j] for j in keep], shared), ([*devices[:last], devices[last]], [*filled, 0])):
+        counts = list(counts)
+        counts[-1] += len(block_bytes) - sum(counts)
+        pairs = [(d, c) for d, c in zip(used, counts, strict=True) if c]
         try:
-            plan = plan_blocks(block_bytes[at : at + c], fixed, d.free, reserve, activation_bytes, sec,
-                               d.card.h2d_gbps * GB, name=d.name, storage=storage)  # fmt: skip
+            candidates.append(build([d for d, _ in pairs], [c for _, c in pairs]))
         except PlanError as e:
-            raise PlanError(f"{name}: {e}") from None
-        stages.append(Stage(d.name, at, plan, head, tail))
-        compute += plan.compute_s
-        at += c
-    steps = sum(s.plan.step_s for s in stages) + (len(stages) - 1) * boundary_bytes / (link_gbps * GB)
-    return MultiPlan(name, tuple(stages), tuple(unused), boundary_bytes, link_gbps, compute, steps)
+            errors.append(e)
+    if not candidates:
+        raise errors[0]
+    best = min(candidates, key=lambda p: (round(p.step_s, 9), -sum(len(s.plan.resident) for s in p.stages)))
+    names_used = set(best.devices)
+    extra = [f"{d.name}: not needed (no blocks left for it)" for d in devices
+             if d.name not in names_used and not any(u.startswith(d.name + ":") for u in best.unused)]  # fmt: skip
+    return MultiPlan(best.name, best.stages, (*best.unused, *extra), best.boundary_bytes, best.link_gbps,
+                     best.compute_s, best.step_s)  # fmt: skip
 
 
 def dit_parts(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module], list[nn.Module]]:
@@ -219,9 +259,9 @@ def dit_parts(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module], list[
 
 def plan_dit_devices(model: nn.Module, devices: Sequence[DeviceBudget], workload: DiTWorkload | None = None,
                      reserve: int = GiB, activation_bytes: int | None = None,
-                     link_gbps: float = 12.5) -> MultiPlan:  # fmt: skip
+                     link_gbps: float = 12.5, counts: Sequence[int] | None = None) -> MultiPlan:  # fmt: skip
     """Plan an MMDiT over `devices` for a workload (activation_bytes None: the workload's estimate per device;
-    0 when each budget already leaves room for them)."""
+    0 when each budget already leaves room for them; counts: blocks per device, see `plan_devices`)."""
     cfg, wl = model.config, workload or DiTWorkload()
     head, blocks, tail = dit_parts(model)
     sizes, _ = split_blocks(model, blocks)
@@ -232,4 +272,4 @@ def plan_dit_devices(model: nn.Module, devices: Sequence[DeviceBudget], workload
     return plan_devices(sizes, sum(tensor_bytes(m) for m in head), sum(tensor_bytes(m) for m in tail), devices,
                         dit_block_flops(wl, cfg.hidden, cfg.mlp_dim), act, boundary, reserve, link_gbps,
                         name=f"{wl.describe()} over {', '.join(d.name for d in devices)}",
-                        storage=storage_label(model.transformer_blocks))  # fmt: skip
+                        storage=storage_label(model.transformer_blocks), counts=counts)  # fmt: skip

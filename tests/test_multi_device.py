@@ -60,14 +60,13 @@ def budgets(model, resident: tuple[int, ...], ring: int = 0) -> list[MP.DeviceBu
     return out
 
 
-def spread(model, specs):
-    plan = MP.plan_dit_devices(model, specs, DiTWorkload(), reserve=0, activation_bytes=0)
+def spread(model, specs, counts=None):
+    plan = MP.plan_dit_devices(model, specs, DiTWorkload(), reserve=0, activation_bytes=0, counts=counts)
     transfers = {d.name: Tagged() for d in specs}
-    return (
-        plan,
-        transfers,
-        M.place_dit(model, specs, reserve=0, activation_bytes=0, transfers=[transfers[d.name] for d in specs]),
-    )
+    md = M.place_dit(model, specs, reserve=0, activation_bytes=0, transfers=[transfers[d.name] for d in specs],
+                     counts=counts)  # fmt: skip
+    assert md.plan == plan
+    return plan, transfers, md
 
 
 def inputs(dtype, refs: int = 0, batch: int = 2, seed: int = 0):
@@ -95,24 +94,29 @@ def check_arrivals(model, md: M.MultiDeviceStreamer, transfers, log: list):
 
 
 @pytest.mark.parametrize("storage", ["fp32", "bf16"])
-@pytest.mark.parametrize("ring", [0, 2], ids=["resident", "streamed"])
+@pytest.mark.parametrize("ring", [0, 2, 3], ids=["resident", "streamed", "streamed-everywhere"])
 def test_spread_is_bit_identical_within_each_budget(models, storage, ring):
     model = models[storage]
     dt = torch.float32 if storage == "fp32" else torch.bfloat16
     cases = [inputs(dt), inputs(dt, refs=2, seed=1), inputs(dt, batch=1, seed=2)]  # CFG batch, edit (2 refs), single
     references = [model(*a, **k) for a, k in cases]
-    resident = (3, 3, 3) if ring == 0 else (1, 0, 1)
-    specs = budgets(model, resident, ring)
-    plan, by_name, md = spread(model, specs)
+    resident = {0: (3, 3, 3), 2: (1, 0, 1), 3: (0, 0, 0)}[ring]
+    counts = (3, 3, 3) if ring == 3 else None  # the caller's ranges: every device streams part of its range
+    specs = budgets(model, resident, min(ring, 2))
+    plan, by_name, md = spread(model, specs, counts)
     transfers = [by_name[d] for d in plan.devices]
     assert plan.devices == NAMES and [b for s in plan.stages for b in s.blocks] == list(range(LAYERS))
     if ring == 0:  # all resident: each device filled in order as far as its budget holds
         assert [s.blocks for s in plan.stages] == [range(0, 3), range(3, 6), range(6, 9)]
         assert all(not s.plan.streamed for s in plan.stages)
-    else:  # each range: what its budget holds beside a ring, plus a share of the streamed blocks
-        assert [s.blocks for s in plan.stages] == [range(0, 4), range(4, 5), range(5, 9)]
-        assert [len(s.plan.resident) for s in plan.stages] == [1, 1, 1]  # dev1's one block fits in its ring's room
-        assert [len(s.plan.streamed) for s in plan.stages] == [3, 0, 3]
+    elif ring == 2:  # faster than a ring on every device: the first two fill up resident, the last streams
+        assert [s.blocks for s in plan.stages] == [range(0, 3), range(3, 5), range(5, 9)]
+        assert [len(s.plan.resident) for s in plan.stages] == [3, 2, 1]
+        assert [len(s.plan.streamed) for s in plan.stages] == [0, 0, 3]
+    else:
+        assert [s.blocks for s in plan.stages] == [range(0, 3), range(3, 6), range(6, 9)]
+        assert [len(s.plan.resident) for s in plan.stages] == [0, 0, 0]
+        assert [len(s.plan.streamed) for s in plan.stages] == [3, 3, 3]
     log: list = []
     with md:
         hooks = check_arrivals(model, md, transfers, log)
@@ -195,7 +199,7 @@ def test_device_names():
     assert M.parse_devices("cpu") == [torch.device("cpu")]
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
     with pytest.raises(ValueError, match=f"'cuda:{n}' does not exist on this machine"):
-        M.parse_devices(f"cuda:0, cuda:{n}")
+        M.parse_devices(", ".join([*(f"cuda:{i}" for i in range(n)), f"cuda:{n}"]))
     with pytest.raises(ValueError, match="not a device name"):
         M.parse_devices("gpu0")
     with pytest.raises(ValueError, match="no devices listed"):
