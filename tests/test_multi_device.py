@@ -206,3 +206,24 @@ def test_device_names():
         M.parse_devices(" , ")
     with pytest.raises(ValueError, match="listed twice"):
         M.parse_devices("cpu,cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_real_devices(models):
+    """On a machine with GPUs: cuda:0 and the host (one GPU), or cuda:0 and cuda:1, through the real Transfers
+    (copy streams, events, device-to-device activations): equal to the model on cuda:0 alone."""
+    from qwen_image_core.costs import detect_card  # noqa: PLC0415
+
+    model = models["bf16"]
+    (img, sigma, txt), _ = inputs(torch.bfloat16)
+    args = (img.cuda(), sigma.cuda(), txt.cuda())
+    sizes, head, tail = parts(model)
+    second = "cuda:1" if torch.cuda.device_count() > 1 else "cpu"
+    card = detect_card("cuda:0")
+    with M.place_dit(model, [MP.DeviceBudget("cuda:0", head + 4 * max(sizes), card)], reserve=0, activation_bytes=0):
+        reference = model(*args).cpu()  # blocks 0-1 resident, the rest streamed on cuda:0 alone
+    specs = [MP.DeviceBudget("cuda:0", head + 4 * max(sizes), card), MP.DeviceBudget(second, 1 << 40, card)]
+    with M.place_dit(model, specs, reserve=0, activation_bytes=0, counts=(4, LAYERS - 4)) as md:
+        out = model(*args)
+        assert out.device == torch.device("cuda:0") and md.moved_bytes()[1] > 0
+    assert torch.equal(out.cpu(), reference) if second != "cpu" else torch.allclose(out.cpu(), reference, atol=2e-2)
