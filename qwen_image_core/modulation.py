@@ -9,9 +9,10 @@ one step's entry; `offload_plan.plan_dit(modulation=True)` leaves these weights 
 blocks stay resident) and `BlockStreamer(skip=modulation_layers(model))` leaves them on the host.
 
 Which entry applies must be known on the host (finding it on the device would wait for the device): the core
-sampler (`pipeline.sample`) knows its step index. ComfyUI's samplers pass the current sigma only as a device tensor,
-and multi-evaluation samplers (heun, dpm_2, dpmpp_sde, ...) evaluate sigmas that are not in the schedule, so the
-bridged native MODEL (nodes/native_model.py) keeps computing the modulation per step.
+sampler (`pipeline.sample`) knows its step index. ComfyUI's samplers pass the current sigma only as a device tensor;
+the bridged native MODEL follows the steps through the sampler's callback instead, for the samplers that evaluate
+only the schedule's sigmas, and computes per call for the others (nodes/run_modulation.py). There the weights stay
+placed as before (a sampler with midpoints still needs them every call): the reads are saved, not the device bytes.
 """
 
 from __future__ import annotations
