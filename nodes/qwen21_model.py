@@ -189,6 +189,7 @@ class NativeDiT21(nn.Module):
         self.config, self.dtype = dit.config, dtype
         self.core_forward = dit.forward  # bound methods of the core model, computing with the same modules
         self.core_prefill = dit.prefill
+        self.prefix_fills = 0  # prefix caches computed so far (tests read it: once per condition and run)
 
     def forward(self, x, timestep, context=None, transformer_options=None, **kwargs):
         transformer_options = {} if transformer_options is None else transformer_options
@@ -220,6 +221,7 @@ class NativeDiT21(nn.Module):
         store = options.get(STORE_KEY)
 
         def fill():
+            self.prefix_fills += 1
             c = _to(cond, device, dt)
             return self.core_prefill(*c.args(), dtype=dt, attention_fn=attend)
 

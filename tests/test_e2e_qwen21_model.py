@@ -214,3 +214,22 @@ def test_21_conditioning_on_a_v1_model_is_named(models21, client):
         "dump": node("QwenPixTestDumpLatent", samples=["ks", 0], name="q21m_v1"),
     }  # fmt: skip
     fails(client, prompt, "ks", "Qwen-Image-2.1")
+
+
+def test_prefix_cache_once_per_condition_and_run(models21, client):
+    """KSampler, CFG 2, 3 steps: 6 diffusion-model calls (cond and uncond apart), 2 prefix caches filled per
+    run (one per condition), filled again in the next run (a new seed: nothing reused across runs)."""
+    fills = []
+    for seed in (1, 2):
+        prompt = graph()
+        for k in ("s21", "dump_s21", "sca", "dump_sca", "dump_ks"):
+            del prompt[k]
+        prompt["count"] = node("QwenPixTestCountCalls", model=["ms", 0], name=f"q21m_calls{seed}")
+        prompt["ks"]["inputs"].update(model=["count", 0], steps=3, seed=seed)
+        prompt["report"] = node("QwenPixTestReportCalls", samples=["ks", 0], name=f"q21m_calls{seed}", model=["dit", 1])
+        res = client.run(prompt, timeout=300)
+        assert res.status == "success", (res.error() or {}).get("exception_message")
+        assert res.outputs["report"]["calls"][0] == [1] * 6
+        fills.append(res.outputs["report"]["prefix_fills"][0])
+    print(f"\nprefix fills after each run: {fills}")
+    assert fills[1] - fills[0] == 2

@@ -198,10 +198,14 @@ class QwenPixTestReportCalls:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"samples": ("LATENT",), "name": ("STRING", {"default": "calls"})}}
+        return {
+            "required": {"samples": ("LATENT",), "name": ("STRING", {"default": "calls"})},
+            "optional": {"model": ("MODEL",)},  # also report its diffusion model's prefix_fills (Qwen-Image-2.1)
+        }
 
-    def report(self, samples, name):
-        return {"ui": {"calls": [CALLS.pop(name, [])]}}
+    def report(self, samples, name, model=None):
+        fills = None if model is None else getattr(model.model.diffusion_model, "prefix_fills", None)
+        return {"ui": {"calls": [CALLS.pop(name, [])], "prefix_fills": [fills]}}
 
 
 NODE_CLASS_MAPPINGS = {
