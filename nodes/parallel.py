@@ -134,16 +134,28 @@ class SpreadPlacement(patcher.Placement):
         head, blocks, tail = dit_parts(self.module)
         transfers = [self.transfers[s.device] for s in plan.stages]
         self.streamer = MultiDeviceStreamer(self.module, head, blocks, tail, plan, transfers).attach()
+        self._guard = self.module.register_forward_pre_hook(_no_control, with_kwargs=True)
         self._placed += sum(s.stats.load_bytes for s in self.streamer.streamers)
         self.last_plan = plan.explain()
         return self.held
 
     def release(self, host: bool = False) -> None:
         if self.streamer is not None:
+            self._guard.remove()
             self.streamer.detach()
             self.streamer = None
             for t in self.transfers.values():
                 t.empty_cache()
+
+
+def _no_control(module, args, kwargs) -> None:
+    """ControlNet residuals are made on ComfyUI's device and added after each block, where a spread model's
+    streams may be on another GPU: refused clearly rather than failing deep inside (or silently left out)."""
+    if kwargs.get("control"):
+        raise host.InputError(
+            "model: ControlNet residuals are not supported on a model spread over several devices (the DiT "
+            "loader's devices)\nFix: clear devices on Load Qwen-Image Diffusion Model to run this ControlNet"
+        )
 
 
 def spread(native, text: str) -> str | None:

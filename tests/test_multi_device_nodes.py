@@ -101,6 +101,8 @@ def test_spread_model_in_comfyui_model_management(devices, dit_file):
     assert first.peak <= budget and second.peak <= sizes[str(SECOND)]
     assert m.loaded_size() == spread.held == plan.stages[0].plan.device_bytes >= first.allocated  # what ComfyUI sees
     assert spread.device == GPU and spread.streams and str(SECOND) in spread.last_plan
+    with pytest.raises(host.InputError, match="ControlNet residuals are not supported"):
+        m.model.diffusion_model(*INPUTS, control={"output": [torch.zeros(1)]})
     m.load(GPU, lowvram_model_memory=budget)  # the same budget again: nothing moves
     assert spread.placed_bytes == sum(s.stats.load_bytes for s in spread.streamer.streamers)
     mm.load_models_gpu([m], memory_required=1 * MiB)  # ComfyUI's own loader: the full budget, all on the first
