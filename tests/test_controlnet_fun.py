@@ -201,3 +201,29 @@ def test_wrong_dit_and_context_are_clear_errors(tmp_path):
         net(MMDiT(D.tiny_config(num_layers=3, num_heads=2, mlp_dim=256)), img, sigma, txt, ctx)
     with pytest.raises(ValueError, match="33 channels"):
         net(dit(), img, sigma, txt, ctx[:, :17])
+
+
+def test_comfy_face_takes_the_qwenpix_model_and_names_another(tmp_path):
+    """The CONTROL_NET our loader gives (in-process): copies keep the class, the hints come back per DiT block
+    (None between), another MODEL's diffusion model is a clear error."""
+    import importlib  # noqa: PLC0415
+
+    from tools.comfy_paths import import_comfy_for_oracle, import_pack  # noqa: PLC0415
+
+    import_comfy_for_oracle()
+    import_pack()
+    face = importlib.import_module("qwenpix.nodes.controlnet_fun")
+    native = importlib.import_module("qwenpix.nodes.native_model")
+    net = load_fun_controlnet(C.write_fun(tmp_path / "fun.safetensors", FUN, seed=2, dtype=torch.float32))
+    handle = face.control_net(net, torch.float32, "comfyui")
+    assert type(handle.copy()) is face.FunControlNetHandle and handle.copy().control_model is handle.control_model
+    model = dit()
+    img, sigma, txt, ctx = inputs()
+    with torch.no_grad():
+        out = handle.control_model(img[:, :, None], sigma, txt, hint=ctx[:, :16, None],
+                                   base_model=native.NativeDiT(model, torch.float32, "comfyui"))["input"]  # fmt: skip
+        want = net(model, img, sigma, txt, ctx[:, :16], positions="comfyui")
+    assert len(out) == 3 and out[1] is None  # (ComfyUI's attention dispatch: the same up to rounding)
+    assert all((out[i] - want[i]).abs().max() <= 1e-5 * max(1.0, want[i].abs().max()) for i in (0, 2))
+    with pytest.raises(ValueError, match="QwenPix diffusion model loader"):
+        handle.control_model(img[:, :, None], sigma, txt, hint=ctx[:, :16, None], base_model=torch.nn.Linear(2, 2))
