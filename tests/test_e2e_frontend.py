@@ -308,6 +308,7 @@ def test_six_image_edit_built_in_the_page_runs(report, example_models):
     # inputs appear as you connect: a new node shows image1 and image2; after six links, image7 is the free one
     assert edit["freshSlots"] == ["image1", "image2"]
     assert edit["slots"] == [[f"image{i}" for i in range(1, 8)]] * 2
+    assert edit["slots21"] == [["image1", "image2"], ["image1", "image2", "image3"]]  # Qwen-Image-2.1 Encode too
     res = ComfyClient(example_models.url).wait(edit["prompt_id"], timeout=300)
     assert res.status == "success", res.error()
     (img,) = res.images()

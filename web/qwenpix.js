@@ -5,8 +5,9 @@
 // - Warnings: the backend's `qwenpix.warning` websocket event ({node, prompt_id, message}, nodes/notices.py) is
 //   shown as a toast naming the node (ComfyUI's new frontend), else as a small banner at the top right; the
 //   node gets an amber outline until the next prompt starts. Every warning also goes to the console.
-// - Edit Encode: of its optional image2..image10 inputs only the connected ones and the next free one are shown;
-//   connecting the last shown one shows the next (inputs appear as you connect), disconnecting hides the spare.
+// - Edit Encode and Qwen-Image-2.1 Encode: of their optional image2..image10 inputs only the connected ones and
+//   the next free one are shown; connecting the last shown one shows the next (inputs appear as you connect),
+//   disconnecting hides the spare.
 // - Translations: the pack's locales/<lang>/nodeDefs.json (node names, input labels, tooltips) for languages
 //   other than English, applied to the pack's own nodes (see applyTranslations).
 // User-provided or backend text is only ever set through textContent / widget values, never as HTML.
@@ -204,7 +205,8 @@ function translateNode(node) {
 }
 
 const EDIT_IMAGE = /^image(\d+)$/;
-const EDIT_MAX_IMAGES = 10; // nodes/conditioning.py MAX_IMAGES
+const EDIT_MAX_IMAGES = 10; // nodes/conditioning.py MAX_IMAGES, qwen_image_core/qwen21/layout.py MAX_REFERENCES
+const EDIT_NODES = new Set(["QwenPixEditEncode", "QwenPix21Encode"]); // nodes with image1..image10 inputs
 
 // Show image1, every connected imageN, and one free slot after the last connected one (up to image10).
 function syncEditImages(node) {
@@ -258,7 +260,7 @@ app.registerExtension({
   },
   nodeCreated(node) {
     translateNode(node);
-    if (node.comfyClass === "QwenPixEditEncode") dynamicEditImages(node);
+    if (EDIT_NODES.has(node.comfyClass)) dynamicEditImages(node);
     if (node.comfyClass === "QwenPixEmptyLatent") {
       const aspect = widget(node, "aspect");
       if (aspect) {

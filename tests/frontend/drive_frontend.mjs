@@ -36,7 +36,8 @@
 //                  "height"}}, "fetched": {URL path of each pack file the page fetched: HTTP status}},
 //    "locales": {lang: {type: {"title", "inputs": {name: label}, "widgets": {name: label}}}},
 //    "edit": {"prompt_id", "status", "response", "output", "slots": [each encoder's image inputs after linking],
-//             "freshSlots": [the image inputs of a new Edit Encode node]},
+//             "freshSlots": [the image inputs of a new Edit Encode node], "slots21": [a new Qwen-Image-2.1
+//             Encode's image inputs, then after linking image1 and image2]},
 //    "console_errors": [...], "page_errors": [uncaught exceptions with their stacks]}
 // Each phase that fails records {"error": message} in its place instead of aborting the others.
 import { readFileSync, writeFileSync } from "node:fs";
@@ -172,9 +173,22 @@ async function editFromPage(page, edit) {
       await new Promise((r) => setTimeout(r, 0));
       const freshSlots = fresh.inputs.map((inp) => inp.name).filter((n) => /^image\d+$/.test(n));
       app.graph.remove(fresh);
+      // the Qwen-Image-2.1 Encode grows the same way: fresh, then with image1 and image2 linked
+      const fresh21 = window.LiteGraph.createNode("QwenPix21Encode");
+      app.graph.add(fresh21);
+      await new Promise((r) => setTimeout(r, 0));
+      const names21 = () => fresh21.inputs.map((inp) => inp.name).filter((n) => /^image\d+$/.test(n));
+      const slots21 = [names21()];
+      const source = app.graph.nodes.find((n) => n.type === "LoadImage");
+      for (const name of ["image1", "image2"]) {
+        source?.connect(0, fresh21, fresh21.inputs.findIndex((inp) => inp.name === name));
+        await new Promise((r) => setTimeout(r, 0));
+      }
+      slots21.push(names21());
+      app.graph.remove(fresh21);
       const { output } = await app.graphToPrompt();
       await app.queuePrompt(0, 1);
-      return { output, slots, freshSlots };
+      return { output, slots, freshSlots, slots21 };
     },
     { wf: JSON.parse(readFileSync(edit.workflow, "utf8")), widgets: edit.widgets, images: edit.images },
   );

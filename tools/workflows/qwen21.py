@@ -31,8 +31,10 @@ T2I_PROMPT = "A cosy reading corner by a rainy window, warm lamp light, a cat as
 EDIT_PROMPT = "Place the house of <image1> in the landscape of <image3>, painted in the style of <image2>."
 REMOVE_PROMPT = "Remove the background, and output a PNG image"  # the official template's prompt
 USAGE = """\
-Qwen-Image-2.1 runs on the QwenPix 2.1 nodes: ComfyUI 0.3.75 has no Qwen-Image-2.1 model class, so the DiT is
-not a native MODEL and KSampler cannot run it; the Qwen-Image-2.1 Sampler does.
+Qwen-Image-2.1 runs on the QwenPix 2.1 nodes; the Qwen-Image-2.1 Sampler samples exactly as the reference does.
+ComfyUI's samplers work too: the loader's `model` output, Encode's `positive` / `negative` into KSampler (put
+Qwen-Image-2.1 Model Sampling with Encode's latent before it for the dynamic shift; `simple` then differs from
+the reference only in its last sigma) or SamplerCustomAdvanced with Qwen-Image-2.1 Sigmas (the exact schedule).
 
 - **Prompt**: a STRING; convert the widget to an input to feed it from any node (a prompt enhancer, a text file).
 - **References**: image1 .. image10 on Qwen-Image-2.1 Encode, named `<image1>` .. in the prompt. The result has
