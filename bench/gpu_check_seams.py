@@ -2,8 +2,9 @@
   8 modulation         AdaLN modulation precomputed for 20 steps: equal forwards, bytes freed, precompute vs per step
   9 matmul             fp8 (_scaled_mm) and int8 (_int_mm) seams at the MLP shape: ms and error vs dequantised
  10 compile streamed   per-block compile (compiled.using) with 2 of 3 blocks streaming: equal, no recompiles
-Each phase is `fn(c, e, h)`: c the gpu_check `Check`, e its result entry, h gpu_check's helpers (random_dit, workload,
-plan_with, FP8) as a namespace.
+ 11 norm and RoPE      QK-RMSNorm in bf16 (norms "compute") vs the float32 path, RoPE reading bf16: equal bits, ms
+Each phase is `fn(c, e, h)`: c the gpu_check `Check`, e its result entry, h the module gpu_check_common (random_dit,
+workload, plan_with, FP8).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from qwen_image_core import compiled as compiled_blocks
 from qwen_image_core import matmul as MM
 from qwen_image_core import modulation as M
+from qwen_image_core import norms, rope
 from qwen_image_core import offload as O
 from qwen_image_core import offload_plan as P
 from qwen_image_core.ops import Linear, set_packed
@@ -108,3 +110,27 @@ def compile_streamed(c, e: dict, h) -> None:
     c.verdict(e, "no_recompiles", not torch._dynamo.utils.counters["recompiles"],
               dict(torch._dynamo.utils.counters["stats"]))  # fmt: skip
     e["backend"] = backend
+
+
+def norm_rope_phase(c, e: dict, h) -> None:
+    """QK-RMSNorm in the compute dtype (`norms` "compute") against the float32 path, and RoPE reading bf16 against
+    an upcast copy first, at the real q shape (both streams, CFG rows): equal bits? ms of each."""
+    rows, n, heads, hd = (2, 80, 3, 32) if c.tiny else (2, 7145, 24, 128)
+    g = torch.Generator(device=c.device).manual_seed(0)
+    x = (3 * torch.randn(rows, n, heads, hd, device=c.device, generator=g)).to(torch.bfloat16)
+    norm = norms.RMSNorm(hd, 1e-6).to(c.device)
+    norm.weight.data = (1 + 0.3 * torch.randn(hd, device=c.device, generator=g)).to(torch.bfloat16)  # as stored
+    with torch.no_grad():
+        out = {}
+        for precision in norms.PRECISIONS:
+            norm.precision = precision
+            out[precision] = norm(x)
+            e[f"ms_norm_{precision}"] = 1e3 * c.timed(lambda: norm(x))
+        c.verdict(e, "compute_norm_equals_float32_norm", torch.equal(out["compute"], out["float32"]))
+        side = int(n**0.5)
+        pos = torch.stack([torch.zeros(n), torch.arange(n) // side, torch.arange(n) % side], dim=-1).to(c.device)
+        rot = rope.rope_table(pos, (hd // 8, 7 * hd // 16, 7 * hd // 16), 10000.0)
+        e["ms_rope"] = 1e3 * c.timed(lambda: rope.apply_rope(x, rot))
+        e["ms_rope_upcast_first"] = 1e3 * c.timed(lambda: rope.apply_rope(x.float(), rot).to(x.dtype))
+        same = torch.equal(rope.apply_rope(x, rot), rope.apply_rope(x.float(), rot).to(x.dtype))
+        c.verdict(e, "rope_in_bf16_equals_upcast_first", same)

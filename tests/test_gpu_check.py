@@ -14,9 +14,9 @@ def test_gpu_check_runs_in_tiny_mode(tmp_path):
     spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
     gpu_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_check)
-    results = gpu_check.main(["--tiny", "--out", str(tmp_path), "--phases", "0,1,2,3,4,5,6,8,9,10"])
+    results = gpu_check.main(["--tiny", "--out", str(tmp_path), "--phases", "0,1,2,3,4,5,6,8,9,10,11"])
     phases = results["phases"]
-    assert len(phases) == 10
+    assert len(phases) == 11
     for name, entry in phases.items():
         assert "error" not in entry, (name, entry.get("traceback"))
         assert all(v["ok"] for v in entry.get("verdicts", {}).values()), (name, entry["verdicts"])
