@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from tools.checkpoints import dit as D
+from tools.checkpoints import lora as L
 from tools.comfy_paths import import_comfy_for_oracle, import_pack
 
 import_comfy_for_oracle()
@@ -24,6 +25,8 @@ import comfy.samplers  # noqa: E402
 import_pack()
 native_model = importlib.import_module("qwenpix.nodes.native_model")
 run_modulation = importlib.import_module("qwenpix.nodes.run_modulation")
+patcher = importlib.import_module("qwenpix.nodes.patcher")
+lora_mod = importlib.import_module("qwenpix.qwen_image_core.lora")
 mmdit = importlib.import_module("qwenpix.qwen_image_core.mmdit")
 modulation = importlib.import_module("qwenpix.qwen_image_core.modulation")
 
@@ -36,6 +39,12 @@ N_LAYERS = 2 * LAYERS + 1  # img_mod.1 and txt_mod.1 per block, norm_out.linear
 def dit(tmp_path_factory):
     path = D.write_comfy(tmp_path_factory.mktemp("native_mod") / "dit.safetensors", D.tiny_config(num_layers=LAYERS))
     return mmdit.load_dit(path)
+
+
+@pytest.fixture(scope="module")
+def lora(dit, tmp_path_factory):
+    path = L.write_lora(tmp_path_factory.mktemp("native_mod_lora") / "lora.safetensors", dit.config, "kohya")
+    return lora_mod.load_lora(path, dit)  # img_mod.1 / txt_mod.1 are among its layers
 
 
 class Reads:
@@ -60,14 +69,22 @@ class Reads:
             del layer.compute_weight
 
 
-def ksampler(dit, sampler: str, precompute: bool, cfg: float = 3.0, dtype=torch.float32):
-    """KSampler's sampling (comfy.sample.sample) of the bridged MODEL; returns (latent, modulation weight reads)."""
+def ksampler(dit, sampler: str, precompute: bool, cfg: float = 3.0, dtype=torch.float32, refs=False, lora=None):
+    """KSampler's sampling (comfy.sample.sample) of the bridged MODEL; returns (latent, modulation weight reads).
+    refs: a reference latent with "index_timestep_zero" (zero_cond_t: 2 x rows of timesteps); lora: a core Lora
+    applied as ComfyUI weight patches."""
     model = native_model.dit_model(dit, dtype)
     if not precompute:
         model.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, run_modulation.WRAPPER_KEY)
+    if lora is not None:
+        assert model.add_patches(patcher.lora_patches(lora), 0.8)
     g = torch.Generator().manual_seed(3)
-    pos = [[torch.randn(1, 7, dit.config.text_dim, generator=g), {}]]
-    neg = [[torch.randn(1, 5, dit.config.text_dim, generator=g), {}]]  # another length: per-row text keys
+    extra = {}
+    if refs:
+        ref = [torch.randn(1, 16, 1, 4, 6, generator=g)]
+        extra = {"reference_latents": ref, "reference_latents_method": "index_timestep_zero"}
+    pos = [[torch.randn(1, 7, dit.config.text_dim, generator=g), dict(extra)]]
+    neg = [[torch.randn(1, 5, dit.config.text_dim, generator=g), dict(extra)]]  # another length: per-row text keys
     latent = torch.zeros(1, 16, 1, 8, 8)
     noise = torch.randn(latent.shape, generator=g)
     with Reads(dit) as r:
@@ -98,6 +115,15 @@ def test_bf16_compute_is_bit_exact_too(dit):
     pre, reads_pre = ksampler(dit, "euler", True, dtype=torch.bfloat16)
     per, _ = ksampler(dit, "euler", False, dtype=torch.bfloat16)
     assert torch.equal(pre, per) and reads_pre == N_LAYERS
+
+
+def test_references_at_timestep_zero_and_a_lora_are_bit_exact_too(dit, lora):
+    assert any("_mod." in f.module for f in lora.factors)
+    for kw in ({"refs": True}, {"lora": lora}):
+        pre, reads_pre = ksampler(dit, "euler", True, **kw)
+        per, reads_per = ksampler(dit, "euler", False, **kw)
+        assert torch.equal(pre, per) and (reads_pre, reads_per) == (N_LAYERS, STEPS * N_LAYERS), kw
+    assert not torch.equal(pre, ksampler(dit, "euler", True)[0])  # the LoRA is applied
 
 
 def test_cfg_1_precomputes_for_its_rows(dit):
