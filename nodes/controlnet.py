@@ -95,8 +95,9 @@ class QwenPixControlNetLoader:
     OUTPUT_TOOLTIPS = ("A ControlNet for ComfyUI's Apply ControlNet nodes (Inpainting: the AliMama inpaint node).",)
     FUNCTION = "load"
     DESCRIPTION = (
-        "Loads an InstantX Qwen-Image ControlNet (Union: canny / soft edge / depth / pose; Inpainting) from "
-        "models/controlnet or a diffusers folder, float8 kept in float8. Files of other models are named."
+        "Loads an InstantX Qwen-Image ControlNet (Union: canny / soft edge / depth / pose; Inpainting) or the Fun "
+        "ControlNet Union for Qwen-Image-2512 from models/controlnet or a diffusers folder, float8 kept in float8. "
+        "The Fun one needs the pack's diffusion model and takes control images only. Files of other models are named."
     )
 
     @classmethod
@@ -105,7 +106,10 @@ class QwenPixControlNetLoader:
             "required": {
                 "control_net_name": (
                     host.model_names("controlnet", "controlnet"),
-                    {"tooltip": "Qwen-Image-InstantX-ControlNet-Union / -Inpainting from models/controlnet."},
+                    {
+                        "tooltip": "Qwen-Image-InstantX-ControlNet-Union / -Inpainting or "
+                        "Qwen-Image-2512-Fun-Controlnet-Union from models/controlnet."
+                    },
                 ),
                 "compute_dtype": (list(DTYPES), {"default": "bf16", "tooltip": "The dtype it computes in."}),
                 "positions": (
