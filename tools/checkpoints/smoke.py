@@ -93,7 +93,11 @@ def write_lora(path: Path) -> None:
 
 
 def write_controlnet(path: Path) -> None:
-    """An InstantX ControlNet matching the tiny DiT; an Inpainting one (by its name) has the 4 mask channels."""
+    """An InstantX ControlNet matching the tiny DiT; an Inpainting one (by its name) has the 4 mask channels; a
+    Fun ControlNet Union (by its name) has 2 blocks entering the tiny DiT's 2 blocks."""
+    if "fun-controlnet" in path.name.lower():
+        controlnet.write_fun(path, controlnet.fun_config(dit_config(), 2, (0, 1)), dtype=torch.bfloat16)
+        return
     extra = 4 if "inpaint" in path.name.lower() else 0
     controlnet.write_instantx(path, dit_config(), dtype=torch.bfloat16, extra_channels=extra)
 
