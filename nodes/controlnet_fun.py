@@ -30,7 +30,7 @@ class ComfyFunControlNet(nn.Module):
         super().__init__()
         self.net, self.dtype, self.positions = net, dtype, positions
 
-    def forward(self, x, timesteps, context, hint=None, base_model=None, **kwargs):
+    def forward(self, x, timesteps, context, hint=None, base_model=None, txt_lengths=None, **kwargs):
         if not isinstance(base_model, NativeDiT):
             raise ValueError(
                 "the Fun Qwen-Image ControlNet runs on the diffusion model's own input layers and needs the MODEL of "
@@ -42,7 +42,7 @@ class ComfyFunControlNet(nn.Module):
         control = hint[:, :, 0] if hint.ndim == 5 else hint
         hints = self.net(
             dit, img.to(self.dtype), timesteps, context.to(self.dtype), control.to(self.dtype),
-            positions=self.positions, attention_fn=host_attention({}),
+            positions=self.positions, attention_fn=host_attention({}), txt_lengths=txt_lengths,
         )  # fmt: skip
         return {"input": [hints.get(i) for i in range(len(dit.transformer_blocks))]}
 
@@ -71,11 +71,12 @@ class FunControlNetHandle(comfy.controlnet.ControlNet):
 
 def control_net(net: FunControlNet, dtype: torch.dtype, positions: str) -> FunControlNetHandle:
     """The CONTROL_NET: the hint VAE-encoded at the latent's size and normalised (the Wan 2.1 latent format
-    ComfyUI uses for Qwen-Image), no mask concatenated (the apply nodes' inpaint mask is not taken)."""
+    ComfyUI uses for Qwen-Image), no mask concatenated (the apply nodes' inpaint mask is not taken); each row's
+    real text length from the conditioning (the official positions' zero-padded batches), as the DiT gets it."""
     return FunControlNetHandle(
         ComfyFunControlNet(net, dtype, positions), compression_ratio=1, latent_format=comfy.latent_formats.Wan21(),
         concat_mask=False, load_device=comfy.model_management.get_torch_device(), manual_cast_dtype=None,
-        extra_conds=[],
+        extra_conds=["txt_lengths"],
     )  # fmt: skip
 
 

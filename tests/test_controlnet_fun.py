@@ -223,6 +223,11 @@ def test_comfy_face_takes_the_qwenpix_model_and_names_another(tmp_path):
         out = handle.control_model(img[:, :, None], sigma, txt, hint=ctx[:, :16, None],
                                    base_model=native.NativeDiT(model, torch.float32, "comfyui"))["input"]  # fmt: skip
         want = net(model, img, sigma, txt, ctx[:, :16], positions="comfyui")
+        padded = torch.cat([txt, torch.zeros(1, 2, txt.shape[-1])], dim=1)  # the official positions' padded batch
+        base = native.NativeDiT(model, torch.float32, "comfyui")
+        lengths = handle.control_model(img[:, :, None], sigma, padded, hint=ctx[:, :16, None], txt_lengths=[7],
+                                       base_model=base)["input"]  # fmt: skip
+    assert "txt_lengths" in handle.extra_conds and (lengths[0] - out[0]).abs().max() <= 1e-5
     assert len(out) == 3 and out[1] is None  # (ComfyUI's attention dispatch: the same up to rounding)
     assert all((out[i] - want[i]).abs().max() <= 1e-5 * max(1.0, want[i].abs().max()) for i in (0, 2))
     with pytest.raises(ValueError, match="QwenPix diffusion model loader"):

@@ -21,9 +21,9 @@ INSTANTX = "qp_fun_instantx_tiny.safetensors"
 PLANS: dict[str, list[str]] = {}
 
 
-def sample(case: str, pos: str, neg: str) -> dict:
+def sample(case: str, pos: str, neg: str, model: str = "ms") -> dict:
     return {
-        f"{case}_k": node("KSampler", model=["ms", 0], seed=5, steps=2, cfg=4.0, sampler_name="euler",
+        f"{case}_k": node("KSampler", model=[model, 0], seed=5, steps=2, cfg=4.0, sampler_name="euler",
                           scheduler="simple", positive=[pos, 0], negative=[neg, 1 if neg != "neg" else 0],
                           latent_image=["lat", 0], denoise=1.0),
         f"{case}_dump": node("QwenPixTestDumpLatent", samples=[f"{case}_k", 0], name=case),
@@ -61,6 +61,14 @@ def runs(comfy, tiny_comfy_vae):
         "a_mixed": apply("ix", 0.7, pos="a_fun", neg="a_fun", hint="hint2"),
         **sample("plain", "pos", "neg"), **sample("fun", "a_fun", "a_fun"), **sample("zero", "a_zero", "a_zero"),
         **sample("two", "a_two", "a_two"), **sample("mixed", "a_mixed", "a_mixed"),
+        # the official positions: cond (7 tokens) and uncond (3) in one zero-padded pass, the lengths to the branch
+        "dit_off": node("QwenPixDiTLoader", dit_name=DIT, compute_dtype="fp32", positions="official (diffusers)"),
+        "ms_off": node("ModelSamplingAuraFlow", model=["dit_off", 0], shift=3.1),
+        "fun_off": node("QwenPixControlNetLoader", control_net_name=FUN_FILE, compute_dtype="fp32",
+                        positions="official (diffusers)"),
+        "a_official": apply("fun_off", 0.8),
+        **sample("official", "a_official", "a_official", model="ms_off"),
+        **sample("official_plain", "pos", "neg", model="ms_off"),
     }  # fmt: skip
     res = run(comfy, graph)
     PLANS.update({e["data"]["node"]: e["data"]["output"]["qwenpix_plan"] for e in res.events
@@ -74,6 +82,7 @@ def test_zero_output_projections_give_the_plain_model_exactly(runs):
 
 def test_the_fun_controlnet_acts_alone_chained_and_beside_instantx(runs):
     differs(runs, "fun", "plain")
+    differs(runs, "official", "official_plain")
     differs(runs, "two", "fun")
     differs(runs, "mixed", "fun")
 
