@@ -8,7 +8,8 @@ at latent size, nearest) and the latent of the image with the repaint pixels set
 strength (control_context_scale), are added after their DiT blocks in every pass, cond and uncond rows each
 computed with its own prompt. start / end: step i of N runs a net only when start <= i / N and (i + 1) / N <= end
 (the InstantX path's fractions, `control.Control`). Several nets sum their scaled hints; InstantX ControlNets
-(`controls=`) act beside them.
+(`controls=`) act beside them. With reference latents (edit models) the branch sees the target alone (its own
+RoPE table from the target's grid, as newer ComfyUI's Fun ControlNet) and its hints enter the target's tokens.
 """
 
 from __future__ import annotations
