@@ -47,6 +47,7 @@ from .qwen21_loaders import (
     DiT21Handle,
     _refuse_v1,
 )
+from .qwen21_lora import NODES as LORA_NODES
 from .qwen21_sampling import NODES as SAMPLING_NODES
 
 CATEGORY = "QwenPix/Qwen-Image-2.1"
@@ -337,4 +338,5 @@ NODES = {
     "QwenPix21Sampler": QwenPix21Sampler,
     "QwenPix21Decode": QwenPix21Decode,
     **SAMPLING_NODES,
+    **LORA_NODES,
 }

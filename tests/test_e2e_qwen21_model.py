@@ -233,3 +233,41 @@ def test_prefix_cache_once_per_condition_and_run(models21, client):
         fills.append(res.outputs["report"]["prefix_fills"][0])
     print(f"\nprefix fills after each run: {fills}")
     assert fills[1] - fills[0] == 2
+
+
+def lora_graph(lora: str) -> dict:
+    """Qwen-Image-2.1 LoRA on the MODEL, SamplerCustomAdvanced on the exact sigmas, dumped as sca."""
+    g = graph()
+    for k in ("s21", "dump_s21", "ms", "ks", "dump_ks"):
+        del g[k]
+    g["lora"] = node("QwenPix21LoRA", model=["dit", 1], lora_name=lora, strength=0.5)
+    g["guide"]["inputs"]["model"] = ["lora", 0]
+    return g
+
+
+def test_21_lora_node_reads_diffusers_keys_and_refuses_unknown_ones(models21, comfy, client):
+    """`transformer.<module>` keys (diffusers / PEFT) and bare module names through Qwen-Image-2.1 LoRA equal the
+    core on the merged weights; a file with a key naming no module is refused, listing it."""
+    g = torch.Generator().manual_seed(4)
+    dit, sd, deltas = models21.dit, {}, {}
+    for i, key in enumerate(LORA_KEYS):
+        weight = dit.get_submodule(key).weight
+        down, up = torch.randn(4, weight.shape[1], generator=g), torch.randn(weight.shape[0], 4, generator=g) * 0.1
+        name = f"transformer.{key}" if i == 0 else key
+        sd[f"{name}.lora_A.weight"], sd[f"{name}.lora_B.weight"] = down, up
+        deltas[key] = 0.5 * up @ down
+    save_file(sd, str(comfy.models_dir / "loras" / "q21_diffusers_lora.safetensors"))
+    out, _ = run(comfy, client, lora_graph("q21_diffusers_lora.safetensors"))
+    base = {k: dit.get_submodule(k).weight.detach().clone() for k in LORA_KEYS}
+    try:
+        for k in LORA_KEYS:
+            dit.get_submodule(k).weight.data += deltas[k]
+        want = core_sampler(models21)(exact)
+    finally:
+        for k in LORA_KEYS:
+            dit.get_submodule(k).weight.data.copy_(base[k])
+    check("Qwen-Image-2.1 LoRA (transformer. / bare keys) vs core on merged weights", out["sca"], want)
+    sd["transformer.no_such_block.to_q.lora_A.weight"] = sd[f"transformer.{LORA_KEYS[0]}.lora_A.weight"].clone()
+    save_file(sd, str(comfy.models_dir / "loras" / "q21_bad_lora.safetensors"))
+    fails(client, lora_graph("q21_bad_lora.safetensors"), "lora", "transformer.no_such_block.to_q.lora_A.weight",
+          "name no module")  # fmt: skip
