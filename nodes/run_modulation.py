@@ -19,7 +19,8 @@ the step is taken from the run itself:
   flag once after the sampler returns: a mismatch is an error, never a silently different image.
 
 Per call (not precomputed) also: Qwen-Image-Layered (`modulation.supported`), a native matmul mode, weight hooks
-on the conditioning (per-entry weights), `double_block` replacements (they may change the block's `vec`).
+on the conditioning (per-entry weights), `double_block` replacements (they may change the block's `vec`), and the
+whole diffusion model compiled by TorchCompileModel (the loader's per-block compile keeps the table).
 """
 
 from __future__ import annotations
@@ -128,10 +129,10 @@ def sampler_sample_wrapper(executor, guider, sigmas, extra_args, callback, *args
 
 
 def step_modulation(options: dict, dit, timestep, img: torch.Tensor, refs, zero_cond_t):
-    """The forward's precomputed entry from the run in `options`, or None (per call): none for this run, or a
-    `double_block` replacement that could change the block's timestep input."""
+    """The forward's precomputed entry from the run in `options`, or None (per call): none for this run, a
+    `double_block` replacement that could change the block's timestep input, or a torch.compile trace."""
     run = options.get(KEY)
-    if run is None or options.get("patches_replace", {}).get("dit"):
-        return None
+    if run is None or options.get("patches_replace", {}).get("dit") or torch.compiler.is_compiling():
+        return None  # (under TorchCompileModel the step's entry would be a guard: a recompile per step)
     zero = bool((dit.zero_cond_t if zero_cond_t is None else zero_cond_t) and refs)  # as MMDiT.forward decides
     return run.step(dit, timestep, img.shape[0], zero, img.dtype, img.device)

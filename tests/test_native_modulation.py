@@ -147,3 +147,15 @@ def test_every_ksampler_sampler_equals_the_per_call_path(dit, sampler):
     assert torch.equal(pre, per)
     scheduled = comfy.samplers.sampler_object(sampler).sampler_function in run_modulation.SCHEDULE_SAMPLERS
     assert reads_pre == (N_LAYERS if scheduled else reads_per)
+
+
+def test_no_table_under_a_torch_compile_trace(dit, monkeypatch):
+    # TorchCompileModel compiles the whole diffusion model: the step's entry would become a guard (a recompile per
+    # step), so a trace takes the per-call path (TorchCompileModel on our MODEL end to end: test_e2e_sampler_node)
+    run = run_modulation.RunModulation([0.5])
+    img, t = torch.zeros(1, 16, 4, 4), torch.full((1,), 0.5)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert run_modulation.step_modulation({run_modulation.KEY: run}, dit, t, img, [], None) is None
+    monkeypatch.undo()
+    assert run_modulation.step_modulation({run_modulation.KEY: run}, dit, t, img, [], None) is not None
+    assert not bool(run.mismatch) and list(run.tables) == [(1, False, torch.float32, img.device)]
