@@ -8,6 +8,10 @@ interleaved runs of one denoiser call (`pipeline.sample`'s CFG denoiser, with `c
 the ControlNet row).
 
     .venv/bin/python bench/bench_controlnet.py [--blocks 2] [--net-blocks 1] [--size 32] [--text 32] [--repeats 3]
+
+Then (or alone, with --plans-only) the joint offload plan of the real 20B DiT and the real InstantX Union (5 bf16
+blocks) per card at 1328x1328 with CFG (`control_offload.plan_controlled`; weightless models on the meta device):
+where each model's blocks live and what streams per step. Predictions of the planner, not measurements.
 """
 
 from __future__ import annotations
@@ -23,13 +27,33 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from qwen_image_core import offload_plan as P  # noqa: E402
 from qwen_image_core import sampling  # noqa: E402
 from qwen_image_core.control import Control, ControlledDenoiser  # noqa: E402
+from qwen_image_core.control_offload import plan_controlled  # noqa: E402
 from qwen_image_core.controlnet import InstantXControlNet  # noqa: E402
 from qwen_image_core.mmdit import MMDiT  # noqa: E402
 from qwen_image_core.pipeline import _velocity  # noqa: E402
 from tools.checkpoints import controlnet as C  # noqa: E402
 from tools.checkpoints import dit as D  # noqa: E402
+
+
+def plan_table() -> None:
+    """The joint DiT + ControlNet plan per card (the README's VRAM table's settings: VRAM - 0.6 GB, 1 GB reserve)."""
+    from qwen_image_core.mmdit import MMDiTConfig  # noqa: PLC0415
+
+    with torch.device("meta"):
+        net = InstantXControlNet(MMDiTConfig(num_layers=5)).to(torch.bfloat16)
+    print("| card | DiT | DiT resident (of 60) | ControlNet resident (of 5) | streamed per step | est. exposed s |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for storage in ("fp8", "bf16"):
+        dit = D.meta_model(storage)
+        for card in P.CARDS.values():
+            free = card.vram - int(0.6 * P.GB)
+            plan = plan_controlled(dit, [net], free, card, P.DiTWorkload())
+            cn, dt = plan.parts
+            print(f"| {card.name} | {storage} | {len(plan.resident(dt))} | {len(plan.resident(cn))} | "
+                  f"{plan.plan.streamed_bytes / P.GB:.1f} GB | {plan.plan.exposed_s:.2f} |")  # fmt: skip
 
 
 def main() -> None:
@@ -40,7 +64,11 @@ def main() -> None:
     ap.add_argument("--text", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--plans-only", action="store_true", help="only the joint plan table (no CPU timing)")
     a = ap.parse_args()
+    if a.plans_only:
+        plan_table()
+        return
     torch.set_num_threads(a.threads)
     cfg, net_cfg = D.config(num_layers=a.blocks), D.config(num_layers=a.net_blocks)
     dit = MMDiT(cfg)
@@ -72,6 +100,8 @@ def main() -> None:
     for name in rows:
         m = statistics.median(times[name])
         print(f"| {name:<28} | {m:9.3f} | {m / base:6.2f} |")
+    print()
+    plan_table()
 
 
 if __name__ == "__main__":
