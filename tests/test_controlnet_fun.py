@@ -85,8 +85,7 @@ def comfy_oracle(sd_dit, sd_fun, img, sigma, txt, context, strength=1.0):
     return hints, v
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_hints_and_velocity_match_the_comfyui_oracle(tmp_path, dtype):
+def test_hints_and_velocity_match_the_comfyui_oracle(tmp_path, dtype=torch.bfloat16):  # bf16 file, fp32 compute
     path = C.write_fun(tmp_path / "fun.safetensors", FUN, seed=3, dtype=dtype)
     net, model = load_fun_controlnet(path), dit()
     assert net.config == FUN and net.kind == "fun"
