@@ -63,7 +63,7 @@ test_image.__test__ = False  # a helper, not a test
 
 def graph(prompt=PROMPT, refs=(), lora=None):
     """Our 2.1 Sampler, KSampler (simple) on Model Sampling's MODEL, SamplerCustomAdvanced on the exact sigmas:
-    latents dumped as s21, ks, sca."""
+    latents dumped as s21, ks, sca; lora: (file for LoraLoaderModelOnly, file for Qwen-Image-2.1 LoRA)."""
     model = ["dit", 1]
     g = {
         "dit": node("QwenPix21DiTLoader", dit_name=DIT, compute_dtype="fp32"),
@@ -83,14 +83,17 @@ def graph(prompt=PROMPT, refs=(), lora=None):
         "sca": node("SamplerCustomAdvanced", noise=["noise", 0], guider=["guide", 0], sampler=["euler", 0],
                     sigmas=["sig", 0], latent_image=["enc", 1]),
     }  # fmt: skip
-    if lora is not None:
-        g["lora"] = node("LoraLoaderModelOnly", model=model, lora_name=lora, strength_model=0.5)
+    if lora is not None:  # LoraLoaderModelOnly before ks and sca; Qwen-Image-2.1 LoRA before sca_b
+        g["lora"] = node("LoraLoaderModelOnly", model=model, lora_name=lora[0], strength_model=0.5)
         g["ms"]["inputs"]["model"] = g["guide"]["inputs"]["model"] = ["lora", 0]
+        g["lora_b"] = node("QwenPix21LoRA", model=model, lora_name=lora[1], strength=0.5)
+        g["guide_b"] = {**g["guide"], "inputs": {**g["guide"]["inputs"], "model": ["lora_b", 0]}}
+        g["sca_b"] = {**g["sca"], "inputs": {**g["sca"]["inputs"], "guider": ["guide_b", 0]}}
         del g["s21"]
     for i, (kind, w, h, s) in enumerate(refs, 1):
         g[f"img{i}"] = node("QwenPixTestImage", kind=kind, width=w, height=h, seed=s)
         g["enc"]["inputs"][f"image{i}"] = [f"img{i}", 0]
-    for name in ("s21", "ks", "sca"):
+    for name in ("s21", "ks", "sca", "sca_b"):
         if name in g:
             g[f"dump_{name}"] = node("QwenPixTestDumpLatent", samples=[name, 0], name=f"q21m_{name}")
     return g
@@ -100,7 +103,7 @@ def run(comfy, client, prompt) -> tuple[dict, list[str]]:
     res = client.run(prompt, timeout=300)
     assert res.status == "success", (res.error() or {}).get("exception_message")
     said = [e["data"]["message"] for e in res.events if e["type"] == "qwenpix.warning"]
-    names = [n for n in ("s21", "ks", "sca") if n in prompt]
+    names = [k.removeprefix("dump_") for k in prompt if k.startswith("dump_")]
     return {n: np.load(comfy.output_dir / f"q21m_{n}.npy") for n in names}, said
 
 
@@ -141,32 +144,49 @@ def check(name: str, got: np.ndarray, want: torch.Tensor | np.ndarray) -> None:
     assert err <= TOL
 
 
-@pytest.mark.parametrize("refs", [(), REFS], ids=["t2i", "edit_2_refs"])
-def test_ksampler_and_custom_sampler_equal_the_21_sampler(models21, comfy, client, refs):
-    prompt = EDIT_PROMPT if refs else PROMPT
-    out, said = run(comfy, client, graph(prompt, refs))
-    assert said == []  # Model Sampling set the shift for this latent; the exact sigmas: nothing to say
-    core = core_sampler(models21, prompt, refs)
+def test_text_to_image_ksampler_and_custom_sampler_equal_the_21_sampler(models21, comfy, client):
+    """And KSampler straight on the loader's MODEL (shift for 1024², a 64x96 latent): equal to the core on that
+    shift, the mismatch said."""
+    prompt = graph()
+    prompt["ks_raw"] = {**prompt["ks"], "inputs": {**prompt["ks"]["inputs"], "model": ["dit", 1]}}
+    prompt["dump_ks_raw"] = node("QwenPixTestDumpLatent", samples=["ks_raw", 0], name="q21m_ks_raw")
+    out, said = run(comfy, client, prompt)
+    assert said and all("Qwen-Image-2.1 Model Sampling" in m for m in said), said  # ks_raw's only
+    core = core_sampler(models21)
     check("2.1 Sampler vs core", out["s21"], core(exact))
     check("SamplerCustomAdvanced + 2.1 Sigmas vs 2.1 Sampler", out["sca"], out["s21"])
     check("KSampler simple vs core on the simple sigmas", out["ks"], core(simple))
+    check("KSampler on the 1024² shift vs core", out["ks_raw"], core(lambda n: simple_sigmas(4096, STEPS)))
 
 
-def test_lora_loader_model_only_is_honoured(models21, comfy, client, tmp_path):
-    """A LoRA in ComfyUI's `diffusion_model.` layout (peft lora_A / lora_B), strength 0.5, equals the core on the
-    DiT with the delta merged; and in kohya's `lora_unet_` spelling."""
+def test_edit_with_two_references_ksampler_and_custom_sampler_equal_the_21_sampler(models21, comfy, client):
+    out, said = run(comfy, client, graph(EDIT_PROMPT, REFS))
+    assert said == []  # Model Sampling set the shift for this latent; the exact sigmas: nothing to say
+    assert out["s21"].shape[-2:] == (256 // 16, 288 // 16)  # image1 (270x250) padded to 288x256
+    core = core_sampler(models21, EDIT_PROMPT, REFS)
+    check("edit: 2.1 Sampler vs core", out["s21"], core(exact))
+    check("edit: SamplerCustomAdvanced + 2.1 Sigmas vs 2.1 Sampler", out["sca"], out["s21"])
+    check("edit: KSampler simple vs core on the simple sigmas", out["ks"], core(simple))
+
+
+def test_loras_are_honoured_and_unknown_keys_refused(models21, comfy, client):
+    """One LoRA (peft lora_A / lora_B, strength 0.5) in two files: ComfyUI's spellings (diffusion_model.<module>,
+    kohya lora_unet_) through LoraLoaderModelOnly, diffusers' (transformer.<module>, bare) through Qwen-Image-2.1
+    LoRA: each equals the core on the DiT with the delta merged. A key naming no module is refused by name."""
     g = torch.Generator().manual_seed(3)
     dit = models21.dit
-    sd, deltas = {}, {}
+    comfy_sd, diffusers_sd, deltas = {}, {}, {}
     for i, key in enumerate(LORA_KEYS):
         weight = dit.get_submodule(key).weight
         down, up = torch.randn(4, weight.shape[1], generator=g), torch.randn(weight.shape[0], 4, generator=g) * 0.1
-        prefix = "diffusion_model." if i == 0 else "lora_unet_"
-        name = f"{prefix}{key}" if i == 0 else f"{prefix}{key.replace('.', '_')}"  # kohya: lora_unet_a_b_c
-        sd[f"{name}.lora_A.weight"], sd[f"{name}.lora_B.weight"] = down, up
+        names = ((f"diffusion_model.{key}", f"transformer.{key}"), ("lora_unet_" + key.replace(".", "_"), key))[i]
+        for sd, name in zip((comfy_sd, diffusers_sd), names, strict=True):
+            sd[f"{name}.lora_A.weight"], sd[f"{name}.lora_B.weight"] = down.clone(), up.clone()
         deltas[key] = 0.5 * up @ down
-    save_file(sd, str(comfy.models_dir / "loras" / LORA))
-    out, said = run(comfy, client, graph(lora=LORA))
+    files = ("q21m_comfy_lora.safetensors", "q21m_diffusers_lora.safetensors")
+    for sd, name in zip((comfy_sd, diffusers_sd), files, strict=True):
+        save_file(sd, str(comfy.models_dir / "loras" / name))
+    out, _ = run(comfy, client, graph(lora=files))
     base = {k: dit.get_submodule(k).weight.detach().clone() for k in LORA_KEYS}
     try:
         for k in LORA_KEYS:
@@ -176,20 +196,14 @@ def test_lora_loader_model_only_is_honoured(models21, comfy, client, tmp_path):
     finally:
         for k in LORA_KEYS:
             dit.get_submodule(k).weight.data.copy_(base[k])
-    check("SamplerCustomAdvanced with the LoRA vs core on merged weights", out["sca"], want_exact)
-    check("KSampler with the LoRA vs core on merged weights", out["ks"], want_simple)
+    check("LoraLoaderModelOnly, SamplerCustomAdvanced vs core on merged weights", out["sca"], want_exact)
+    check("LoraLoaderModelOnly, KSampler vs core on merged weights", out["ks"], want_simple)
+    check("Qwen-Image-2.1 LoRA (transformer. / bare keys) vs core on merged weights", out["sca_b"], want_exact)
     assert float(np.abs(want_exact.numpy() - core_sampler(models21)(exact).numpy()).max()) > 100 * TOL  # it acts
-
-
-def test_unset_shift_is_warned(models21, comfy, client):
-    """KSampler on the loader's MODEL (shift for 1024²) and a 64x96 latent: equal to the core on that shift,
-    and the mismatch is said."""
-    prompt = graph()
-    prompt["ks"]["inputs"]["model"] = ["dit", 1]
-    out, said = run(comfy, client, prompt)
-    assert any("Qwen-Image-2.1 Model Sampling" in m for m in said), said
-    want = core_sampler(models21)(lambda n: simple_sigmas(4096, STEPS))
-    check("KSampler on the 1024² shift vs core", out["ks"], want)
+    diffusers_sd["transformer.no_such_block.to_q.lora_A.weight"] = torch.zeros(4, 8)
+    save_file(diffusers_sd, str(comfy.models_dir / "loras" / "q21m_bad_lora.safetensors"))
+    prompt = graph(lora=(files[0], "q21m_bad_lora.safetensors"))
+    fails(client, prompt, "lora_b", "transformer.no_such_block.to_q.lora_A.weight", "name no module")
 
 
 def test_v1_conditioning_on_the_21_model_is_named(models21, client):
@@ -233,41 +247,3 @@ def test_prefix_cache_once_per_condition_and_run(models21, client):
         fills.append(res.outputs["report"]["prefix_fills"][0])
     print(f"\nprefix fills after each run: {fills}")
     assert fills[1] - fills[0] == 2
-
-
-def lora_graph(lora: str) -> dict:
-    """Qwen-Image-2.1 LoRA on the MODEL, SamplerCustomAdvanced on the exact sigmas, dumped as sca."""
-    g = graph()
-    for k in ("s21", "dump_s21", "ms", "ks", "dump_ks"):
-        del g[k]
-    g["lora"] = node("QwenPix21LoRA", model=["dit", 1], lora_name=lora, strength=0.5)
-    g["guide"]["inputs"]["model"] = ["lora", 0]
-    return g
-
-
-def test_21_lora_node_reads_diffusers_keys_and_refuses_unknown_ones(models21, comfy, client):
-    """`transformer.<module>` keys (diffusers / PEFT) and bare module names through Qwen-Image-2.1 LoRA equal the
-    core on the merged weights; a file with a key naming no module is refused, listing it."""
-    g = torch.Generator().manual_seed(4)
-    dit, sd, deltas = models21.dit, {}, {}
-    for i, key in enumerate(LORA_KEYS):
-        weight = dit.get_submodule(key).weight
-        down, up = torch.randn(4, weight.shape[1], generator=g), torch.randn(weight.shape[0], 4, generator=g) * 0.1
-        name = f"transformer.{key}" if i == 0 else key
-        sd[f"{name}.lora_A.weight"], sd[f"{name}.lora_B.weight"] = down, up
-        deltas[key] = 0.5 * up @ down
-    save_file(sd, str(comfy.models_dir / "loras" / "q21_diffusers_lora.safetensors"))
-    out, _ = run(comfy, client, lora_graph("q21_diffusers_lora.safetensors"))
-    base = {k: dit.get_submodule(k).weight.detach().clone() for k in LORA_KEYS}
-    try:
-        for k in LORA_KEYS:
-            dit.get_submodule(k).weight.data += deltas[k]
-        want = core_sampler(models21)(exact)
-    finally:
-        for k in LORA_KEYS:
-            dit.get_submodule(k).weight.data.copy_(base[k])
-    check("Qwen-Image-2.1 LoRA (transformer. / bare keys) vs core on merged weights", out["sca"], want)
-    sd["transformer.no_such_block.to_q.lora_A.weight"] = sd[f"transformer.{LORA_KEYS[0]}.lora_A.weight"].clone()
-    save_file(sd, str(comfy.models_dir / "loras" / "q21_bad_lora.safetensors"))
-    fails(client, lora_graph("q21_bad_lora.safetensors"), "lora", "transformer.no_such_block.to_q.lora_A.weight",
-          "name no module")  # fmt: skip
