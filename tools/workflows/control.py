@@ -99,10 +99,12 @@ def controlnet_inpaint() -> dict:
 def masked_edit() -> dict:
     g = _base("qwen_image_edit_2509_fp8_e4m3fn.safetensors", MASKED_IMAGE)
     del g["cvae"], g["ms"]
+    # Edit Encode crops Picture 1 to the mask itself (the negative gets the same mask: the same crop); Stitch
+    # takes the decoded crop and the positive's crop record, which holds the original and its mask
     common = {"text_encoder": ("te", 0), "vae": ("vae", 0), "variant": "edit_plus (2509 / 2511)",
-              "resize": "keep size (no shift/zoom)", "image1": ("crop", 0)}  # fmt: skip
+              "resize": "keep size (no shift/zoom)", "image1": ("img", 0), "mask": ("img", 1),
+              "mask_mode": "crop to mask", "padding": 32, "megapixels": 1.0, "references": "whole"}  # fmt: skip
     g.update({
-        "crop": ("QwenPixMaskCrop", {"image": ("img", 0), "mask": ("img", 1), "padding": 32, "megapixels": 1.0}),
         "pos": ("QwenPixEditEncode", {**common, "prompt": "Turn the masked object into a bronze statue."}, POSITIVE),
         "neg": ("QwenPixEditEncode", {**common, "prompt": " "}, NEGATIVE),
         "sampler": ("QwenPixSampler", {
@@ -111,8 +113,7 @@ def masked_edit() -> dict:
             "shift": 3.0, "cfg_rescale": "CFGNorm (ComfyUI)", "denoise": 1.0}),
         "decode": ("QwenPixDecode", {"vae": ("vae", 0), "samples": ("sampler", 0), "tiling": "auto",
                                      "tile_size": 512, "overlap": 64}),
-        "stitch": ("QwenPixMaskStitch", {"original": ("img", 0), "edited": ("decode", 0), "mask": ("img", 1),
-                                         "crop": ("crop", 2)}),
+        "stitch": ("QwenPixMaskStitch", {"edited": ("decode", 0), "crop": ("pos", 2)}),
         "save": ("SaveImage", {"images": ("stitch", 0), "filename_prefix": "QwenPix/masked_edit"}),
     })  # fmt: skip
     return g
@@ -128,8 +129,9 @@ USAGE = {
         "area is repainted (latent noise mask) and composited back onto the original."
     ),
     "qwen_image_edit_masked_crop_stitch": (
-        "Masked edit with Edit-2509: the masked area (plus 32 px) is cut out and edited at ~1 MP, and only the "
-        "masked pixels are stitched back: everything outside the mask keeps its exact pixels."
+        "Masked edit with Edit-2509: paint the mask in the Mask Editor (Load Image's alpha). Edit Encode's 'crop "
+        "to mask' cuts the masked area (plus 32 px) out and edits it at ~1 MP; Stitch Into Original pastes only "
+        "the masked pixels back: everything outside the mask keeps its exact pixels."
     ),
 }
 
