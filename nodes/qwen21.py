@@ -252,6 +252,11 @@ class QwenPix21Sampler:
         }
 
     def sample(self, dit, conditioning, latent, seed, steps, cfg, schedule):
+        if isinstance(getattr(dit, "model", None), qwen21_model.QwenPix21Model):  # its patches live in the MODEL
+            raise host.InputError(
+                "dit: the loader's MODEL output (for ComfyUI's samplers); this node takes its 'dit' output\nFix: "
+                "connect the 'dit' output here, or sample the MODEL with KSampler / SamplerCustomAdvanced"
+            )
         handle = _refuse_v1("dit", dit, DiT21Handle, DIT_NODE, "KSampler or the Qwen-Image Sampler")
         if not isinstance(conditioning, Conditioning21):
             raise host.InputError("conditioning: not from Qwen-Image-2.1 Encode\nFix: connect Qwen-Image-2.1 Encode")

@@ -213,6 +213,11 @@ def test_v1_conditioning_on_the_21_model_is_named(models21, client):
     for k in ("s21", "dump_s21", "sca", "dump_sca"):
         del prompt[k]
     fails(client, prompt, "ks", "not from Qwen-Image-2.1 Encode")
+    prompt = graph()  # the MODEL output into our 2.1 Sampler (it would bypass the MODEL's patches): named
+    prompt["s21"]["inputs"]["dit"] = ["dit", 1]
+    for k in ("ks", "dump_ks", "sca", "dump_sca"):
+        del prompt[k]
+    fails(client, prompt, "s21", "the loader's MODEL output", "'dit' output")
 
 
 def test_21_conditioning_on_a_v1_model_is_named(models21, client):
