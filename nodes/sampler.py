@@ -6,11 +6,14 @@ Everything else is ComfyUI's machinery (`comfy.samplers.CFGGuider`, `sampler_obj
 `latent_preview`), so the conditioning is honoured as KSampler honours it: ConditioningCombine entries,
 ConditioningSetTimestepRange, areas and masks, ControlNets, a latent's noise mask (SetLatentNoiseMask), any
 model patch upstream. On a QwenPix MODEL cond and uncond run as one batched pass even when the prompts
-differ in length, and the DiT is placed by the VRAM planner.
+differ in length, and the DiT is placed by the VRAM planner. Refused before sampling, naming the input: a
+ControlNet of another model in the conditioning (Flux, SD/SDXL, T2I adapters, Control-LoRAs), a noise mask whose
+batch is neither 1 nor the latent's; a noise mask of another aspect ratio is stretched (as KSampler) with a warning.
 """
 
 from __future__ import annotations
 
+import comfy.ldm.qwen_image.controlnet
 import comfy.model_management
 import comfy.sample
 import comfy.samplers
@@ -23,6 +26,7 @@ from comfy_extras.nodes_model_advanced import ModelSamplingAuraFlow
 from ..qwen_image_core import sampling
 from ..qwen_image_core.offload_plan import DiTWorkload, sampling_bytes
 from . import checks, host, inputs, notices
+from .controlnet import ComfyControlNet
 from .loaders import DIT
 
 CATEGORY = "QwenPix/sampling"
@@ -34,6 +38,8 @@ OWN_SCHEDULES = {
 }
 SCHEDULES = {**OWN_SCHEDULES, **{s: s for s in comfy.samplers.KSampler.SCHEDULERS}}
 RESCALES = {"norm (diffusers)": "norm", "CFGNorm (ComfyUI)": "cfgnorm", "none": None}
+# where Qwen-Image control models live: ComfyUI's InstantX one and the pack's own (this package's modules)
+QWEN_CONTROL_MODULES = (comfy.ldm.qwen_image.controlnet.__name__, ComfyControlNet.__module__.rsplit(".", 2)[0] + ".")
 LATENT_KEYS = {"samples", "noise_mask", "batch_index"}  # what KSampler reads of a LATENT, as this node does
 SIGMAS_TOOLTIP = "Optional: an explicit schedule (e.g. from BasicScheduler or a distilled model's list)."
 
@@ -146,6 +152,9 @@ class QwenPixSampler:
                 "Fix: use a latent from Empty Latent (Qwen-Image), EmptySD3LatentImage or a Qwen-Image VAE Encode"
             )
         check_memory(dit, inner, latent, positive)
+        check_controls("positive", positive)
+        check_controls("negative", negative)
+        check_noise_mask(latent_image, latent)
 
         model = with_shift(dit, shift, SCHEDULES[schedule], sigmas is not None)
         schedule_sigmas = make_sigmas(model, SCHEDULES[schedule], steps, denoise, latent, sigmas, sampler_name)
@@ -240,6 +249,44 @@ def token_norm_post_cfg(args: dict) -> torch.Tensor:
     sigma = args["sigma"].reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
     v = sampling.token_norm_rescale(squeeze((x - guided) / sigma), squeeze((x - cond) / sigma))
     return x - sigma * (v.unsqueeze(2) if frames else v)
+
+
+def check_controls(name: str, conditioning) -> None:
+    """Refuse ControlNets of other models in the conditioning (ControlNetApply* outputs): only Qwen-Image's
+    (InstantX, through ComfyUI's loader or ours) can feed this model's blocks. Qwen-Image ones are honoured by
+    ComfyUI's guider as in KSampler: residuals computed per step, added after each block."""
+    for _, extra in conditioning:
+        control = extra.get("control")
+        while control is not None:
+            model = getattr(control, "control_model", None)
+            if model is None or not type(model).__module__.startswith(QWEN_CONTROL_MODULES):
+                what = type(model if model is not None else control).__name__
+                raise host.InputError(
+                    f"{name}: a ControlNet applied to it ({what}) is not a Qwen-Image ControlNet; its residuals "
+                    "cannot feed a Qwen-Image model\nFix: load an InstantX Qwen-Image ControlNet (Union or "
+                    "Inpainting) with Load ControlNet Model or Load Qwen-Image ControlNet; DiffSynth patches go "
+                    "through ModelPatchLoader + QwenImageDiffsynthControlnet"
+                )
+            control = control.previous_controlnet
+
+
+def check_noise_mask(latent_image: dict, latent: torch.Tensor) -> None:
+    """A latent noise mask (SetLatentNoiseMask) for another batch is an error; one of another size is stretched
+    to the latent as ComfyUI does, with a warning when its aspect ratio differs from the latent's."""
+    mask = latent_image.get("noise_mask")
+    if mask is None:
+        return
+    if not torch.is_tensor(mask) or mask.ndim < 2:
+        raise host.InputError(f"latent_image: its noise_mask is not a mask tensor ({checks.describe_value(mask)})")
+    batch = mask.reshape(-1, *mask.shape[-2:]).shape[0]
+    if batch not in (1, latent.shape[0]):
+        raise host.InputError(
+            f"latent_image: its noise mask has a batch of {batch}; the latent has {latent.shape[0]}\n"
+            "Fix: give SetLatentNoiseMask one mask, or one per latent"
+        )
+    (mh, mw), (lh, lw) = mask.shape[-2:], latent.shape[-2:]
+    if abs(mw / mh - lw / lh) > max(1 / lh, 1 / lw):
+        notices.warn(f"the noise mask is {mw}x{mh}, the latent {lw * 8}x{lh * 8} pixels: it is stretched to fit")
 
 
 def check_memory(model, inner, latent: torch.Tensor, positive) -> None:
