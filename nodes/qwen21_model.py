@@ -9,9 +9,10 @@ the state-dict keys are `diffusion_model.<our module names>`). No model math liv
 Model sampling. `ModelSampling21` is ComfyUI's discrete flow sampling (multiplier 1: the DiT reads sigma)
 with the shift e^mu of the 2.1 dynamic-shift rule (`qwen21.schedule.mu`) for a token count: 1024² (4096
 tokens) as loaded; `Qwen-Image-2.1 Model Sampling` sets it for a latent. ComfyUI's `simple` scheduler then
-gives the reference's shifted linspace(1, 1/N, N) without its last step, the stretch of 1 - sigma that
-puts the last sigma at 0.02 (it depends on N, which a model sampling cannot know); `Qwen-Image-2.1 Sigmas`
-gives the reference's sigmas exactly for SamplerCustomAdvanced. A run whose latent is not the size the shift
+gives the reference's shifted linspace(1, 1/N, N) before its last step, the rescaling of 1 - sigma that puts
+the last sigma at 0.02 (it depends on N, which a model sampling cannot know; it moves every sigma: by up to
+0.03 at 1024² and 0.07 at 2048² with 40 steps, 0.2 with 8); `Qwen-Image-2.1 Sigmas` gives the reference's
+sigmas exactly for SamplerCustomAdvanced. A run whose latent is not the size the shift
 was set for, on sigmas other than the exact ones, is warned about.
 
 Conditioning. Qwen-Image-2.1 Encode's CONDITIONING carries the Qwen3-VL features as the tensor and, under

@@ -33,8 +33,9 @@ REMOVE_PROMPT = "Remove the background, and output a PNG image"  # the official 
 USAGE = """\
 Qwen-Image-2.1 runs on the QwenPix 2.1 nodes; the Qwen-Image-2.1 Sampler samples exactly as the reference does.
 ComfyUI's samplers work too: the loader's `model` output, Encode's `positive` / `negative` into KSampler (put
-Qwen-Image-2.1 Model Sampling with Encode's latent before it for the dynamic shift; `simple` then differs from
-the reference only in its last sigma) or SamplerCustomAdvanced with Qwen-Image-2.1 Sigmas (the exact schedule).
+Qwen-Image-2.1 Model Sampling with Encode's latent before it for the dynamic shift; `simple` is then the
+reference's schedule before its terminal stretch, up to 0.03 apart at 1024², 40 steps) or SamplerCustomAdvanced
+with Qwen-Image-2.1 Sigmas (the exact schedule).
 
 - **Prompt**: a STRING; convert the widget to an input to feed it from any node (a prompt enhancer, a text file).
 - **References**: image1 .. image10 on Qwen-Image-2.1 Encode, named `<image1>` .. in the prompt. The result has
