@@ -69,7 +69,8 @@ class Reads:
             del layer.compute_weight
 
 
-def ksampler(dit, sampler: str, precompute: bool, cfg: float = 3.0, dtype=torch.float32, refs=False, lora=None):
+def ksampler(dit, sampler: str, precompute: bool, cfg: float = 3.0, dtype=torch.float32, refs=False, lora=None,
+             last_step=None):  # fmt: skip
     """KSampler's sampling (comfy.sample.sample) of the bridged MODEL; returns (latent, modulation weight reads).
     refs: a reference latent with "index_timestep_zero" (zero_cond_t: 2 x rows of timesteps); lora: a core Lora
     applied as ComfyUI weight patches."""
@@ -89,7 +90,7 @@ def ksampler(dit, sampler: str, precompute: bool, cfg: float = 3.0, dtype=torch.
     noise = torch.randn(latent.shape, generator=g)
     with Reads(dit) as r:
         out = comfy.sample.sample(model, noise, STEPS, cfg, sampler, "simple", pos, neg, latent, seed=3,
-                                  disable_pbar=True)  # fmt: skip
+                                  disable_pbar=True, last_step=last_step)  # fmt: skip
     return out, r.count
 
 
@@ -124,6 +125,13 @@ def test_references_at_timestep_zero_and_a_lora_are_bit_exact_too(dit, lora):
         per, reads_per = ksampler(dit, "euler", False, **kw)
         assert torch.equal(pre, per) and (reads_pre, reads_per) == (N_LAYERS, STEPS * N_LAYERS), kw
     assert not torch.equal(pre, ksampler(dit, "euler", True)[0])  # the LoRA is applied
+
+
+def test_a_run_ending_above_sigma_0_evaluates_its_last_sigma_per_call(dit):
+    # KSamplerAdvanced's "return with leftover noise": heun's last step evaluates sigmas[-1] (not 0, no table entry)
+    pre, reads_pre = ksampler(dit, "heun", True, last_step=2)
+    per, reads_per = ksampler(dit, "heun", False, last_step=2)
+    assert torch.equal(pre, per) and (reads_pre, reads_per) == (2 * N_LAYERS, 4 * N_LAYERS)  # table + 1 per call
 
 
 def test_cfg_1_precomputes_for_its_rows(dit):
