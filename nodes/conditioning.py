@@ -136,7 +136,7 @@ class QwenPixEditEncode:
             if im.shape[0] > 1:
                 logging.warning("QwenPix edit encode: %s is a batch of %d; using its first image", name, im.shape[0])
         # a mask crops Picture 1 (and aligned references) to its padded box; crop is the record for Stitch
-        named, crop = inpaint.edit_crop([(n, im[:1]) for n, im in named], masked.pop("mask", None), **masked)
+        named, crop = inpaint.edit_crop(named, masked.pop("mask", None), **masked)
         for name, im in named:
             check_reference(name, im.shape[2], im.shape[1], RESIZES[resize] == "keep")
         images = [im[0] for _, im in named]  # first image of each batch

@@ -97,17 +97,18 @@ EDIT_INPUTS = {
 
 def edit_crop(images: list[tuple[str, torch.Tensor]], mask, mask_mode="crop to mask", padding=32, megapixels=1.0,
               references="whole"):  # fmt: skip
-    """Edit Encode's masked edit: [(input name, IMAGE [1, H, W, C])] (Picture 1 first) -> (the images to encode,
-    the crop record for Stitch, or None without a mask). Picture 1 (and with 'crop like Picture 1' every
-    reference) is cut to the padded mask box at ~megapixels; an empty mask keeps Picture 1 whole (a warning)."""
+    """Edit Encode's masked edit: [(input name, IMAGE [B, H, W, C])] (Picture 1 first) -> (the images to encode,
+    the crop record for Stitch, or None without a mask). The first image of each batch is used, with the mask's
+    first (a batch of 1 or Picture 1's). Picture 1 (and with 'crop like Picture 1' every reference) is cut to the
+    padded mask box at ~megapixels; an empty mask keeps Picture 1 whole (a warning)."""
     if mask is None:
         return images, None
     for key, table in (("mask_mode", MASK_MODES), ("references", REFERENCE_MODES)):
         value = {"mask_mode": mask_mode, "references": references}[key]
         if value not in table:
             raise InputError(f"{key}: {value!r} is not one of {', '.join(map(repr, table))}")
-    first = images[0][1]
-    m = _mask("mask", mask, first)[:1]  # the first image's mask, as Edit Encode takes the first image of a batch
+    m = _mask("mask", mask, images[0][1])[:1]  # the first image's mask: Edit Encode takes the first of a batch
+    first = images[0][1][:1]
     h, w = first.shape[1:3]
     record = {"box": (0, 0, w, h), "size": (w, h), "work_size": (w, h), "original": first, "mask": m}
     if not MASK_MODES[mask_mode]:
@@ -126,7 +127,8 @@ def edit_crop(images: list[tuple[str, torch.Tensor]], mask, mask_mode="crop to m
                     f"mask box, so it needs Picture 1's size {w}x{h}\nFix: resize {name} to {w}x{h}, or set "
                     "references to 'whole'"
                 )
-            im = _resize(im[:, info["box"][1] : info["box"][3], info["box"][0] : info["box"][2]], *info["work_size"])
+            x0, y0, x1, y1 = info["box"]
+            im = _resize(im[:1, y0:y1, x0:x1], *info["work_size"])
         out.append((name, im))
     return out, {**record, **info}
 

@@ -111,3 +111,13 @@ def test_edit_encode_masks_whole_image_empty_and_bad(monkeypatch):
         N.QwenPixMaskStitch().stitch(image, None)
     with pytest.raises(InputError, match="original: not connected"):
         N.QwenPixMaskStitch().stitch(image, N.QwenPixMaskCrop().crop(image, m, 8, 1.0)[2])
+
+
+def test_edit_encode_mask_of_a_batch():
+    """Edit Encode takes the first image of a batch: a mask batch of 1 or Picture 1's, its first mask used."""
+    image = torch.rand(3, 40, 50, 3)
+    m = torch.zeros(3, 40, 50)
+    m[0, 5:9, 7:20] = 1
+    m[1:, 30:, 40:] = 1  # the other images' masks do not count
+    named, crop = N.edit_crop([("image1", image)], m, padding=0, megapixels=0.0625)
+    assert crop["box"] == (7, 5, 20, 9) and crop["original"].shape[0] == 1 and named[0][1].shape[0] == 1
