@@ -70,11 +70,13 @@ class Reads:
 
 
 def ksampler(dit, sampler: str, precompute: bool, cfg: float = 3.0, dtype=torch.float32, refs=False, lora=None,
-             last_step=None):  # fmt: skip
+             last_step=None, wrap=None):  # fmt: skip
     """KSampler's sampling (comfy.sample.sample) of the bridged MODEL; returns (latent, modulation weight reads).
     refs: a reference latent with "index_timestep_zero" (zero_cond_t: 2 x rows of timesteps); lora: a core Lora
-    applied as ComfyUI weight patches."""
+    applied as ComfyUI weight patches; wrap: a DIFFUSION_MODEL wrapper to add."""
     model = native_model.dit_model(dit, dtype)
+    if wrap is not None:
+        model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "test", wrap)
     if not precompute:
         model.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, run_modulation.WRAPPER_KEY)
     if lora is not None:
@@ -132,6 +134,24 @@ def test_a_run_ending_above_sigma_0_evaluates_its_last_sigma_per_call(dit):
     pre, reads_pre = ksampler(dit, "heun", True, last_step=2)
     per, reads_per = ksampler(dit, "heun", False, last_step=2)
     assert torch.equal(pre, per) and (reads_pre, reads_per) == (2 * N_LAYERS, 4 * N_LAYERS)  # table + 1 per call
+
+
+def test_no_host_reads_inside_the_denoiser(dit):
+    from torch.utils._python_dispatch import TorchDispatchMode  # noqa: PLC0415
+
+    class HostReads(TorchDispatchMode):  # a device-to-host scalar read (.item(), bool(t)): a sync on a GPU
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            HostReads.n += func is torch.ops.aten._local_scalar_dense.default
+            return func(*args, **(kwargs or {}))
+
+    def counted(executor, *args, **kwargs):  # around each forward of the diffusion model (table made in the first)
+        with HostReads():
+            return executor(*args, **kwargs)
+
+    _, reads = ksampler(dit, "euler", True, wrap=counted)
+    assert reads == N_LAYERS and HostReads.n == 0
 
 
 def test_cfg_1_precomputes_for_its_rows(dit):
