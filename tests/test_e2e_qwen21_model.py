@@ -252,3 +252,9 @@ def test_prefix_cache_once_per_condition_and_run(models21, client):
         fills.append(res.outputs["report"]["prefix_fills"][0])
     print(f"\nprefix fills after each run: {fills}")
     assert fills[1] - fills[0] == 2
+    # ComfyUI's model management loaded the 2.1 MODEL for those runs and still holds it, at its size
+    state = {"dit": prompt["dit"], "state": node("QwenPixTestModelState", model=["dit", 1], salt=1)}
+    res = client.run(state, timeout=300)
+    assert res.status == "success", (res.error() or {}).get("exception_message")
+    got = res.outputs["state"]["state"][0]
+    assert got["registered"], got  # this very MODEL is among ComfyUI's loaded models
