@@ -192,6 +192,8 @@ def place_dit(model: nn.Module, devices: Sequence[str | DeviceBudget], budgets: 
         names = [str(d) for d in devices]
         for d in names:
             check_device(d)
+        if (budgets is None or cards is None) and any(torch.device(d).type != "cuda" for d in names):
+            raise ValueError("place_dit: give budgets= and cards= for devices other than CUDA ones")
         if budgets is None:
             budgets = [int(torch.cuda.mem_get_info(torch.device(d))[0]) for d in names]
         if len(budgets) != len(names):

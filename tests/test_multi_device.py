@@ -195,8 +195,10 @@ def test_plan_choices_and_text(models):
     assert plan.step_s == pytest.approx(sum(s.plan.step_s for s in plan.stages) + plan.boundary_s)
 
 
-def test_device_names():
+def test_device_names(models):
     assert M.parse_devices("cpu") == [torch.device("cpu")]
+    with pytest.raises(ValueError, match="give budgets= and cards="):
+        M.place_dit(models["bf16"], ["cpu"])
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
     with pytest.raises(ValueError, match=f"'cuda:{n}' does not exist on this machine"):
         M.parse_devices(", ".join([*(f"cuda:{i}" for i in range(n)), f"cuda:{n}"]))
