@@ -375,11 +375,11 @@ class QwenPixPatcher(comfy.model_patcher.ModelPatcher):
 
 
 def placed_patcher(model: nn.Module, placed: nn.Module, blocks: Sequence[nn.Module], plan_for: Callable[..., Plan],
-                   load_device=None, offload_device=None) -> QwenPixPatcher:  # fmt: skip
-    """A QwenPixPatcher for `model` (a ComfyUI BaseModel, or a holder module) whose module `placed` (the one
-    ComfyUI calls; its `blocks` planned by `plan_for`) is placed on the device."""
+                   load_device=None, offload_device=None, patcher_class=None) -> QwenPixPatcher:  # fmt: skip
+    """A QwenPixPatcher (or `patcher_class`, a subclass) for `model` (a ComfyUI BaseModel, or a holder module)
+    whose module `placed` (the one ComfyUI calls; its `blocks` planned by `plan_for`) is placed on the device."""
     model.qwenpix_placement = Placement(placed, blocks, plan_for)
-    patcher = QwenPixPatcher(
+    patcher = (patcher_class or QwenPixPatcher)(
         model,
         load_device=mm.get_torch_device() if load_device is None else load_device,
         offload_device=mm.unet_offload_device() if offload_device is None else offload_device,
