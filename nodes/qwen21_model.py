@@ -46,7 +46,7 @@ from ..qwen_image_core.qwen21.sampler import Condition21
 from ..qwen_image_core.qwen21.schedule import TURBO_SIGMAS, VAE_SCALE, mu, sigmas, target_tokens, turbo_sigmas
 from . import notices
 from .native_model import SAMPLER_KEYS, host_attention
-from .patcher import placed_patcher
+from .patcher import QwenPixPatcher, placed_patcher
 
 PAYLOAD = "qwenpix21"  # the CONDITIONING key Qwen-Image-2.1 Encode sets (a Payload21)
 COND_KEY = "qwenpix21_prefix"  # the model condition (CONDPrefix21) handed to NativeDiT21
@@ -302,6 +302,20 @@ class QwenPix21Model(comfy.model_base.BaseModel):
         return activation_bytes21(wl, cfg.hidden, cfg.mlp_dim)
 
 
+class Patcher21(QwenPixPatcher):
+    """The 2.1 MODEL's patcher: says when a weight patch set holds no key of this model (a LoRA whose keys
+    LoraLoaderModelOnly could not map: it only logs them), instead of changing nothing silently."""
+
+    def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
+        if not patches:
+            notices.warn(
+                "a LoRA (or weight patch) with no key for the Qwen-Image-2.1 model was applied and changes nothing: "
+                "LoraLoaderModelOnly maps only diffusion_model.<module> / lora_unet_ keys for this model; use "
+                "Qwen-Image-2.1 LoRA for transformer.<module> (diffusers) keys, it names any key that fits nothing"
+            )
+        return super().add_patches(patches, strength_patch, strength_model)
+
+
 def dit21_model(dit: DiT21, dtype: torch.dtype) -> comfy.model_patcher.ModelPatcher:
     """A MODEL of the 2.1 `dit` computing in `dtype`. One base patcher (and placement) per DiT, kept on it;
     each call returns a clone, so MODELs of one file share the weights on the device."""
@@ -312,7 +326,8 @@ def dit21_model(dit: DiT21, dtype: torch.dtype) -> comfy.model_patcher.ModelPatc
         def plan_for(card, budget, max_resident):
             return plan_dit21(dit, budget, card, model.last_workload, 0, max_resident, activation=0)
 
-        base = placed_patcher(model, model.diffusion_model, model.diffusion_model.transformer_blocks, plan_for)
+        blocks = model.diffusion_model.transformer_blocks
+        base = placed_patcher(model, model.diffusion_model, blocks, plan_for, patcher_class=Patcher21)
         base.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, RUN_WRAPPER, prefix_run_wrapper)
         dit.native_patcher = base
     m = base.clone()

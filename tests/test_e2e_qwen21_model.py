@@ -186,7 +186,11 @@ def test_loras_are_honoured_and_unknown_keys_refused(models21, comfy, client):
     files = ("q21m_comfy_lora.safetensors", "q21m_diffusers_lora.safetensors")
     for sd, name in zip((comfy_sd, diffusers_sd), files, strict=True):
         save_file(sd, str(comfy.models_dir / "loras" / name))
-    out, _ = run(comfy, client, graph(lora=files))
+    prompt = graph(lora=files)  # + the diffusers-spelled file through LoraLoaderModelOnly: nothing maps, said
+    prompt["lora_c"] = node("LoraLoaderModelOnly", model=["dit", 1], lora_name=files[1], strength_model=0.5)
+    prompt["state_c"] = node("QwenPixTestModelState", model=["lora_c", 0])
+    out, said = run(comfy, client, prompt)
+    assert any("no key for the Qwen-Image-2.1 model" in m for m in said), said
     base = {k: dit.get_submodule(k).weight.detach().clone() for k in LORA_KEYS}
     try:
         for k in LORA_KEYS:
