@@ -96,12 +96,12 @@ PAIRS = {
     "one_controlnet": dict(pos="apply", neg="apply", neg_slot=1),
     "two_controlnets": dict(pos="apply2", neg="apply2", neg_slot=1, steps=4),
     "inpaint_controlnet_noise_mask": dict(pos="alimama", neg="alimama", neg_slot=1, lat="masked", denoise=0.8),
-    "noise_mask": dict(lat="masked", denoise=0.8),
-    "small_mask": dict(lat="small_masked", denoise=0.8),
-    "square_mask": dict(lat="square_masked", denoise=0.8),
+    "square_mask": dict(lat="square_masked", denoise=0.8),  # stretched as KSampler stretches it
 }
-ALONE = {  # our sampler only
+ALONE = {  # our sampler only (its noise mask = KSampler's is test_e2e_sampler_node's)
     "plain": dict(),
+    "noise_mask_ours": dict(lat="masked", denoise=0.8),
+    "small_mask": dict(lat="small_masked", denoise=0.8),
     "img2img": dict(lat="enc", denoise=0.8),
     "empty_mask": dict(lat="empty_masked", denoise=0.8),
     "full_mask": dict(lat="full_masked", denoise=0.8),
