@@ -34,6 +34,7 @@ EXPECTED_SIZE = {
     "qwen_image_layered": (768, 512),  # the 384x256 example at about 640^2 (sides multiples of 32)
     "qwen_image_controlnet_union": (1328, 1328),  # the official template's size
     "qwen_image_controlnet_inpaint": (384, 256),  # composited back onto the (masked) example input
+    "qwen_image_2512_controlnet_fun": (1328, 1328),  # the official 2512 ControlNet template's size
     "qwen_image_edit_masked_crop_stitch": (384, 256),  # the crop stitched back into the example input
     "qwen_image_21_t2i": (1024, 1024),  # the 2.1 templates' size
     "qwen_image_21_turbo_t2i": (1024, 1024),

@@ -17,18 +17,28 @@ UNION, INPAINT = (
     "Qwen-Image-InstantX-ControlNet-Union.safetensors",
     "Qwen-Image-InstantX-ControlNet-Inpainting.safetensors",
 )
+FUN = "Qwen-Image-2512-Fun-Controlnet-Union-2602.safetensors"  # VideoX-Fun's, published as it is (no repack)
+REPO_FUN = f"{HF}/alibaba-pai/Qwen-Image-2512-Fun-Controlnet-Union/resolve/main"
+# the negative prompt of the official 2512 workflows
+NEGATIVE_2512 = (
+    "低分辨率，低画质，肢体畸形，手指畸形，画面过饱和，蜡像感，人脸无细节，"
+    "过度光滑，画面具有AI感。构图混乱。文字模糊，扭曲。"
+)
 # file name -> (models sub-folder, where the file is published)
 SOURCES = {
     "qwen_image_fp8_e4m3fn.safetensors": ("diffusion_models", REPO_T2I + "/diffusion_models"),
+    "qwen_image_2512_fp8_e4m3fn.safetensors": ("diffusion_models", REPO_T2I + "/diffusion_models"),
     "qwen_image_edit_2509_fp8_e4m3fn.safetensors": ("diffusion_models", REPO_EDIT + "/diffusion_models"),
     "qwen_2.5_vl_7b_fp8_scaled.safetensors": ("text_encoders", REPO_T2I + "/text_encoders"),
     "qwen_image_vae.safetensors": ("vae", REPO_T2I + "/vae"),
     UNION: ("controlnet", REPO_CN),
     INPAINT: ("controlnet", REPO_CN),
+    FUN: ("controlnet", REPO_FUN),
 }
 TITLES = {
     "qwen_image_controlnet_union": "Qwen-Image ControlNet Union (canny, depth, pose)",
     "qwen_image_controlnet_inpaint": "Qwen-Image Inpainting ControlNet",
+    "qwen_image_2512_controlnet_fun": "Qwen-Image-2512 Fun ControlNet Union (canny)",
     "qwen_image_edit_masked_crop_stitch": "Qwen-Image-Edit-2509 Masked Edit (crop and stitch)",
 }
 IMAGE = "qwenpix_example_1.png"  # an example input (workflows/inputs): the control image's source
@@ -72,6 +82,29 @@ def controlnet_union() -> dict:
         "sampler": _ksampler("apply", ("latent", 0)),
         "decode": ("VAEDecode", {"samples": ("sampler", 0), "vae": ("cvae", 0)}),
         "save": ("SaveImage", {"images": ("decode", 0), "filename_prefix": "QwenPix/controlnet_union"}),
+    })  # fmt: skip
+    return g
+
+
+def controlnet_fun_2512() -> dict:
+    """The official `image_qwen_Image_2512_controlnet` template with the pack's loaders: Canny(0.33, 0.35), Apply
+    ControlNet(1, 0, 1), 1328 x 1328, 50 steps, CFG 4, shift 3.1. The template first scales the input to 1.6 MP
+    (ResizeImageMaskNode, newer ComfyUI); here Canny runs at the input's size (ComfyUI scales the edge map to the
+    latent's), which keeps the example's CPU run short (see USAGE)."""
+    g = _base("qwen_image_2512_fp8_e4m3fn.safetensors")
+    g.update(_prompts("A modern glass house in a pine forest at dawn, soft mist between the trees."))
+    g["neg"][1]["prompt"] = NEGATIVE_2512
+    g.update({
+        "cn": ("QwenPixControlNetLoader", {"control_net_name": FUN, "compute_dtype": "bf16",
+                                           "positions": "official (diffusers)"}),
+        "hint": ("Canny", {"image": ("img", 0), "low_threshold": 0.33, "high_threshold": 0.35}),
+        "apply": ("ControlNetApplyAdvanced", {
+            "positive": ("pos", 0), "negative": ("neg", 0), "control_net": ("cn", 0), "image": ("hint", 0),
+            "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0, "vae": ("cvae", 0)}),
+        "latent": ("QwenPixEmptyLatent", {"aspect": "1:1 (1328x1328)", "width": 1328, "height": 1328, "batch_size": 1}),
+        "sampler": _ksampler("apply", ("latent", 0), steps=50),
+        "decode": ("VAEDecode", {"samples": ("sampler", 0), "vae": ("cvae", 0)}),
+        "save": ("SaveImage", {"images": ("decode", 0), "filename_prefix": "QwenPix/controlnet_fun_2512"}),
     })  # fmt: skip
     return g
 
@@ -124,6 +157,14 @@ USAGE = {
         "InstantX ControlNet Union on Qwen-Image: the control image (here ComfyUI's Canny of the input; a depth "
         "or pose map works the same) steers the layout. Strength 1, start 0, end 1 as the official workflow."
     ),
+    "qwen_image_2512_controlnet_fun": (
+        "The Fun ControlNet Union on Qwen-Image-2512, as the official 2512 ControlNet workflow: ComfyUI's Canny of "
+        "the input (HED, depth, pose, MLSD, scribble or gray maps work the same) steers the layout; strength 1, "
+        "start 0, end 1 (the model card suggests 0.70 to 0.95 for finer detail). For a small input, put "
+        "ImageScaleToTotalPixels (area, 1.6 MP) before Canny, as the official workflow does. It needs the pack's "
+        "diffusion model loader (its blocks use the DiT's own input layers). Lightning: the official workflow's "
+        "4-step option is Qwen-Image-Lightning-4steps-V1.0 with 4 steps and CFG 1."
+    ),
     "qwen_image_controlnet_inpaint": (
         "InstantX Inpainting ControlNet: paint the mask in the Mask Editor (Load Image's alpha); only the masked "
         "area is repainted (latent noise mask) and composited back onto the original."
@@ -148,6 +189,7 @@ def graphs() -> dict[str, tuple[str, dict]]:
     built = {
         "qwen_image_controlnet_union": controlnet_union(),
         "qwen_image_controlnet_inpaint": controlnet_inpaint(),
+        "qwen_image_2512_controlnet_fun": controlnet_fun_2512(),
         "qwen_image_edit_masked_crop_stitch": masked_edit(),
     }
     return {name: (note_text(name, g), g) for name, g in built.items()}
