@@ -321,10 +321,20 @@ class ComfyClient:
                 status = st.get("status_str", "unknown")
                 if any(kind == "execution_interrupted" for kind, _ in messages):
                     status = "interrupted"
-                time.sleep(0.05)  # let the websocket thread catch the final messages
+                self._await_closing_event(prompt_id)
                 return Result(prompt_id, status, entry.get("outputs", {}), messages, self.events_for(prompt_id))
             time.sleep(0.1)
         raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout:.0f} s")
+
+    def _await_closing_event(self, prompt_id: str, timeout: float = 60.0) -> None:
+        """/history shows a prompt done before the server's event loop has sent its last websocket messages (on a
+        busy machine, seconds later): wait for the closing `executing` (node None) that ComfyUI sends after every
+        prompt, success, error or interrupt, so the events of the prompt are all in."""
+        deadline = time.monotonic() + timeout
+        while self._ws is not None and time.monotonic() < deadline:
+            if any(e["type"] == "executing" and e["data"].get("node") is None for e in self.events_for(prompt_id)):
+                return
+            time.sleep(0.02)
 
     def run(self, prompt: dict, timeout: float = 300.0) -> Result:
         return self.wait(self.queue(prompt), timeout)
