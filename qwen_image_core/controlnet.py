@@ -81,14 +81,9 @@ class InstantXControlNet(nn.Module):
         c, _ = patchify(control.expand(b, *control.shape[1:]).to(dt), p)  # [B, N, 64 (+4)]
         h = (self.img_in(x.to(dt)) + self.controlnet_x_embedder(c)).to(stream_dt)
 
-        timestep = torch.as_tensor(timestep, device=img.device).float().reshape(-1).expand(b)
-        temb = self.time_text_embed.timestep_embedder(timestep_sinusoid(timestep, cfg.timestep_dim).to(dt))
-        txt_mask = None if txt_mask is None else txt_mask.to(img.device)
-        attend, key_mask = text_keys(attention_fn or attention, b, txt.shape[1], txt_lengths, txt_mask)
-        if key_mask is not None:
-            key_mask = torch.cat([key_mask, key_mask.new_ones(b, h.shape[1])], dim=1)
-        pos = rope.joint_positions([grid], txt.shape[1], img.device, positions)  # [L + N, 3]
-        pe = rope.rope_table(pos, cfg.rope_axes, cfg.rope_theta, rope.CONVENTIONS[positions])
+        temb, attend, key_mask, pe = branch_inputs(
+            self.time_text_embed, cfg, img, timestep, txt, grid, txt_lengths, txt_mask, positions, attention_fn
+        )
 
         t = self.txt_in(self.txt_norm(txt.to(dt))).to(stream_dt)  # [B, L, D]
         out = []
@@ -96,6 +91,24 @@ class InstantXControlNet(nn.Module):
             h, t = block(h, t, temb, pe, key_mask, None, attend)
             out.append(proj(h.to(dt)).to(stream_dt))
         return out
+
+
+def branch_inputs(
+    time_text_embed, cfg: MMDiTConfig, img, timestep, txt, grid, txt_lengths, txt_mask, positions, attend
+):
+    """What a control branch beside the DiT needs for the latent `img` [B, C, H, W] (one target, no references,
+    `grid` its token grid): the timestep embedding [B, D] in img's dtype, the attention call and key mask over
+    text + image tokens (`attention.text_keys`), and the rotary table of the joint sequence."""
+    b, dev = img.shape[0], img.device
+    timestep = torch.as_tensor(timestep, device=dev).float().reshape(-1).expand(b)
+    temb = time_text_embed.timestep_embedder(timestep_sinusoid(timestep, cfg.timestep_dim).to(img.dtype))
+    txt_mask = None if txt_mask is None else txt_mask.to(dev)
+    attend, key_mask = text_keys(attend or attention, b, txt.shape[1], txt_lengths, txt_mask)
+    if key_mask is not None:
+        key_mask = torch.cat([key_mask, key_mask.new_ones(b, grid[0] * grid[1])], dim=1)
+    pos = rope.joint_positions([grid], txt.shape[1], dev, positions)  # [L + N, 3]
+    pe = rope.rope_table(pos, cfg.rope_axes, cfg.rope_theta, rope.CONVENTIONS[positions])
+    return temb, attend, key_mask, pe
 
 
 def load_controlnet(path: str | os.PathLike, *, mmap: bool = False, **sizes) -> InstantXControlNet:

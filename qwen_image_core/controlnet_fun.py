@@ -42,12 +42,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import rope
-from .attention import attention, text_keys
 from .checkpoint import CheckpointError
+from .controlnet import branch_inputs
 from .formats import controlnet_fun as fun_format
 from .formats.common import assign_weights
-from .mmdit import DoubleStreamBlock, MMDiT, MMDiTConfig, patchify, timestep_sinusoid
+from .mmdit import DoubleStreamBlock, MMDiT, MMDiTConfig, patchify
 from .ops import Linear
 
 
@@ -146,14 +145,9 @@ class FunControlNet(nn.Module):
         stream_dt = torch.float32 if dt == torch.float16 else dt
         x, grid = patchify(img, p)  # [B, N, 64]
         h = dit.img_in(x.to(dt)).to(stream_dt)  # the DiT's own embedding of the noisy latent
-        timestep = torch.as_tensor(timestep, device=img.device).float().reshape(-1).expand(b)
-        temb = dit.time_text_embed.timestep_embedder(timestep_sinusoid(timestep, cfg.timestep_dim).to(dt))
-        txt_mask = None if txt_mask is None else txt_mask.to(img.device)
-        attend, key_mask = text_keys(attention_fn or attention, b, txt.shape[1], txt_lengths, txt_mask)
-        if key_mask is not None:
-            key_mask = torch.cat([key_mask, key_mask.new_ones(b, h.shape[1])], dim=1)
-        pos = rope.joint_positions([grid], txt.shape[1], img.device, positions)  # [L + N, 3]
-        pe = rope.rope_table(pos, cfg.rope_axes, cfg.rope_theta, rope.CONVENTIONS[positions])
+        temb, attend, key_mask, pe = branch_inputs(
+            dit.time_text_embed, cfg, img, timestep, txt, grid, txt_lengths, txt_mask, positions, attention_fn
+        )
         t = dit.txt_in(dit.txt_norm(txt.to(dt))).to(stream_dt)  # [B, L, D]
 
         c_tokens, _ = patchify(context.to(dt), p)  # [B, N, 132]
