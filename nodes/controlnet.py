@@ -25,7 +25,7 @@ import comfy.model_management
 import torch
 from torch import nn
 
-from ..qwen_image_core.control_offload import plan_controlnet
+from ..qwen_image_core.control_offload import plan_controlnet, plan_fun_controlnet
 from ..qwen_image_core.controlnet import InstantXControlNet, load_controlnet
 from ..qwen_image_core.formats.controlnet_fun import is_fun_file
 from ..qwen_image_core.offload_plan import DiTWorkload
@@ -62,16 +62,18 @@ class ControlNetWeights(nn.Module):
         self.net = net
 
 
-def controlnet_patcher(net: InstantXControlNet) -> QwenPixPatcher:
-    """The registered patcher of a loaded ControlNet (one per ControlNet, kept on it): ComfyUI loads it with
-    `load_models_gpu` and our planner places its blocks within the budget ComfyUI gives it."""
+def controlnet_patcher(net: nn.Module) -> QwenPixPatcher:
+    """The registered patcher of a loaded ControlNet, InstantX or Fun (one per ControlNet, kept on it): ComfyUI
+    loads it with `load_models_gpu` and our planner places its blocks within the budget ComfyUI gives it."""
     patcher = getattr(net, "native_patcher", None)
     if patcher is None:
+        fun = net.kind == "fun"
+        plan, blocks = (plan_fun_controlnet, net.control_blocks) if fun else (plan_controlnet, net.transformer_blocks)
 
         def plan_for(card, budget, max_resident):  # ComfyUI's budget already leaves room for the activations
-            return plan_controlnet(net, budget, card, DiTWorkload(), 0, max_resident, activation_bytes=0)
+            return plan(net, budget, card, DiTWorkload(), 0, max_resident, activation_bytes=0)
 
-        patcher = placed_patcher(ControlNetWeights(net), net, net.transformer_blocks, plan_for)
+        patcher = placed_patcher(ControlNetWeights(net), net, blocks, plan_for)
         patcher.set_attachments("qwenpix_name", str(net.path.name if net.path else f"{net.kind} ControlNet"))
         net.native_patcher = patcher
     return patcher
@@ -128,7 +130,7 @@ class QwenPixControlNetLoader:
         with host.input_problem("control_net_name", control_net_name, fix):
             path = host.model_path("controlnet", control_net_name, "controlnet")
             if is_fun_file(path):  # the Fun ControlNet Union (2512): a branch on the DiT's own input layers
-                return controlnet_fun.load(path, DTYPES[compute_dtype], POSITIONS[positions])
+                return controlnet_fun.load(path, DTYPES[compute_dtype], POSITIONS[positions], controlnet_patcher)
             net = host.MODELS.get("ControlNet", path, lambda: load_controlnet(path))
         control = comfy_control(net, DTYPES[compute_dtype], POSITIONS[positions])
         return {"ui": {"qwenpix_plan": [plan_line(net)]}, "result": (control,)}

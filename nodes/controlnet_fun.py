@@ -69,15 +69,19 @@ class FunControlNetHandle(comfy.controlnet.ControlNet):
         return c
 
 
-def control_net(net: FunControlNet, dtype: torch.dtype, positions: str) -> FunControlNetHandle:
+def control_net(net: FunControlNet, dtype: torch.dtype, positions: str, patcher=None) -> FunControlNetHandle:
     """The CONTROL_NET: the hint VAE-encoded at the latent's size and normalised (the Wan 2.1 latent format
     ComfyUI uses for Qwen-Image), no mask concatenated (the apply nodes' inpaint mask is not taken); each row's
-    real text length from the conditioning (the official positions' zero-padded batches), as the DiT gets it."""
-    return FunControlNetHandle(
+    real text length from the conditioning (the official positions' zero-padded batches), as the DiT gets it.
+    `patcher(net)`: the registered patcher ComfyUI's model management loads (`controlnet.controlnet_patcher`)."""
+    control = FunControlNetHandle(
         ComfyFunControlNet(net, dtype, positions), compression_ratio=1, latent_format=comfy.latent_formats.Wan21(),
         concat_mask=False, load_device=comfy.model_management.get_torch_device(), manual_cast_dtype=None,
         extra_conds=["txt_lengths"],
     )  # fmt: skip
+    if patcher is not None:
+        control.control_model_wrapped = patcher(net)  # what `get_models` gives ComfyUI to load
+    return control
 
 
 def plan_line(net: FunControlNet) -> str:
@@ -87,12 +91,13 @@ def plan_line(net: FunControlNet) -> str:
     layers = ", ".join(map(str, net.config.injection_layers))
     return (
         f"Fun ControlNet Union: {net.config.num_blocks} blocks, hints after DiT blocks {layers}, "
-        f"{net.storage or 'weights'}; {size}, resident (ComfyUI loads it whole beside the DiT; not streamed); "
+        f"{net.storage or 'weights'}; {size}, resident while ComfyUI's budget for it holds it, else its blocks "
+        "stream (registered with ComfyUI's model management beside the DiT); "
         "control images only (its inpaint mode is not fed by ComfyUI's apply nodes)"
     )
 
 
-def load(path, dtype: torch.dtype, positions: str) -> dict:
+def load(path, dtype: torch.dtype, positions: str, patcher=None) -> dict:
     """The loader node's result for a Fun ControlNet file (cached as the other model files)."""
     net = host.MODELS.get("FunControlNet", path, lambda: load_fun_controlnet(path))
-    return {"ui": {"qwenpix_plan": [plan_line(net)]}, "result": (control_net(net, dtype, positions),)}
+    return {"ui": {"qwenpix_plan": [plan_line(net)]}, "result": (control_net(net, dtype, positions, patcher),)}

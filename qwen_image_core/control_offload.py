@@ -27,7 +27,19 @@ from torch import nn
 from .controlnet import InstantXControlNet
 from .modulation import modulation_layers
 from .offload import BlockStreamer, HostCopies, Transfer
-from .offload_plan import GB, Card, DiTWorkload, GiB, Plan, plan_blocks, plan_dit, storage_label
+from .offload_plan import (
+    GB,
+    Card,
+    DiTWorkload,
+    GiB,
+    Plan,
+    dit_activation_bytes,
+    dit_block_flops,
+    plan_blocks,
+    plan_dit,
+    split_blocks,
+    storage_label,
+)
 
 UNBOUNDED = 1 << 62  # bytes: a budget that keeps every block resident (to read a model's sizes and compute)
 
@@ -137,6 +149,23 @@ def plan_controlnet(net: InstantXControlNet, free: int, card: Card, workload: Di
     wl = replace(workload or DiTWorkload(), cfg=False, references=())
     plan = plan_dit(net, free, card, wl, reserve, max_resident, activation_bytes)
     return replace(plan, name=f"{card.name}, {wl.describe()}, {net.kind} ControlNet")
+
+
+def plan_fun_controlnet(net: nn.Module, free: int, card: Card, workload: DiTWorkload | None = None,
+                        reserve: int = GiB, max_resident: int | None = None,
+                        activation_bytes: int | None = None) -> Plan:  # fmt: skip
+    """The Fun ControlNet Union (`controlnet_fun.FunControlNet`) alone: its `control_blocks` planned, the rest
+    (control_img_in) resident; the branch runs every row of the batch, as the DiT."""
+    wl, cfg = replace(workload or DiTWorkload(), references=()), net.config
+    sizes, fixed = split_blocks(net, net.control_blocks)
+    if activation_bytes is None:
+        activation_bytes = dit_activation_bytes(wl, cfg.hidden, cfg.mlp_dim)
+    return plan_blocks(
+        sizes, fixed, free, reserve, activation_bytes,
+        dit_block_flops(wl, cfg.hidden, cfg.mlp_dim) / (card.tflops * 1e12 * card.mfu), card.h2d_gbps * GB,
+        name=f"{card.name}, {wl.describe()}, Fun ControlNet", storage=storage_label(net.control_blocks),
+        max_resident=max_resident,
+    )  # fmt: skip
 
 
 def joint_blocks(dit: nn.Module, nets: Sequence[InstantXControlNet]) -> list[nn.Module]:

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import attention
 from .checkpoint import CheckpointError
 from .controlnet import branch_inputs
 from .formats import controlnet_fun as fun_format
@@ -80,13 +81,24 @@ class FunConfig:
 
 
 class FunControlBlock(DoubleStreamBlock):
-    """A DiT block with the branch's zero-initialised projections: before_proj (block 0 only), after_proj."""
+    """A DiT block with the branch's zero-initialised projections: before_proj (block 0 only), after_proj.
+
+    Both run inside the block's forward, so a block streamed by the offload executor (whose hooks wrap the forward)
+    has all its weights on the device while any of them computes."""
 
     def __init__(self, cfg: FunConfig, first: bool):
         super().__init__(cfg.block_config())
         if first:
             self.before_proj = Linear(cfg.hidden, cfg.hidden)
         self.after_proj = Linear(cfg.hidden, cfg.hidden)
+
+    def forward(self, c, txt, temb, pe, key_mask, attend=attention, h=None):
+        """(image stream, text stream, hint) after this block; block 0 starts from before_proj(c) + h (the DiT's
+        embedded latent h). Streams stay in their dtype; the projections compute in temb's (the compute) dtype."""
+        if h is not None:
+            c = self.before_proj(c).to(h.dtype) + h
+        c, txt = super().forward(c, txt, temb, pe, key_mask, None, attend)
+        return c, txt, self.after_proj(c.to(temb.dtype)).to(c.dtype)
 
 
 class FunControlNet(nn.Module):
@@ -154,10 +166,7 @@ class FunControlNet(nn.Module):
         c = self.control_img_in(c_tokens)
         hints = {}
         for k, (block, layer) in enumerate(zip(self.control_blocks, self.config.injection_layers, strict=True)):
-            if k == 0:
-                c = block.before_proj(c).to(stream_dt) + h
-            c, t = block(c, t, temb, pe, key_mask, None, attend)
-            hints[layer] = block.after_proj(c.to(dt)).to(stream_dt)
+            c, t, hints[layer] = block(c, t, temb, pe, key_mask, attend, h if k == 0 else None)
         return hints
 
 

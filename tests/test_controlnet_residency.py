@@ -121,3 +121,45 @@ def test_novram_streams_every_block_and_a_native_model_unloads_it(gpu, files, mo
     native = gpu.native(BUDGET - INFERENCE - (64 << 10))
     mm.load_models_gpu([native])
     assert loaded() == [native] and state(patcher) == ((), ()) and gpu.transfers[-1].allocated == 0
+
+
+def test_the_fun_controlnet_is_registered_and_streams_within_comfyuis_budget(gpu, tmp_path):  # noqa: F811
+    """The Fun ControlNet Union (2512) takes the same route: ComfyUI counts its true size, the planner keeps what
+    fits of its control blocks resident and streams the rest; its hints equal the CPU run's bit for bit."""
+    fun_node = importlib.import_module("qwenpix.nodes.controlnet_fun")
+    core_fun = importlib.import_module("qwenpix.qwen_image_core.controlnet_fun")
+    cfg = W.tiny_config(num_layers=4)
+    dit = mmdit.load_dit(W.write_comfy(tmp_path / "dit.safetensors", cfg))
+    fun = core_fun.load_fun_controlnet(
+        C.write_fun(tmp_path / "fun.safetensors", C.fun_config(cfg, num_blocks=4), seed=7, dtype=torch.float32)
+    )
+    control = fun_node.control_net(fun, torch.float32, "official", controlnet_node.controlnet_patcher)
+    base = native_model.dit_model(dit, torch.float32).model.diffusion_model
+    x, context, hint = INPUTS
+
+    def hints(transfer=None):
+        seen = []
+        hooks = [b.register_forward_pre_hook(lambda m, a: seen.append(all(transfer.on_device(p) for p in
+                 m.parameters()))) for b in fun.control_blocks] if transfer is not None else []  # fmt: skip
+        try:
+            with torch.inference_mode():
+                out = control.control_model(x, torch.tensor([0.6]), context, hint, base_model=base)["input"]
+        finally:
+            for h in hooks:
+                h.remove()
+        assert transfer is None or seen == [True] * len(fun.control_blocks)
+        return [o for o in out if o is not None]
+
+    reference = hints()
+    (patcher,) = control.get_models()
+    assert isinstance(patcher, controlnet_node.QwenPixPatcher) and patcher.model_size() == nbytes(fun)
+    assert control.copy().get_models() == [patcher]
+    mm.load_models_gpu([patcher], memory_required=BUDGET - nbytes(fun) * 4 // 5)
+    resident, streamed = state(patcher)
+    t = gpu.transfers[-1]
+    print(f"\nFun ControlNet {nbytes(fun)} bytes: {patcher.placement.last_plan}")
+    assert streamed and resident and gpu.held() <= BUDGET
+    out = hints(t)
+    assert len(out) == 4 and all(torch.equal(a, b) for a, b in zip(out, reference, strict=True))
+    plan = patcher.placement.offloaded.plan
+    assert t.streamed == sum(plan.block_bytes[i] for i in streamed)
