@@ -30,7 +30,8 @@ IMAGE_TOKENS = 1024
 
 
 class TextEncoderModel(nn.Module):
-    """The holder ComfyUI's model management sees for a text encoder (`encoder`: the QwenVL model)."""
+    """The holder ComfyUI's model management sees for a text encoder (`encoder`: the QwenVL model, or
+    Qwen-Image-2.1's Qwen3VL: the same `cfg` fields and `model.layers`, planned alike)."""
 
     def __init__(self, encoder: nn.Module):
         super().__init__()
@@ -54,10 +55,11 @@ def text_encoder_patcher(encoder: nn.Module) -> QwenPixPatcher:
     return patcher
 
 
-def load_text_encoder(patcher: QwenPixPatcher, images: int) -> torch.device:
-    """Have ComfyUI load the encoder for a prompt with `images` edit images; returns where it computes."""
+def load_text_encoder(patcher: QwenPixPatcher, images: int, tokens: int | None = None) -> torch.device:
+    """Have ComfyUI load the encoder for a prompt with `images` edit images; returns where it computes.
+    tokens: the prompt's true token count (text + image slots) when the caller knows it, else an estimate."""
     holder, encoder = patcher.model, patcher.model.encoder
-    holder.tokens = TEXT_TOKENS + IMAGE_TOKENS * images
+    holder.tokens = TEXT_TOKENS + IMAGE_TOKENS * images if tokens is None else tokens
     cfg = encoder.cfg
     activations = text_encoder_activation_bytes(holder.tokens, 1, cfg.hidden_size, cfg.intermediate_size)
     mm.load_models_gpu([patcher], memory_required=activations)
