@@ -27,7 +27,7 @@ from ..qwen_image_core.qwen21.pipeline import (
     make_sigmas,
     prepare_references,
 )
-from ..qwen_image_core.qwen21.prompts import rgba_prompt
+from ..qwen_image_core.qwen21.prompts import rgba_prompt, vision_patches21
 from ..qwen_image_core.qwen21.sampler import Condition21
 from ..qwen_image_core.qwen21.schedule import VAE_SCALE
 from . import checks, host, inputs, notices, placement, qwen21_model
@@ -185,8 +185,8 @@ class QwenPix21Encode:
         width, height = int(width) // SIZE_MULTIPLE * SIZE_MULTIPLE, int(height) // SIZE_MULTIPLE * SIZE_MULTIPLE
         if width < SIZE_MULTIPLE or height < SIZE_MULTIPLE:
             raise host.InputError(f"width/height: at least {SIZE_MULTIPLE} pixels a side\nFix: set a larger size")
-        with placement.vae_on_device(encoder.model) as device:
-            conds = [_condition(encoder, text, pictures, device) for text in (prompt, negative_prompt)]
+        device = load_encoder(encoder, (prompt, negative_prompt), pictures)
+        conds = [_condition(encoder, text, pictures, device) for text in (prompt, negative_prompt)]
         for c in conds:
             c.ref_latents = latents
         channels = vae.cfg.z_dim
@@ -202,6 +202,24 @@ class _Parts:
 
     def __init__(self, device, vae=None, dit=None):
         self.device, self.vae, self.dit = device, vae, dit
+
+
+def prompt_tokens(encoder: Qwen3VLEncoder, texts, pictures) -> int:
+    """The longest row the encoder will run for `texts` with `pictures`: template text + each reference's
+    merged vision tokens (the language model's workload; each prompt is encoded on its own row)."""
+    if not pictures:
+        return max(len(r) for r in encoder.rows(texts, []))
+    merge = encoder.model.cfg.vision.merge_size if encoder.has_vision else 1
+    counts = [t * h * w // merge**2 for t, h, w in (vision_patches21(p)[1] for p in pictures)]
+    return max(len(r) for r in encoder.rows(texts, counts))
+
+
+def load_encoder(encoder: Qwen3VLEncoder, texts, pictures) -> torch.device:
+    """Have ComfyUI's model management load the encoder (registered as v1's: its language model layers resident
+    or streamed within ComfyUI's budget, the vision tower with the resident weights) for this prompt's token
+    count; returns the device it computes on."""
+    tokens = prompt_tokens(encoder, texts, pictures) if encoder.has_vision or not pictures else None
+    return placement.load_text_encoder(placement.text_encoder_patcher(encoder.model), len(pictures), tokens)
 
 
 def _condition(encoder: Qwen3VLEncoder, text: str, pictures, device) -> Condition21:

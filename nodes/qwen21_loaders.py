@@ -11,7 +11,7 @@ import torch
 
 from ..qwen_image_core.formats.vae21 import load_vae21
 from ..qwen_image_core.qwen21 import DiT21, load_dit21, load_qwen3_vl
-from . import host
+from . import host, placement
 from .loaders import compute_dtype_input, load_file, weights_line
 from .qwen21_model import dit21_model
 
@@ -130,6 +130,7 @@ class QwenPix21TextEncoderLoader:
 
         name = text_encoder_name
         enc = load_file("text_encoder_name", name, "text_encoders", "text_encoder", "Qwen3-VL", fix, loader)
+        placement.text_encoder_patcher(enc.model)  # registered with ComfyUI's model management, as v1's encoder
         return {"ui": {"qwenpix_plan": [weights_line(enc.model)]}, "result": (enc,)}
 
 
