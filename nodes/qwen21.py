@@ -304,12 +304,12 @@ class QwenPix21Sampler:
             host.check_interrupt()
             bar.update_absolute(i + 1, total)
 
-        with placement.vae_on_device(handle.dit) as device:
-            parts = _Parts(device, dit=handle.dit)
-            pos = _to(conditioning.positive, device, handle.dtype)
-            neg = _to(conditioning.negative, device, handle.dtype) if cfg != 1.0 else None
-            noise = QwenImage21Pipeline.noise(parts, samples.shape[0], height, width, int(seed))
-            out = QwenImage21Pipeline.sample(parts, noise, sig, pos, neg, cfg, handle.dtype, on_step)
+        device = qwen21_model.load_for_run(handle.dit, handle.dtype, samples.shape, conditioning.positive, cfg != 1.0)
+        parts = _Parts(device, dit=handle.dit)
+        pos = _to(conditioning.positive, device, handle.dtype)
+        neg = _to(conditioning.negative, device, handle.dtype) if cfg != 1.0 else None
+        noise = QwenImage21Pipeline.noise(parts, samples.shape[0], height, width, int(seed))
+        out = QwenImage21Pipeline.sample(parts, noise, sig, pos, neg, cfg, handle.dtype, on_step)
         bad = checks.describe_non_finite(out)
         if bad:
             raise host.InputError(f"the 2.1 latents hold NaN/inf: {bad}\nFix: compute in bf16 or fp32 (loader)")

@@ -336,6 +336,21 @@ def dit21_model(dit: DiT21, dtype: torch.dtype) -> comfy.model_patcher.ModelPatc
     return m
 
 
+def load_for_run(dit: DiT21, dtype: torch.dtype, latent_shape, condition: Condition21, cfg: bool) -> torch.device:
+    """Have ComfyUI's model management load `dit` (its registered patcher: the blocks that fit its budget resident,
+    the others streamed) for a 2.1 Sampler run on a latent of `latent_shape` with `condition`'s prefix, CFG as a
+    second pass; returns the device it computes on."""
+    patcher = dit21_model(dit, dtype)
+    slots = 0 if condition.image_slots is None else int(condition.image_slots.sum())
+    prefix = condition.txt.shape[1] - slots + sum(r.shape[-2] * r.shape[-1] for r in condition.ref_latents or [])
+    rows = 2 if cfg else 1
+    need = patcher.model.memory_required([rows, *latent_shape[1:]], {COND_KEY: [[1, prefix]]})
+    comfy.model_management.load_models_gpu(
+        [patcher], memory_required=need + comfy.model_management.minimum_inference_memory()
+    )
+    return patcher.load_device
+
+
 def with_tokens(model: comfy.model_patcher.ModelPatcher, tokens: int) -> comfy.model_patcher.ModelPatcher:
     """A clone of a 2.1 MODEL whose model sampling shifts for a `tokens`-token target."""
     m = model.clone()

@@ -196,3 +196,45 @@ def test_the_encode_node_plans_for_the_prompts_true_token_count(monkeypatch, mod
     assert f"text encoder {tokens} tokens" in name
     te.detach(unpatch_all=True)
     mm.current_loaded_models.clear()
+
+
+def test_the_21_samplers_dit_is_loaded_by_comfyui_and_streams_bit_equal(monkeypatch, tmp_path):
+    """The 2.1 Sampler's DiT goes through the loader's registered patcher (`qwen21_model.load_for_run`): ComfyUI's
+    load_models_gpu gives it a budget, the blocks that do not fit stream, and a CFG run of the core sampler on the
+    placed DiT equals the unplaced run bit for bit, every block computing from device memory."""
+    from tools.checkpoints import dit21 as W21
+
+    model21 = importlib.import_module("qwenpix.nodes.qwen21_model")
+    pipeline21 = importlib.import_module("qwenpix.qwen_image_core.qwen21.pipeline")
+    dit21 = importlib.import_module("qwenpix.qwen_image_core.qwen21.dit")
+    sampler21 = importlib.import_module("qwenpix.qwen_image_core.qwen21.sampler")
+    cfg = W21.tiny_config(num_layers=4)
+    dit = dit21.load_dit21(W21.write_comfy(tmp_path / "dit21.safetensors", cfg, dtype=torch.float32))
+    g = torch.Generator().manual_seed(3)
+    pos = sampler21.Condition21(torch.randn(1, 10, cfg.text_dim, generator=g))
+    neg = sampler21.Condition21(torch.randn(1, 6, cfg.text_dim, generator=g))
+    noise = torch.randn(1, cfg.in_channels, 4, 6, generator=g)
+    sig = torch.tensor([1.0, 0.6, 0.2, 0.0])
+    parts = nodes21._Parts(torch.device("cpu"), dit=dit)
+
+    def run():
+        with torch.inference_mode():
+            return pipeline21.QwenImage21Pipeline.sample(parts, noise, sig, pos, neg, 2.0, torch.float32)
+
+    reference = run()
+    size = nbytes(dit.state_dict().values())
+    fake = fake_gpu(monkeypatch, size * 4 // 5 + 3 * INFERENCE + RESERVE)  # ~80 %: 1 of 4 blocks resident
+    device = model21.load_for_run(dit, torch.float32, noise.shape, pos, cfg=True)
+    (base,) = loaded()
+    resident, streamed = state(base)
+    print(f"\n2.1 DiT {size} bytes on {device}: {base.placement.last_plan}")
+    assert device == GPU and streamed and resident and fake.held() <= fake.budget
+    seen = []
+    hooks = [b.register_forward_pre_hook(lambda m, a: seen.append(all(fake.transfers[-1].on_device(p) for p in
+             m.parameters()))) for b in dit.transformer_blocks]  # fmt: skip
+    try:
+        out = run()
+    finally:
+        for h in hooks:
+            h.remove()
+    assert torch.equal(out, reference) and seen and all(seen)
