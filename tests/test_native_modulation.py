@@ -11,6 +11,7 @@ import importlib
 
 import pytest
 import torch
+from test_modulation_precompute import Reads  # counts the modulation layers' weight reads
 
 from tools.checkpoints import dit as D
 from tools.checkpoints import lora as L
@@ -28,7 +29,6 @@ run_modulation = importlib.import_module("qwenpix.nodes.run_modulation")
 patcher = importlib.import_module("qwenpix.nodes.patcher")
 lora_mod = importlib.import_module("qwenpix.qwen_image_core.lora")
 mmdit = importlib.import_module("qwenpix.qwen_image_core.mmdit")
-modulation = importlib.import_module("qwenpix.qwen_image_core.modulation")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 LAYERS, STEPS = 2, 4
@@ -45,28 +45,6 @@ def dit(tmp_path_factory):
 def lora(dit, tmp_path_factory):
     path = L.write_lora(tmp_path_factory.mktemp("native_mod_lora") / "lora.safetensors", dit.config, "kohya")
     return lora_mod.load_lora(path, dit)  # img_mod.1 / txt_mod.1 are among its layers
-
-
-class Reads:
-    """Counts the weight casts (`compute_weight`) of the DiT's modulation layers: one per weight read."""
-
-    def __init__(self, dit):
-        self.layers, self.count = [m for _, m in modulation.modulation_layers(dit)], 0
-
-    def __enter__(self):
-        for layer in self.layers:
-            cast = layer.compute_weight
-
-            def counted(*a, cast=cast, **k):
-                self.count += 1
-                return cast(*a, **k)
-
-            layer.compute_weight = counted
-        return self
-
-    def __exit__(self, *exc):
-        for layer in self.layers:
-            del layer.compute_weight
 
 
 def ksampler(dit, sampler: str, precompute: bool, cfg: float = 3.0, dtype=torch.float32, refs=False, lora=None,
