@@ -106,6 +106,13 @@ def conditioning(c: Condition21) -> list:
     return [[c.txt, {PAYLOAD: payload}]]
 
 
+def prefix_tokens(text_tokens: int, image_slots, ref_latents) -> int:
+    """The prefix length the DiT attends to: the condition's tokens, its image slots replaced by the references'
+    latent tokens (for the memory estimate)."""
+    slots = 0 if image_slots is None else int(image_slots.sum())
+    return text_tokens - slots + sum(r.shape[-2] * r.shape[-1] for r in ref_latents or [])
+
+
 class CONDPrefix21(comfy.conds.CONDConstant):
     """One entry's Condition21, passed through as the same object at every step (the prefix cache's key);
     entries never concatenate (each has its own prefix). size(): [1, prefix tokens] for the memory estimate."""
@@ -114,9 +121,7 @@ class CONDPrefix21(comfy.conds.CONDConstant):
         return self.cond is other.cond
 
     def size(self):
-        refs = sum(r.shape[-2] * r.shape[-1] for r in self.cond.ref_latents or [])
-        slots = 0 if self.cond.image_slots is None else int(self.cond.image_slots.sum())
-        return [1, self.cond.txt.shape[1] - slots + refs]
+        return [1, prefix_tokens(self.cond.txt.shape[1], self.cond.image_slots, self.cond.ref_latents)]
 
 
 class PrefixStore:
@@ -287,9 +292,7 @@ class QwenPix21Model(comfy.model_base.BaseModel):
         payload = kwargs.get(PAYLOAD)
         if not isinstance(payload, Payload21):
             return {}
-        slots = 0 if payload.image_slots is None else int(payload.image_slots.sum())
-        refs = sum(r.shape[-2] * r.shape[-1] for r in payload.ref_latents or [])
-        return {COND_KEY: [1, payload.shape[1] - slots + refs]}
+        return {COND_KEY: [1, prefix_tokens(payload.shape[1], payload.image_slots, payload.ref_latents)]}
 
     def memory_required(self, input_shape, cond_shapes=None):
         """Working memory of one call on `input_shape` rows, from the core's 2.1 activation estimate."""
@@ -341,8 +344,7 @@ def load_for_run(dit: DiT21, dtype: torch.dtype, latent_shape, condition: Condit
     the others streamed) for a 2.1 Sampler run on a latent of `latent_shape` with `condition`'s prefix, CFG as a
     second pass; returns the device it computes on."""
     patcher = dit21_model(dit, dtype)
-    slots = 0 if condition.image_slots is None else int(condition.image_slots.sum())
-    prefix = condition.txt.shape[1] - slots + sum(r.shape[-2] * r.shape[-1] for r in condition.ref_latents or [])
+    prefix = prefix_tokens(condition.txt.shape[1], condition.image_slots, condition.ref_latents)
     rows = 2 if cfg else 1
     need = patcher.model.memory_required([rows, *latent_shape[1:]], {COND_KEY: [[1, prefix]]})
     comfy.model_management.load_models_gpu(
