@@ -30,19 +30,24 @@ EDIT_PROMPT = "put the cat of <image2> into <image1>"
 REFS = (("rgb", 270, 250, 11), ("rgba", 250, 262, 12))  # (kind, width, height, seed): not multiples of 32
 
 
+def write_models21(models_dir, tmp, names=(DIT, V1_DIT, TE, VAE), dit_dtype=torch.bfloat16) -> QwenImage21Pipeline:
+    """Tiny 2.1 DiT, Qwen3-VL, 2.1 VAE and a v1 DiT (for the refusals) written under `names` into the server's
+    models folder; returns the core pipeline on the same files."""
+    dit_name, v1_name, te_name, vae_name = names
+    te = WQ.reference_model(seed=0)
+    WQ.write_single(models_dir / "text_encoders" / te_name, te)
+    cfg = WD.tiny_config(text_dim=te.config.text_config.hidden_size)
+    WD.write_comfy(models_dir / "diffusion_models" / dit_name, cfg, dtype=dit_dtype)
+    WD1.write_comfy(models_dir / "diffusion_models" / v1_name, WD1.tiny_config())
+    shutil.copyfile(WV.write_vae21(tmp, "single"), models_dir / "vae" / vae_name)
+    dit = load_dit21(models_dir / "diffusion_models" / dit_name)
+    encoder = load_qwen3_vl(models_dir / "text_encoders" / te_name, tokenizer=TOKENIZER)
+    return QwenImage21Pipeline(dit, load_vae21(models_dir / "vae" / vae_name), encoder)
+
+
 @pytest.fixture(scope="module")
 def models21(comfy, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("qwen21_e2e")
-    te = WQ.reference_model(seed=0)
-    WQ.write_single(comfy.models_dir / "text_encoders" / TE, te)
-    cfg = WD.tiny_config(text_dim=te.config.text_config.hidden_size)
-    WD.write_comfy(comfy.models_dir / "diffusion_models" / DIT, cfg)
-    WD1.write_comfy(comfy.models_dir / "diffusion_models" / V1_DIT, WD1.tiny_config())
-    shutil.copyfile(WV.write_vae21(tmp, "single"), comfy.models_dir / "vae" / VAE)
-    dit = load_dit21(comfy.models_dir / "diffusion_models" / DIT)
-    encoder = load_qwen3_vl(comfy.models_dir / "text_encoders" / TE, tokenizer=TOKENIZER)
-    vae = load_vae21(comfy.models_dir / "vae" / VAE)
-    return QwenImage21Pipeline(dit, vae, encoder)
+    return write_models21(comfy.models_dir, tmp_path_factory.mktemp("qwen21_e2e"))
 
 
 def test_image(kind, width, height, seed) -> torch.Tensor:

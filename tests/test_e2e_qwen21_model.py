@@ -6,24 +6,18 @@ for text-to-image and an edit with 2 references. v1 / 2.1 mixes are named."""
 from __future__ import annotations
 
 import math
-import shutil
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
+from test_e2e_qwen21 import test_image, write_models21
 
 from graphs import fails
 from native_graphs import node
-from oracles import TOKENIZER
-from qwen_image_core.formats.vae21 import load_vae21
-from qwen_image_core.qwen21 import QwenImage21Pipeline, load_dit21, load_qwen3_vl
+from qwen_image_core.qwen21 import QwenImage21Pipeline
 from qwen_image_core.qwen21.pipeline import prepare_references
 from qwen_image_core.qwen21.schedule import mu, sigmas, target_tokens
-from tools.checkpoints import dit as WD1
-from tools.checkpoints import dit21 as WD
-from tools.checkpoints import qwen3_vl as WQ
-from tools.checkpoints import vae21 as WV
 
 pytestmark = pytest.mark.e2e
 
@@ -40,25 +34,7 @@ LORA_KEYS = ("transformer_blocks.0.attn.to_q", "transformer_blocks.1.img_mlp.gat
 @pytest.fixture(scope="module")
 def models21(comfy, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("qwen21_model_e2e")
-    te = WQ.reference_model(seed=0)
-    WQ.write_single(comfy.models_dir / "text_encoders" / TE, te)
-    cfg = WD.tiny_config(text_dim=te.config.text_config.hidden_size)
-    WD.write_comfy(comfy.models_dir / "diffusion_models" / DIT, cfg, dtype=torch.float32)
-    WD1.write_comfy(comfy.models_dir / "diffusion_models" / V1_DIT, WD1.tiny_config())
-    shutil.copyfile(WV.write_vae21(tmp, "single"), comfy.models_dir / "vae" / VAE)
-    dit = load_dit21(comfy.models_dir / "diffusion_models" / DIT)
-    encoder = load_qwen3_vl(comfy.models_dir / "text_encoders" / TE, tokenizer=TOKENIZER)
-    vae = load_vae21(comfy.models_dir / "vae" / VAE)
-    return QwenImage21Pipeline(dit, vae, encoder)
-
-
-def test_image(kind, width, height, seed) -> torch.Tensor:
-    """QwenPixTestImage's picture [H, W, C], regenerated here."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(1, height, width, 4 if kind == "rgba" else 3, generator=g)[0]
-
-
-test_image.__test__ = False  # a helper, not a test
+    return write_models21(comfy.models_dir, tmp, (DIT, V1_DIT, TE, VAE), dit_dtype=torch.float32)
 
 
 def graph(prompt=PROMPT, refs=(), lora=None):
