@@ -186,7 +186,7 @@ class QwenPix21Encode:
         if width < SIZE_MULTIPLE or height < SIZE_MULTIPLE:
             raise host.InputError(f"width/height: at least {SIZE_MULTIPLE} pixels a side\nFix: set a larger size")
         device = load_encoder(encoder, (prompt, negative_prompt), pictures)
-        conds = [_condition(encoder, text, pictures, device) for text in (prompt, negative_prompt)]
+        conds = _conditions(encoder, (prompt, negative_prompt), pictures, device)
         for c in conds:
             c.ref_latents = latents
         channels = vae.cfg.z_dim
@@ -222,12 +222,19 @@ def load_encoder(encoder: Qwen3VLEncoder, texts, pictures) -> torch.device:
     return placement.load_text_encoder(placement.text_encoder_patcher(encoder.model), len(pictures), tokens)
 
 
-def _condition(encoder: Qwen3VLEncoder, text: str, pictures, device) -> Condition21:
+def _conditions(encoder: Qwen3VLEncoder, texts, pictures, device) -> list[Condition21]:
+    """One Condition21 per text. The pictures go through the vision tower once for all texts (each text still runs
+    on its own row, so every condition equals its own encode bit for bit), each row cut to its own length."""
     feats, mask, slots = encoder.encode(
-        [text], pictures, dtype=torch.float32, device=device, check=host.node_progress()
+        list(texts), pictures, dtype=torch.float32, device=device, check=host.node_progress()
     )
-    image_slots = slots[0] if bool(slots.any()) else None  # as QwenImage21Pipeline.encode_prompt
-    return Condition21(feats.cpu(), image_slots, None, None if bool(mask.all()) else mask)
+    conds = []
+    for i in range(len(texts)):
+        n = int(mask[i].sum())
+        row_slots = slots[i : i + 1, :n]
+        image_slots = row_slots[0] if bool(row_slots.any()) else None  # as QwenImage21Pipeline.encode_prompt
+        conds.append(Condition21(feats[i : i + 1, :n].cpu(), image_slots, None, None))
+    return conds
 
 
 def _to(c: Condition21, device, dtype) -> Condition21:

@@ -203,7 +203,7 @@ def test_example_workflows_use_declared_inputs(client):
 
 
 def test_encode_and_decode_report_progress(models21, client):
-    """ComfyUI's progress bar for the 2.1 Encode (vision blocks per picture batch, then text layers per prompt)
+    """ComfyUI's progress bar for the 2.1 Encode (vision blocks once for the pictures, then text layers per prompt)
     and Decode (per decoder stage), as for v1's nodes."""
     res = client.run(graph("a progress check with <image1>", REFS[:1], seed=8), timeout=300)
     assert res.status == "success", (res.error() or {}).get("exception_message")
@@ -219,8 +219,8 @@ def test_encode_and_decode_report_progress(models21, client):
         return [(i, total) for i in range(1, total + 1)]
 
     vl = models21.encoder.model  # Qwen3VL: `.visual.blocks`, `.model.layers`
-    per_prompt = runs(len(vl.visual.blocks)) + runs(len(vl.model.layers))
-    assert progress("enc") == per_prompt * 2  # the prompt, then the negative prompt (each with the picture)
+    # the picture through the vision tower once, then the prompt's and the negative prompt's rows
+    assert progress("enc") == runs(len(vl.visual.blocks)) + runs(len(vl.model.layers)) * 2
     decode = progress("decode")
     assert decode == runs(decode[-1][1]) and decode[-1][1] >= 2  # untiled: one report per decoder stage
     assert progress("sample") == runs(2)
