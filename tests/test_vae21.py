@@ -3,16 +3,20 @@
 Oracle: diffusers' model at the real stage structure (5 stages, 2 residual blocks, temporal shortcuts in the
 real places) but narrow (8 / 12 channels), with the random weights of `tools/checkpoints/vae21.py`, fed one
 frame as its pipeline does ([B, 4, 1, H, W]); latents normalised as its `encode_vae_image` (posterior mode).
+Comfy-Org's file (ComfyUI's Wan 2.2-style names, one-frame-deep 5-D convs) loads bit-equal to the diffusers-named
+one; its names are checked against ComfyUI 0.3.75's own `comfy.ldm.wan.vae2_2.WanVAE`.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from qwen_image_core.checkpoint import CheckpointError
 from qwen_image_core.formats.vae import load_vae
-from qwen_image_core.formats.vae21 import infer_config, layout, load_vae21
+from qwen_image_core.formats.vae21 import infer_config, layout, load_vae21, read_vae21
 from qwen_image_core.qwen21.vae import VAE21Config
 from qwen_image_core.vae_tiling import Tiling
 from tools.checkpoints import vae as V1
@@ -111,11 +115,96 @@ def test_layouts_load_the_same_weights(files, vae):
         assert torch.equal(single.state_dict()[k], v), k
 
 
-def test_each_family_refuses_the_other(files, tmp_path):
+@pytest.fixture(scope="module")
+def comfy_file(tmp_path_factory):
+    return W.write_vae21(tmp_path_factory.mktemp("vae21_comfy"), "comfy")
+
+
+@pytest.mark.parametrize("prefix", ["", "first_stage_model."])
+def test_comfy_layout_loads_the_same_weights(comfy_file, vae, tmp_path, prefix):
+    """Comfy-Org's naming (Wan 2.2-style modules, 5-D one-frame convs) gives the diffusers-named file's weights
+    bit for bit, hence its outputs."""
+    path = comfy_file
+    if prefix:
+        path = tmp_path / "prefixed.safetensors"
+        save_file({prefix + k: v for k, v in load_file(str(comfy_file)).items()}, str(path))
+    ours = load_vae21(path)
+    assert ours.cfg == vae.cfg
+    theirs = vae.state_dict()
+    assert ours.state_dict().keys() == theirs.keys()
+    for k, v in ours.state_dict().items():
+        assert torch.equal(v, theirs[k]), k
+    z = torch.randn(1, 64, 2, 3, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(ours.decode(z), vae.decode(z))
+
+
+def test_comfy_names_are_comfyuis_wanvae(comfy_file):
+    """The ComfyUI-named file's tensors are exactly ComfyUI's WanVAE (vae2_2) state dict for the 2.1 stage structure:
+    0.3.75's WanVAE has no image_channels / patch_size / temporal_kernel arguments (newer ComfyUI builds the 2.1 VAE
+    with 4, 1, 1), so its convs are 3 frames deep and its image convs 12 wide; everything else is equal."""
+    from tools.comfy_paths import import_comfy_for_oracle  # noqa: PLC0415
+
+    import_comfy_for_oracle()
+    from comfy.ldm.wan.vae2_2 import WanVAE  # noqa: PLC0415
+
+    cfg = VAE21Config(**W.TINY)
+    with torch.device("meta"):
+        model = WanVAE(dim=cfg.encoder_dim, dec_dim=cfg.decoder_dim, z_dim=cfg.z_dim, dim_mult=list(cfg.dim_mult),
+                       temperal_downsample=list(cfg.temporal_downsample))  # fmt: skip
+    expected = {}
+    for k, v in model.state_dict().items():
+        shape = list(v.shape)
+        if len(shape) == 5:
+            shape[2] = 1  # temporal_kernel 1
+        if k == "encoder.conv1.weight":
+            shape[1] = cfg.image_channels  # image_channels 4, patch_size 1
+        if k.startswith("decoder.head.2."):
+            shape[0] = cfg.image_channels
+        expected[k] = tuple(shape)
+    with safe_open(str(comfy_file), "pt") as f:
+        found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    assert found == expected
+
+
+def test_comfy_layout_mismatches_are_named(comfy_file, tmp_path):
+    sd = load_file(str(comfy_file))
+    deep = dict(sd, **{"encoder.conv1.weight": sd["encoder.conv1.weight"].repeat(1, 1, 3, 1, 1)})
+    save_file(deep, str(tmp_path / "deep.safetensors"))
+    with pytest.raises(CheckpointError, match=r"encoder\.conv1\.weight .* 3 frames deep"):
+        load_vae21(tmp_path / "deep.safetensors")
+    short = {k: v for k, v in sd.items() if not k.startswith("decoder.upsamples.1.upsamples.2.")}
+    save_file(short, str(tmp_path / "short.safetensors"))
+    with pytest.raises(CheckpointError, match=r"missing .* decoder\.up_blocks\.1\.resnets\.2\."):
+        read_vae21(tmp_path / "short.safetensors")
+    twice = dict(sd, **{"conv1.weight": sd["conv1.weight"], "quant_conv.weight": sd["conv1.weight"].clone()})
+    save_file(twice, str(tmp_path / "twice.safetensors"))
+    with pytest.raises(CheckpointError, match="both quant_conv.weight"):
+        read_vae21(tmp_path / "twice.safetensors")
+
+
+def test_wan22_own_vae_is_refused_by_name(tmp_path):
+    """Wan 2.2's 48-channel VAE in ComfyUI's names (4 stages, so no `encoder.downsamples.4`) is not the 2.1 VAE."""
+    from tools.comfy_paths import import_comfy_for_oracle  # noqa: PLC0415
+
+    import_comfy_for_oracle()
+    from comfy.ldm.wan.vae2_2 import WanVAE  # noqa: PLC0415
+
+    with torch.device("meta"):
+        keys = WanVAE(dim=4, dec_dim=4, z_dim=48).state_dict().keys()
+    save_file({k: torch.zeros(1) for k in keys}, str(tmp_path / "wan2.2_vae.safetensors"))
+    with pytest.raises(CheckpointError, match="Wan 2.2's own VAE"):
+        load_vae21(tmp_path / "wan2.2_vae.safetensors")
+    with pytest.raises(CheckpointError, match="Wan 2.2 VAE"):
+        load_vae(tmp_path / "wan2.2_vae.safetensors")
+
+
+def test_each_family_refuses_the_other(files, comfy_file, tmp_path):
     with pytest.raises(CheckpointError, match="Qwen-Image-2.1 VAE"):
         load_vae(files[1])
     with pytest.raises(CheckpointError, match="Qwen-Image-2.1 VAE"):
         load_vae(files[0])
+    with pytest.raises(CheckpointError, match="Qwen-Image-2.1 VAE"):
+        load_vae(comfy_file)
     for kind in ("comfy", "diffusers"):
         path = V1.write_vae(tmp_path / kind, kind, base_dim=8)
         with pytest.raises(CheckpointError, match="Qwen-Image v1 VAE"):

@@ -29,6 +29,7 @@ WAN_MARKER = "decoder.middle.0.residual.0.gamma"
 DIFFUSERS_MARKER = "decoder.mid_block.resnets.0.norm1.gamma"
 WAN22_MARKER = "decoder.upsamples.0.upsamples.0.residual.2.weight"  # Wan 2.2's 48-channel VAE
 QWEN21_MARKER = "encoder.down_blocks.0.resnets.0.conv1.weight"  # Qwen-Image-2.1's VAE (diffusers names)
+QWEN21_COMFY_MARKER = "encoder.downsamples.4.downsamples.0.residual.0.gamma"  # the same in ComfyUI's names (5 stages)
 
 # residual block parts: Wan's nn.Sequential indices -> diffusers' attribute names
 RESIDUAL_PARTS = {"norm1": "residual.0", "conv1": "residual.2", "norm2": "residual.3", "conv2": "residual.6",
@@ -158,13 +159,13 @@ def detect(keys, path) -> tuple[str, str]:
     """(naming, prefix) with naming "wan" or "diffusers"; CheckpointError for any other file."""
     keys = set(keys)
     for prefix in ("", *PREFIXES):
-        if prefix + WAN22_MARKER in keys:
-            raise CheckpointError(f"{path}: this is the Wan 2.2 VAE (48 latent channels), not the Qwen-Image VAE")
-        if prefix + QWEN21_MARKER in keys:
+        if prefix + QWEN21_MARKER in keys or prefix + QWEN21_COMFY_MARKER in keys:
             raise CheckpointError(
                 f"{path}: this is the Qwen-Image-2.1 VAE (64 channels, 16x, RGBA; use qwen21's load_vae21), "
                 "not the Qwen-Image v1 VAE"
             )
+        if prefix + WAN22_MARKER in keys:
+            raise CheckpointError(f"{path}: this is the Wan 2.2 VAE (48 latent channels), not the Qwen-Image VAE")
         if prefix + WAN_MARKER in keys:
             return "wan", prefix
         if prefix + DIFFUSERS_MARKER in keys:

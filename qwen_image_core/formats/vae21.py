@@ -1,22 +1,32 @@
-"""The Qwen-Image-2.1 VAE's checkpoint layout (`AutoencoderKLQwenImage21` names), detection, and `load_vae21`.
+"""The Qwen-Image-2.1 VAE's checkpoint layouts (`AutoencoderKLQwenImage21` names), detection, and `load_vae21`.
 
-Layouts read: the diffusers `vae/` folder of Qwen/Qwen-Image-2.1 (`config.json` with `_class_name`
-`AutoencoderKLQwenImage21` + `diffusion_pytorch_model.safetensors`, or a repo folder holding `vae/`), and single
-files with the same tensor names (optionally under `vae.` / `first_stage_model.`), as the Comfy-Org
-`qwen_image_2.1_vae_bf16.safetensors` is taken to be (its key names were not available to check).
-`layout(cfg)` lists every tensor of the file with its shape: the 2D image network's tensors (residual and output
-norm gains [C, 1, 1, 1], attention norm gains [C, 1, 1]) plus the temporal `time_conv` 1x1 convs of the stages
-that fold time, which a single frame never uses: they must be present and are dropped after the check
+Layouts read:
+* the diffusers `vae/` folder of Qwen/Qwen-Image-2.1 (`config.json` with `_class_name` `AutoencoderKLQwenImage21` +
+  `diffusion_pytorch_model.safetensors`, or a repo folder holding `vae/`), and single files with those names;
+* Comfy-Org's `vae/qwen_image_2.1_vae_bf16.safetensors`: ComfyUI's Wan 2.2-style module names (`encoder.conv1`,
+  `encoder.downsamples.I.downsamples.J.residual.N`, `middle`, `head`, top-level `conv1` / `conv2`) with 5-D
+  "causal 3D" conv weights one frame deep ([out, in, 1, k, k]). Verified against ComfyUI's own code: the file is the
+  state dict of `comfy.ldm.wan.vae2_2.WanVAE` built with dim 96, dec_dim 144, z_dim 64, dim_mult [1, 2, 4, 8, 8],
+  num_res_blocks 2, temperal_downsample [False, True, True, True], image_channels 4, patch_size 1,
+  temporal_kernel 1 (Comfy-Org/ComfyUI `comfy/ldm/wan/vae2_2.py` @ 32671a6740a8 has those parameters; the module
+  names are ComfyUI 0.3.75's too, which `tests/test_vae21.py` builds and compares). `COMFY_RULES` renames them to
+  the diffusers names, depth-1 conv weights are read as 2D.
+Either may sit under `vae.` / `first_stage_model.`.
+`layout(cfg)` lists every tensor of a diffusers-named file with its shape: the 2D image network's tensors (residual
+and output norm gains [C, 1, 1, 1], attention norm gains [C, 1, 1]) plus the temporal `time_conv` 1x1 convs of the
+stages that fold time, which a single frame never uses: they must be present and are dropped after the check
 (`formats.vae.image_weights`, v1's: gains to [C, 1, 1], conv weights channels-last).
 
-Detection both ways: this reader names the v1 VAE (Wan 2.1 or diffusers names, 16 channels) and refuses it;
-the v1 reader (`formats.vae.detect`) names and refuses this one.
+Detection both ways: this reader names the v1 VAE (Wan 2.1 or diffusers names, 16 channels) and Wan 2.2's own VAE
+(4 stages, 48 channels) and refuses them; the v1 reader (`formats.vae.detect`) names and refuses this one in either
+naming.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -28,8 +38,43 @@ from .vae import DIFFUSERS_MARKER, PREFIXES, WAN22_MARKER, WAN_MARKER, image_wei
 
 WHAT = "Qwen-Image-2.1 VAE"
 MARKER = "encoder.down_blocks.0.resnets.0.conv1.weight"  # residual down blocks: the 2.1 (Wan 2.2-style) VAE
+# ComfyUI naming: a fifth encoder stage of residual down blocks, which Wan 2.2's own (4-stage) VAE does not have
+COMFY_MARKER = "encoder.downsamples.4.downsamples.0.residual.0.gamma"
 CLASS_NAME = "AutoencoderKLQwenImage21"  # diffusers config.json `_class_name`
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ComfyUI (Wan 2.2-style) name -> diffusers name: every rule applied in turn. The residual blocks of a stage come
+# first in ComfyUI's `downsamples` / `upsamples` Sequentials, with the same index as diffusers' `resnets`; the stage's
+# Resample (`resample.1`, `time_conv`) is its last entry. The shortcuts (AvgDown3D / DupUp3D) hold no tensors.
+COMFY_RULES = tuple((re.compile(p), s) for p, s in (
+    (r"^conv1\.", "quant_conv."),
+    (r"^conv2\.", "post_quant_conv."),
+    (r"^(encoder|decoder)\.conv1\.", r"\1.conv_in."),
+    (r"^(encoder|decoder)\.middle\.0\.", r"\1.mid_block.resnets.0."),
+    (r"^(encoder|decoder)\.middle\.1\.", r"\1.mid_block.attentions.0."),
+    (r"^(encoder|decoder)\.middle\.2\.", r"\1.mid_block.resnets.1."),
+    (r"^(encoder|decoder)\.head\.0\.", r"\1.norm_out."),
+    (r"^(encoder|decoder)\.head\.2\.", r"\1.conv_out."),
+    (r"^encoder\.downsamples\.(\d+)\.downsamples\.\d+\.(resample|time_conv)\.",
+     r"encoder.down_blocks.\1.downsampler.\2."),
+    (r"^encoder\.downsamples\.(\d+)\.downsamples\.(\d+)\.", r"encoder.down_blocks.\1.resnets.\2."),
+    (r"^decoder\.upsamples\.(\d+)\.upsamples\.\d+\.(resample|time_conv)\.",
+     r"decoder.up_blocks.\1.upsampler.\2."),
+    (r"^decoder\.upsamples\.(\d+)\.upsamples\.(\d+)\.", r"decoder.up_blocks.\1.resnets.\2."),
+    (r"\.residual\.0\.", ".norm1."),
+    (r"\.residual\.2\.", ".conv1."),
+    (r"\.residual\.3\.", ".norm2."),
+    (r"\.residual\.6\.", ".conv2."),
+    (r"\.shortcut\.", ".conv_shortcut."),
+))  # fmt: skip
+
+
+def comfy_to_diffusers(key: str) -> str:
+    """One ComfyUI-named 2.1 VAE key (prefix removed) in diffusers naming."""
+    for pattern, sub in COMFY_RULES:
+        key = pattern.sub(sub, key)
+    return key
 
 
 def layout(cfg: VAE21Config) -> dict[str, tuple[int, ...]]:
@@ -54,22 +99,51 @@ def layout(cfg: VAE21Config) -> dict[str, tuple[int, ...]]:
     return rows
 
 
-def detect(keys, path) -> str:
-    """The prefix of a 2.1 VAE's keys; CheckpointError naming what the file is otherwise."""
+def detect(keys, path) -> tuple[str, str]:
+    """(naming, prefix) of a 2.1 VAE's keys, naming "diffusers" or "comfy"; CheckpointError naming what the file is
+    otherwise."""
     keys = set(keys)
     for prefix in ("", *PREFIXES):
         if prefix + MARKER in keys:
-            return prefix
+            return "diffusers", prefix
+        if prefix + COMFY_MARKER in keys:  # before the Wan markers: the ComfyUI-named 2.1 file has them too
+            return "comfy", prefix
+        if prefix + WAN22_MARKER in keys:
+            raise CheckpointError(
+                f"{path}: this is Wan 2.2's own VAE (4 stages, 48 latent channels; ComfyUI's Wan 2.2 naming), not the "
+                f"{WHAT} (5 stages, 64 channels)"
+            )
         if prefix + WAN_MARKER in keys or prefix + DIFFUSERS_MARKER in keys:
             raise CheckpointError(
                 f"{path}: this is the Qwen-Image v1 VAE (16 channels, 8x; use load_vae), not the {WHAT}"
             )
-        if prefix + WAN22_MARKER in keys:
-            raise CheckpointError(
-                f"{path}: a VAE in ComfyUI's Wan 2.2 naming; this reader takes the diffusers names of "
-                f"{CLASS_NAME} (a Qwen/Qwen-Image-2.1 vae/ folder)"
-            )
-    raise CheckpointError(f"{path}: not a {WHAT} file (no {MARKER!r})")
+    raise CheckpointError(f"{path}: not a {WHAT} file (neither {MARKER!r} nor {COMFY_MARKER!r})")
+
+
+def file_names(keys, naming: str, prefix: str, path) -> dict[str, str]:
+    """{file key: diffusers name} of the VAE's keys under `prefix`; a name reached twice is a CheckpointError."""
+    out, seen = {}, {}
+    for k in keys:
+        if not k.startswith(prefix):
+            continue
+        name = k[len(prefix) :]
+        name = comfy_to_diffusers(name) if naming == "comfy" else name
+        if name in seen:
+            raise CheckpointError(f"{path}: {seen[name]} and {k} are both {name}")
+        out[k], seen[name] = name, k
+    return out
+
+
+def stored_shape(shape: tuple[int, ...], key: str, naming: str, path) -> tuple[int, ...]:
+    """The diffusers shape of a stored tensor: ComfyUI's 5-D conv weights must be one frame deep and read as 2D."""
+    if naming != "comfy" or len(shape) != 5:
+        return tuple(shape)
+    if shape[2] != 1:
+        raise CheckpointError(
+            f"{path}: {key} is {list(shape)}, a convolution {shape[2]} frames deep; the {WHAT}'s are 1 deep "
+            "(ComfyUI temporal_kernel 1): this is a video VAE"
+        )
+    return (shape[0], shape[1], *shape[3:])
 
 
 def _count(shapes, prefix: str) -> int:
@@ -116,16 +190,18 @@ def _latent_stats(folder: Path) -> dict:
 
 
 def read_vae21(path: str | os.PathLike) -> tuple[VAE21Config, dict[str, torch.Tensor]]:
-    """Open a 2.1 VAE file or folder: (config, 2D image weights), every check done."""
+    """Open a 2.1 VAE file or folder (either naming): (config, 2D image weights under diffusers names), every check
+    done."""
     path = Path(path)
     if path.is_dir() and (path / "vae").is_dir():
         path = path / "vae"
     ckpt = open_checkpoint(path)
-    prefix = detect(ckpt.keys(), ckpt.path)
-    names = {k: k[len(prefix) :] for k in ckpt if k.startswith(prefix)}
-    shapes = {d: ckpt.shape(k) for k, d in names.items()}
+    naming, prefix = detect(ckpt.keys(), ckpt.path)
+    names = file_names(ckpt.keys(), naming, prefix, ckpt.path)
+    shapes = {d: stored_shape(ckpt.shape(k), k, naming, ckpt.path) for k, d in names.items()}
     cfg = infer_config(shapes, ckpt.path, _latent_stats(path if path.is_dir() else path.parent))
-    problem = describe_mismatch(ckpt.path, WHAT, layout(cfg), shapes)
+    what = WHAT if naming == "diffusers" else f"{WHAT} (ComfyUI's names, listed as their diffusers names)"
+    problem = describe_mismatch(ckpt.path, what, layout(cfg), shapes)
     if problem:
         raise CheckpointError(problem)
     bad = {ckpt.dtype(k) for k in names} - set(FLOAT_DTYPES)
