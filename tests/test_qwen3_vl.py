@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import Qwen2Tokenizer
 
 from oracles import TOKENIZER, noise_image, qwen3_features, qwen3_image_processor, qwen3_processor, rel_close
@@ -31,6 +32,11 @@ TOL = 1e-5  # max |ours - reference| relative to max |reference|
 
 def close(ours, ref):
     return rel_close(ours, ref, TOL)
+
+
+def safe_metadata(path):
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +139,28 @@ def test_all_layouts_load_the_same_weights(files, tok, encoder):
     assert text_only.model.visual is None
     with pytest.raises(ValueError, match="no vision tower"):
         text_only.encode("x", [noise_image(64, 64, 0)])
+
+
+def test_comfy_org_layout_loads_the_same_weights(files, ref, tok, encoder, tmp_path):
+    """Comfy-Org's `qwen3vl_8b_bf16` names (language model `model.*`, vision `model.visual.*`, a top-level
+    `lm_head`), and ComfyUI's own module names (`visual.*`, `model.lm_head`, as a ComfyUI save holds them), load
+    bit-equal to the canonical file, the head dropped."""
+    path = W.write_single(tmp_path / "qwen3vl_8b_bf16.safetensors", ref, layout="comfy")
+    with safe_open(str(path), "pt") as f:
+        keys = set(f.keys())
+    assert "model.visual.deepstack_merger_list.0.norm.weight" in keys and "lm_head.weight" in keys
+    assert not any(k.startswith("visual.") for k in keys)
+    baseline = encoder.model.state_dict()
+    comfy = load_qwen3_vl(path, tokenizer=tok).model
+    assert comfy.cfg == encoder.model.cfg and comfy.state_dict().keys() == baseline.keys()
+    for k, v in comfy.state_dict().items():
+        assert torch.equal(v, baseline[k]), k
+    sd = load_file(str(files / "qwen3vl_8b_bf16.safetensors"))
+    sd["model.lm_head.weight"] = torch.zeros(8, 4)  # any shape: never read
+    save_file(
+        sd, str(tmp_path / "comfyui_saved.safetensors"), metadata=safe_metadata(files / "qwen3vl_8b_bf16.safetensors")
+    )
+    assert load_qwen3_vl(tmp_path / "comfyui_saved.safetensors", tokenizer=tok).model.cfg == encoder.model.cfg
 
 
 def test_each_family_refuses_the_other(files, tmp_path, tok):

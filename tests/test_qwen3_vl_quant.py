@@ -48,3 +48,22 @@ def test_quantised_encoder_matches_transformers_on_kitchen_weights(tmp_path, ref
         feats = model.encode_images(patches, [grid])
         got = model(ids, rope_index(ids, [grid]), torch.float32, feats, ids == IMAGE_PAD)
     rel_close(got, expected, 1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["int8_convrot", "asym_w4a8_int8"])
+def test_comfy_org_layout_loads_the_same_packed_layers(tmp_path, ref, fmt):
+    """Comfy-Org's names (`model.visual.*`, a quantised top-level `lm_head` with its marker and scales, dropped)
+    give the canonical-named file's layers, packed tensors bit for bit."""
+    ours = load_qwen3_vl(W.write_quantised(tmp_path / "canonical.safetensors", ref, fmt), tokenizer=object()).model
+    path = W.write_quantised(tmp_path / f"qwen3vl_8b_{fmt}.safetensors", ref, fmt, layout="comfy")
+    comfy = load_qwen3_vl(path, tokenizer=object()).model
+    assert comfy.cfg == ours.cfg and comfy.storage == ours.storage
+    baseline = ours.state_dict()
+    assert comfy.state_dict().keys() == baseline.keys()
+    for k, v in comfy.state_dict().items():
+        assert torch.equal(v, baseline[k]), k
+    theirs = dict(ours.named_modules())
+    packed = [(n, m) for n, m in comfy.named_modules() if getattr(m, "quant", None) is not None]
+    assert packed
+    for name, m in packed:  # scales and codebooks too: the dequantised weights are equal
+        assert torch.equal(m.compute_weight(torch.float32), theirs[name].compute_weight(torch.float32)), name

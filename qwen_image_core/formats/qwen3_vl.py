@@ -1,14 +1,29 @@
 """Qwen3-VL condition-encoder checkpoints (Qwen-Image-2.1): names, prefixes, detection and sizes, as data.
 
-Canonical names are `model.*` (language model) and `visual.*` (vision tower), the names Comfy-Org's single
-files use for the Qwen encoders; transformers' names (`model.language_model.*`, `model.visual.*`, as in the
-diffusers `text_encoder/` folder of Qwen/Qwen-Image-2.1) are renamed to them (`qwen_vl.canonical_name`, the
-same rules as Qwen2.5-VL); `lm_head` is never loaded. Layouts handled, through the shared readers:
+Canonical names are ComfyUI's module names: `model.*` (language model, `Llama2_`: `embed_tokens`,
+`layers.N.self_attn.{q,k,v,o}_proj` and `q_norm` / `k_norm`, `mlp.{gate,up,down}_proj`, `input_layernorm`,
+`post_attention_layernorm`, `norm`) and `visual.*` (vision tower, `Qwen3VLVisionModel`: `patch_embed.proj` (Conv3d),
+`pos_embed`, `blocks.N.{norm1,norm2,attn.qkv,attn.proj,mlp.linear_fc1,mlp.linear_fc2}`, `merger.*`,
+`deepstack_merger_list.N.{norm,linear_fc1,linear_fc2}`), checked in Comfy-Org/ComfyUI
+`comfy/text_encoders/qwen_image21.py` @ 19d1def1f425 (its encoder subclasses qwen3vl.py's `Qwen3VLClipModel`,
+model_type qwen3vl_8b), comfyanonymous/ComfyUI `comfy/text_encoders/qwen3vl.py` @ 21f3a1cad132 and `qwen35.py` @ 0b43910a8a8a;
+they equal transformers' names with its `model.language_model.` / `model.visual.` prefixes shortened. Names seen:
+* Comfy-Org's files (`qwen3vl_8b_{bf16,int8_convrot,w4a8}`): the language model as `model.*`, the vision tower as
+  `model.visual.*`, the generation head as a top-level `lm_head.*` (quantised in int8_convrot), which ComfyUI's
+  loader renames (`model.language_model.` -> `model.`, `model.visual.` -> `visual.`, `lm_head.` -> `model.lm_head.`)
+  before loading. This comes from third-party code that reads those files and replicates `comfy.sd.load_clip`: the
+  newer `comfy/sd.py` holding it is not in the code index at a version with the 2.1 encoder (reported, not checked);
+* ComfyUI's own names (`visual.*`, `model.lm_head.*`), e.g. a file ComfyUI saved;
+* transformers' (`model.language_model.*`, `model.visual.*`, as in the diffusers `text_encoder/` folder of
+  Qwen/Qwen-Image-2.1).
+All are renamed to the canonical names (`qwen_vl.canonical_name`, the same rules as Qwen2.5-VL); the head
+(`lm_head.*` / `model.lm_head.*`, with any quantisation tensors) is never loaded. Layouts handled, through the
+shared readers:
 
 * diffusers / HF `text_encoder/` folder, sharded via `model.safetensors.index.json` (either naming)
 * single files: bf16 (`qwen3vl_8b_bf16`), or with ComfyUI's quantised layers (`comfy_quant`, mixed per layer:
   `qwen3vl_8b_int8_convrot`, `qwen3vl_8b_w4a8` = asym_w4a8_int8), kept packed (`formats.comfy_quant`)
-* files without `visual.*` (text-to-image only)
+* files without the vision tower (text-to-image only)
 
 Detection: a Qwen3-VL language model has per-head q/k norms and no q/k/v biases; a Qwen2.5-VL file (biases,
 the v1 encoder) is refused here with a pointer to the v1 loader, and the v1 loader refuses these files.
@@ -17,7 +32,9 @@ Sizes (`config_fields`): explicit overrides, then config.json (transformers 5 ne
 `vision_config`, `rope_parameters`) or a single file's `config` metadata, then the shapes. The shapes give
 every width (the q/k norms give the head width); what they cannot give is Qwen3-VL-8B's own: RoPE base and
 sections, the vision heads (72 channels) and the DeepStack layers (8, 16, 24 for the 27-block tower; other
-depths need a config).
+depths need a config). Those defaults are ComfyUI's for qwen3vl_8b too (`Qwen3VL_8BConfig`: RoPE base 5e6, sections
+[24, 20, 20] interleaved, 128-wide heads, eps 1e-6; `QWEN3VL_VISION`: 16 heads of a 1152-wide, 27-block tower,
+DeepStack at 8, 16, 24).
 """
 
 from __future__ import annotations
@@ -33,7 +50,7 @@ from .qwen_vl import canonical_name, config_from, markers_under, pick_fields, te
 
 WHAT = "Qwen3-VL text encoder (Qwen-Image-2.1)"
 PREFIXES = ("text_encoders.qwen3vl_8b.transformer.", "text_encoder.", "")  # tried in order ("" = bare keys)
-DROPPED_PREFIXES = ("lm_head.",)
+DROPPED_PREFIXES = ("lm_head.", "model.lm_head.")  # the file's generation head, and ComfyUI's name for it
 PROBE = "model.layers.0.self_attn.q_norm.weight"  # per-head query norm: Qwen3 language models
 PROBE_T5 = "model.language_model.layers.0.self_attn.q_norm.weight"
 QWEN25_PROBE = "self_attn.k_proj.bias"  # Qwen2.5-VL (the v1 encoder) has q/k/v biases
