@@ -90,6 +90,34 @@ def test_gguf_stays_packed_and_matches_gguf(tmp_path):
     check_forward(model, G.dequantized(path), cfg)
 
 
+def test_split_swiglu_files(tmp_path):
+    """ComfyUI also loads the SwiGLU as diffusers' two layers (its detection sets `fused_mlp` False when
+    `img_mlp.gate_up` is absent). Plain halves are joined (test_diffusers_folder_joins_the_swiglu); GGUF halves of
+    one type are joined as stored and stay packed, bit-equal to the fused file; other quantised halves are named."""
+    from safetensors.torch import load_file, save_file
+
+    cfg = W.quant_config()
+    fused = load_dit21(W.write_gguf(tmp_path / "fused.gguf", cfg, "Q8_0"))
+    split = load_dit21(W.write_gguf(tmp_path / "split.gguf", cfg, "Q8_0", split_mlp=True))
+    layer = split.transformer_blocks[1].img_mlp.gate_up
+    assert layer.quant is not None and layer.weight.dtype == torch.uint8
+    theirs = fused.state_dict()
+    assert split.state_dict().keys() == theirs.keys()
+    for k, v in split.state_dict().items():
+        assert torch.equal(v, theirs[k]), k
+    sd = load_file(str(W.write_comfy_quant(tmp_path / "int8.safetensors", cfg)))
+    base = "transformer_blocks.0.img_mlp."
+    for suffix, half in (("gate_layer", 0), ("proj", 1)):
+        for part in ("weight", "weight_scale"):
+            sd[f"{base}{suffix}.{part}"] = sd[f"{base}gate_up.{part}"].chunk(2, dim=0)[half].clone()
+        sd[f"{base}{suffix}.comfy_quant"] = sd[f"{base}gate_up.comfy_quant"].clone()
+    for part in ("weight", "weight_scale", "comfy_quant"):
+        del sd[f"{base}gate_up.{part}"]
+    save_file(sd, str(tmp_path / "split_int8.safetensors"), metadata=W.config_metadata(cfg))
+    with pytest.raises(CheckpointError, match=r"img_mlp\.(gate_layer|proj)\.weight is quantised in diffusers' split"):
+        load_dit21(tmp_path / "split_int8.safetensors")
+
+
 def test_each_reader_refuses_the_other_family(tmp_path):
     v21 = W.write_comfy(tmp_path / "qwen_image_2.1_bf16.safetensors", CFG)
     v1 = W1.write_comfy(tmp_path / "qwen_image_bf16.safetensors", W1.tiny_config())

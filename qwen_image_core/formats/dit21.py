@@ -1,14 +1,24 @@
 """Checkpoint formats of the Qwen-Image-2.1 DiT, as data, and the reader that turns them into weights.
 
-Accepted (keys of Comfy-Org's `Qwen-Image-2.1` files, which are diffusers' `QwenImage21Transformer2DModel`
-names except for the SwiGLU: ComfyUI stores gate and up projections as one `img_mlp.gate_up.weight`, gate
-rows first, as diffusers' single-file converter reads them):
+Names: ComfyUI's `QwenImage21Transformer2DModel` (Comfy-Org/ComfyUI `comfy/ldm/qwen_image21/model.py` @
+08f68f0919d2, checked): `img_in`, `txt_in.{text_norm,in_layer,out_layer}` (`text_norm` a zero-centred RMSNorm,
+stored weight = scale - 1), `time_text_embed.timestep_embedder.linear_{1,2}`, one shared `modulation.1`,
+`transformer_blocks.N.attn.{to_q,to_k,to_v,to_out.0,norm_q,norm_k}`, `transformer_blocks.N.img_mlp.{gate_up,out}`,
+`norm_out.linear`, `proj_out`, no biases: our `DiT21`'s state dict, name for name. The SwiGLU is one `gate_up`
+layer (gate rows first, ComfyUI's `fused_mlp`), or diffusers' `gate_layer` + `proj`, which ComfyUI also loads as
+two layers (`fused_mlp` False when `transformer_blocks.0.img_mlp.gate_up.weight` is absent: its model_detection as
+ported by a third-party Forge port; ComfyUI's own detection code at a 2.1 version is not in the code index).
+diffusers' single-file converter (`convert_qwen_image21_transformer_checkpoint_to_diffusers`, 0.42.1) only strips
+`model.diffusion_model.` and splits `gate_up`: no other conversion, so both layouts exist in the wild. Accepted:
 * ComfyUI single files (`diffusion_models/qwen_image_2.1_{bf16,int8_convrot}`, `..._turbo_...`): no prefix or
   `model.diffusion_model.`; bf16 / fp16 / fp32, float8, and ComfyUI's quantised layers (`comfy_quant`,
   e.g. int8_convrot), kept packed;
-* GGUF files with the same key names (`formats/gguf.py`);
+* GGUF files with the same key names (`formats/gguf.py`), the SwiGLU fused or split (some third-party exports
+  split it: halves of one quantised type are joined as stored, see `fuse_mlp`);
 * diffusers folders: `transformer/` (or a repo folder holding it) with config.json (`_class_name`
-  QwenImage21Transformer2DModel), where `img_mlp.gate_layer` and `img_mlp.proj` are joined into `gate_up`.
+  QwenImage21Transformer2DModel);
+split plain-float halves are joined into `gate_up` in any layout; split quantised comfy_quant halves are refused by
+name.
 Sizes: explicit overrides, then config.json / a single file's `config` metadata ({"transformer": ...}),
 then the shapes (the RoPE axes only for the real 128-channel heads).
 A v1 Qwen-Image file (20B MMDiT) is refused naming its loader, and the v1 reader refuses these files.
@@ -23,6 +33,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import CheckpointError, open_checkpoint
+from ..quant_gguf import GGUFQuant
 from . import common, foreign, gguf
 from .dit import PREFIXES, DiTWeights, gguf_config, guess_family, open_gguf, prefix_free_names, resolve
 
@@ -145,21 +156,41 @@ def identify(path, keys, metadata: Mapping[str, str] | None = None) -> None:
     )
 
 
-def fuse_mlp(path, tensors: dict[str, torch.Tensor], scales: Mapping, packed: Mapping) -> dict[str, torch.Tensor]:
-    """diffusers' `gate_layer` / `proj` pairs as the one `gate_up` layer (gate rows first)."""
+def fuse_mlp(path, tensors: dict[str, torch.Tensor], scales: Mapping, packed: dict) -> dict[str, torch.Tensor]:
+    """diffusers' `gate_layer` / `proj` pairs as the one `gate_up` layer (gate rows first). Plain float pairs are
+    concatenated; GGUF pairs of one quantised type are joined as stored (each row is whole blocks, so the rows of
+    the two tensors stacked are exactly the fused tensor's blocks) and stay packed. Other quantised pairs are
+    refused by name (ComfyUI loads them as two layers, `fused_mlp` False; this model has the fused one)."""
     gates = [k for k in tensors if k.endswith(SPLIT_MLP[0])]
     for gk in gates:
         uk = gk.removesuffix(SPLIT_MLP[0]) + SPLIT_MLP[1]
         if uk not in tensors or gk in scales or uk in scales:
             raise CheckpointError(f"{path}: {gk} has no plain float partner {uk} to join into the SwiGLU's gate_up")
         tensors[gk.removesuffix(SPLIT_MLP[0]) + FUSED_MLP] = torch.cat([tensors.pop(gk), tensors.pop(uk)], dim=0)
+    for gk in [k for k in packed if k.endswith(SPLIT_MLP[0])]:
+        uk = gk.removesuffix(SPLIT_MLP[0]) + SPLIT_MLP[1]
+        joined = _join_gguf(packed[gk], packed.get(uk))
+        if joined is None:
+            break
+        packed.pop(gk), packed.pop(uk)
+        packed[gk.removesuffix(SPLIT_MLP[0]) + FUSED_MLP] = joined
     split_packed = [k for k in packed if k.endswith(SPLIT_MLP)]
     if split_packed:
         raise CheckpointError(
-            f"{path}: {split_packed[0]} is quantised in diffusers' split SwiGLU layout, which this loader cannot join; "
-            "use the ComfyUI file of this format"
+            f"{path}: {split_packed[0]} is quantised in diffusers' split SwiGLU layout, which this loader joins only "
+            "for GGUF halves of one type with the same width; use the ComfyUI file of this format (fused gate_up)"
         )
     return tensors
+
+
+def _join_gguf(gate, up):
+    """The packed (data, GGUFQuant, extras) of gate rows then up rows, or None when they cannot be joined."""
+    if up is None or not isinstance(gate[1], GGUFQuant) or not isinstance(up[1], GGUFQuant):
+        return None
+    (g, gq, _), (u, uq, _) = gate, up
+    if gq.type != uq.type or len(gq.shape) != 2 or gq.shape[1:] != uq.shape[1:] or g.shape[1] != u.shape[1]:
+        return None
+    return torch.cat([g, u], dim=0), GGUFQuant(gq.type, (gq.shape[0] + uq.shape[0], gq.shape[1])), {}
 
 
 def _fused_shapes(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:

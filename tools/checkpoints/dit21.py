@@ -2,8 +2,9 @@
 
 Layouts: Comfy-Org single file (`qwen_image_2.1_bf16`: ComfyUI names with the fused `img_mlp.gate_up`,
 optional `model.diffusion_model.` prefix), its comfy_quant twin (`..._int8_convrot`: the block linears as
-int8 + per-row scales with ConvRot, `<layer>.comfy_quant` markers), a GGUF file with the same names, and the
-diffusers `transformer/` folder (split `gate_layer` / `proj`, config.json; optionally in a repo folder).
+int8 + per-row scales with ConvRot, `<layer>.comfy_quant` markers), a GGUF file with the same names (or with the
+SwiGLU split, `split_mlp`), and the diffusers `transformer/` folder (split `gate_layer` / `proj`, config.json;
+optionally in a repo folder).
 Single files of sizes the shapes do not tell carry their config as safetensors metadata `config`.
 Values: `dit.random_tensor` per key name and seed (the same weights in every layout).
 """
@@ -112,8 +113,10 @@ def write_comfy_quant(path, cfg: DiT21Config, fmt="int8_convrot", seed=0, prefix
     return path
 
 
-def write_gguf(path, cfg: DiT21Config, qtype="Q8_0", seed=0, prefix="", arch="qwen_image") -> Path:
-    """A GGUF 2.1 DiT (ComfyUI names, types as ComfyUI-GGUF's convert.py gives them)."""
+def write_gguf(path, cfg: DiT21Config, qtype="Q8_0", seed=0, prefix="", arch="qwen_image", split_mlp=False) -> Path:
+    """A GGUF 2.1 DiT (ComfyUI names, types as ComfyUI-GGUF's convert.py gives them); `split_mlp`: the SwiGLU as
+    diffusers' `gate_layer` / `proj` halves of the same weights (as some third-party GGUF exports store it), each
+    quantised on its own."""
     import gguf  # noqa: PLC0415
 
     from tools.checkpoints import gguf as G  # noqa: PLC0415
@@ -127,6 +130,17 @@ def write_gguf(path, cfg: DiT21Config, qtype="Q8_0", seed=0, prefix="", arch="qw
     if meta:
         writer.add_string(GGUF_CONFIG_KEY, meta["config"])
     for name, shape in shapes(cfg).items():
+        if split_mlp and name.endswith(FUSED_MLP):
+            base, half = name.removesuffix(FUSED_MLP), (shape[0] // 2, shape[1])
+            gate, up = D.random_tensor(name, shape, seed).numpy().reshape(2, *half)
+            for suffix, x in zip(SPLIT_MLP, (gate, up), strict=True):
+                t = G.tensor_type(base + suffix, half, qtype)
+                data = x if t == "F32" else x.astype(np.float16) if t == "F16" else gguf.quants.quantize(
+                    np.ascontiguousarray(x), gguf.GGMLQuantizationType[t])  # fmt: skip
+                writer.add_tensor(
+                    prefix + base + suffix, np.ascontiguousarray(data), raw_dtype=gguf.GGMLQuantizationType[t]
+                )
+            continue
         t = G.tensor_type(name, shape, qtype)
         data = G.encode(name, shape, t, seed)
         writer.add_tensor(prefix + name, np.ascontiguousarray(data), raw_dtype=gguf.GGMLQuantizationType[t])
