@@ -112,6 +112,8 @@ OTHER_ARCHS = {  # general.architecture -> (what it is, what to do)
     "qwen25vl": ("an Ollama Qwen2.5-VL file (language model and vision tower in one file, Ollama's own names)",
                  "use llama.cpp's files (e.g. unsloth's Qwen2.5-VL-7B-Instruct-*.gguf with mmproj-F16.gguf)"),
     "llama": ("a Llama language model", "Qwen2.5-VL has q/k/v biases and llama.cpp permutes llama's q/k"),
+    "qwen3vl": ("the Qwen3-VL language model of Qwen-Image-2.1", "load it with 'Load Qwen-Image-2.1 Text Encoder' "
+                "(qwen21's load_qwen3_vl)"),
     None: ("a model without an architecture key (as stable-diffusion.cpp writes diffusion models)", ""),
 }  # fmt: skip
 OTHER_NAMES = ((re.compile(r"qwen2[-_ ]vl", re.I), "Qwen2-VL (the first version), not Qwen2.5-VL"),)
@@ -172,7 +174,7 @@ def _other(arch) -> tuple[str, str]:
 
 
 def _plan(f: gguf.GGUFFile, glob: Mapping, layer: Mapping, joined: Mapping, joined_layer: Mapping, blk: str,
-          legacy_blk: str, skipped=(), layers: int | None = None) -> dict[str, Source]:  # fmt: skip
+          legacy_blk: str, skipped=(), layers: int | None = None, what="Qwen2.5-VL") -> dict[str, Source]:  # fmt: skip
     """{legacy name: Source} for every tensor of the layout, checked complete and without strangers."""
     n = _blocks(f, blk) if layers is None else layers
     plan = {legacy: Source(f, (key,)) for key, legacy in glob.items()}
@@ -187,7 +189,7 @@ def _plan(f: gguf.GGUFFile, glob: Mapping, layer: Mapping, joined: Mapping, join
     for problem, keys in (("lacks", missing), ("has tensors this layout does not know:", strangers)):
         if keys:
             more = f" (+{len(keys) - 6} more)" if len(keys) > 6 else ""
-            raise CheckpointError(f"{f.path}: not a complete Qwen2.5-VL GGUF of {n} blocks: it {problem} "
+            raise CheckpointError(f"{f.path}: not a complete {what} GGUF of {n} blocks: it {problem} "
                                   f"{', '.join(keys[:6])}{more}")  # fmt: skip
     return plan
 
@@ -202,7 +204,7 @@ def _sizes(f: gguf.GGUFFile, table: Mapping[str, str], prefix: str = "") -> tupl
         where = f"{f.path}: metadata {prefix + key}"
         if name == "mrope_section" and isinstance(v, list) and len(v) == 4:
             if v[3] != 0:
-                raise CheckpointError(f"{where} is {v}: a fourth M-RoPE section is not Qwen2.5-VL's (it is 0 there)")
+                raise CheckpointError(f"{where} is {v}: a fourth M-RoPE section is not Qwen-VL's (it is 0 there)")
             v = v[:3]
         out[name], keys[name] = _value(name, _float32(v), where), prefix + key
     return out, keys
@@ -223,6 +225,13 @@ def _check(f: gguf.GGUFFile, sizes: dict, keys: dict, witnesses, blocks: tuple[s
         raise CheckpointError(f"{f.path}: metadata {keys[count]} is {sizes[count]}, but the file has {n} {blk}N blocks")
 
 
+def check_sections(f: gguf.GGUFFile, sizes: dict, keys: dict) -> None:
+    """The M-RoPE sections the metadata states must cover half of each head's channels."""
+    if "mrope_section" in sizes and "head_dim" in sizes and sum(sizes["mrope_section"]) * 2 != sizes["head_dim"]:
+        raise CheckpointError(f"{f.path}: metadata {keys['mrope_section']} {list(sizes['mrope_section'])} does not "
+                              f"cover {sizes['head_dim']}-channel heads (it must sum to half of them)")  # fmt: skip
+
+
 def _blocks(f: gguf.GGUFFile, blk: str) -> int:
     found = {k[len(blk) :].split(".")[0] for k in f.entries if k.startswith(blk)}
     return max((int(i) + 1 for i in found if i.isdigit()), default=0)
@@ -237,9 +246,7 @@ def text_layout(f: gguf.GGUFFile) -> tuple[dict[str, Source], dict]:
             raise CheckpointError(f"{f.path}: metadata {keys['hidden_size']} {sizes['hidden_size']} does not split "
                                   f"into {keys['num_heads']} {sizes['num_heads']} heads")  # fmt: skip
         sizes["head_dim"], keys["head_dim"] = sizes["hidden_size"] // sizes["num_heads"], keys["num_heads"]
-    if "mrope_section" in sizes and "head_dim" in sizes and sum(sizes["mrope_section"]) * 2 != sizes["head_dim"]:
-        raise CheckpointError(f"{f.path}: metadata {keys['mrope_section']} {list(sizes['mrope_section'])} does not "
-                              f"cover {sizes['head_dim']}-channel heads (it must sum to half of them)")  # fmt: skip
+    check_sections(f, sizes, keys)
     _check(f, sizes, keys, TEXT_WITNESSES, ("blk.", _blocks(f, "blk.")), "num_layers")
     plan = _plan(f, TEXT_GLOBAL, TEXT_LAYER, {}, {}, "blk.", "model.layers.", TEXT_SKIPPED, sizes.get("num_layers"))
     vocab = plan["model.embed_tokens.weight"].shape()[0]
@@ -309,6 +316,7 @@ class EncoderGGUF:
     plan: dict[str, Source]
     known: dict
     note: str | None
+    floats: frozenset[str] = frozenset()  # 2-D GGUF tensors dequantised at load even when quantised (tables)
 
     @property
     def files(self) -> list[Path]:
@@ -332,7 +340,8 @@ class EncoderGGUF:
         for f in (self.text, self.vision):
             if f is not None:
                 keys = [k for s in self.plan.values() if s.file is f for k in s.keys]
-                plain, packed = gguf.load_weights(f, {k: k for k in keys}, lambda name, shape: len(shape) == 2)
+                packable = lambda name, shape: len(shape) == 2 and name not in self.floats  # noqa: E731
+                plain, packed = gguf.load_weights(f, {k: k for k in keys}, packable)
                 loaded[f.path] = plain | packed
         tensors, packed = {}, {}
         for name, s in self.plan.items():
@@ -356,10 +365,12 @@ def _join(parts: list, dim: int, stacked: bool):
     return torch.stack(floats, dim) if stacked else torch.cat(floats, dim)
 
 
-def open_encoder(path: Path, mmproj: str | Path | bool | None = None, mmap: bool = False) -> EncoderGGUF:
+def open_encoder(path: Path, mmproj: str | Path | bool | None = None, mmap: bool = False, *, text_layout=text_layout,
+                 vision_layout=vision_layout, hint: str = MMPROJ_HINT, floats=frozenset()) -> EncoderGGUF:  # fmt: skip
     """Check a language-model GGUF and its vision tower (`mmproj`: None = look next to it, a path = that file,
     False = text only); nothing is read but headers. A vision file found by name or given must fit; one found
-    only because it is the folder's single mmproj is skipped with a warning when it does not."""
+    only because it is the folder's single mmproj is skipped with a warning when it does not. The layouts (and
+    `hint`, what to put next to it for edits) are Qwen2.5-VL's unless given (`formats.qwen3_vl_gguf`)."""
     path = Path(path)
     text = gguf.GGUFFile(path, mmap=mmap)
     plan, sizes = text_layout(text)
@@ -383,5 +394,5 @@ def open_encoder(path: Path, mmproj: str | Path | bool | None = None, mmap: bool
     note = None
     if vision is None:
         note = (f"{path}: this GGUF text encoder has no vision tower ({why}), so it encodes text-to-image prompts "
-                f"only; {MMPROJ_HINT.format(stem=QUANT_SUFFIX.sub('', path.stem))}")  # fmt: skip
-    return EncoderGGUF(path, text, vision, plan, sizes, note)
+                f"only; {hint.format(stem=QUANT_SUFFIX.sub('', path.stem))}")  # fmt: skip
+    return EncoderGGUF(path, text, vision, plan, sizes, note, frozenset(floats))

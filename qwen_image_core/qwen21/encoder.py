@@ -1,7 +1,8 @@
 """Qwen-Image-2.1's condition encoder as the pipeline and the nodes use it: prompts (+ references) -> features.
 
-`load_qwen3_vl(path)` reads any supported Qwen3-VL file or folder (`formats/qwen3_vl.py`) into a meta-built
-model filled by assignment (packed comfy_quant layers stay packed) and finds the tokenizer.
+`load_qwen3_vl(path)` reads any supported Qwen3-VL file or folder (`formats/qwen3_vl.py`; llama.cpp GGUF with
+its mmproj: `formats/qwen3_vl_gguf.py`) into a meta-built model filled by assignment (packed comfy_quant layers
+and GGUF blocks stay packed) and finds the tokenizer.
 `Qwen3VLEncoder.encode` builds the 2.1 chat text (`prompts.template_text`), runs the vision tower on the
 references' VL copies and the language model on the tokens, and returns what diffusers'
 `get_qwenimage21_prompt_embeds` returns: the last decoder layer's output (before the final norm) without the
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import CheckpointError, open_checkpoint
+from ..formats import gguf, qwen3_vl_gguf
 from ..formats import qwen3_vl as fmt
 from ..formats.common import assign_weights
 from ..prompts import IMAGE_PAD, find_tokenizer, load_tokenizer, rope_index
@@ -80,7 +82,8 @@ class Qwen3VLEncoder:
         template_text("", len(images))  # refuses more than 10 references before any work
         if images and not self.has_vision:
             raise ValueError(
-                f"{self.source}: this Qwen3-VL file has no vision tower (no visual.* weights), so it can encode "
+                getattr(self.model, "vision_note", None)
+                or f"{self.source}: this Qwen3-VL file has no vision tower (no visual.* weights), so it can encode "
                 "text-to-image prompts only; for editing load the full file (e.g. qwen3vl_8b_bf16.safetensors)"
             )
         device = torch.device(device) if device is not None else self.model.model.norm.weight.device
@@ -108,39 +111,59 @@ class Qwen3VLEncoder:
 
 
 def load_qwen3_vl(
-    path: str | os.PathLike, tokenizer=None, *, mmap: bool = False, vision: dict | None = None, **sizes
+    path: str | os.PathLike,
+    tokenizer=None,
+    *,
+    mmap: bool = False,
+    vision: dict | None = None,
+    mmproj: str | os.PathLike | bool | None = None,
+    **sizes,
 ) -> Qwen3VLEncoder:
     """Load a Qwen3-VL encoder from any supported file or folder.
 
     tokenizer: a loaded tokenizer, a folder to search (`prompts.find_tokenizer`), or None to search next to the
     weights (and a diffusers repo's `processor/` or `tokenizer/`; then an importable ComfyUI's Qwen tokenizer).
     Sizes come from `sizes` (Qwen3VLConfig fields) and `vision` (Vision3Config fields), then the folder's
-    config.json or the file's `config` metadata, then the shapes (see `formats.qwen3_vl`). Refuses other files,
-    the v1 Qwen2.5-VL encoder included, with a message saying what they are.
+    config.json or the file's `config` metadata, then the shapes (see `formats.qwen3_vl`). A llama.cpp GGUF
+    (`*.gguf`, `formats.qwen3_vl_gguf`) takes its sizes from its metadata and its vision tower from an mmproj
+    GGUF: `mmproj` None looks next to it, a path names it, False loads text only. Refuses other files, the v1
+    Qwen2.5-VL encoder included, with a message saying what they are.
     """
     unknown = sorted(set(sizes) - set(Qwen3VLConfig.__dataclass_fields__))
     if unknown:
         raise TypeError(f"load_qwen3_vl: unknown size {', '.join(unknown)}; expected Qwen3VLConfig fields")
     path = Path(path)
-    ckpt = open_checkpoint(path, mmap=mmap)
-    names = fmt.encoder_names(ckpt)
-    markers = fmt.encoder_markers(ckpt, names)
-    known = fmt.read_config(path, ckpt.metadata)
+    source = None  # a GGUF encoder's files (formats.qwen3_vl_gguf)
+    if gguf.is_gguf(path):
+        source = qwen3_vl_gguf.open_encoder(path, mmproj, mmap)
+        where, shapes, known = path, source.shapes(), dict(source.known)
+    elif mmproj is not None:
+        raise TypeError(f"load_qwen3_vl: mmproj is for GGUF text encoders, not {path.name}")
+    else:
+        ckpt = open_checkpoint(path, mmap=mmap)
+        names = fmt.encoder_names(ckpt)
+        markers = fmt.encoder_markers(ckpt, names)
+        where, known = ckpt.path, fmt.read_config(path, ckpt.metadata)
+        shapes = fmt.encoder_shapes(ckpt, names, markers)
     known.update({k: v for k, v in sizes.items() if v is not None})
     known["vision"] = {**known.get("vision", {}), **(vision or {})}
     try:
-        fields = fmt.config_fields(fmt.encoder_shapes(ckpt, names, markers), known, ckpt.path)
+        fields = fmt.config_fields(shapes, known, where)
         v = fields.pop("vision")
         cfg = Qwen3VLConfig(**fields, vision=Vision3Config(**v) if v is not None else None)
     except CheckpointError:
         raise
     except (KeyError, ValueError, TypeError) as e:
-        raise CheckpointError(f"{ckpt.path}: inconsistent {fmt.WHAT} sizes ({e})") from None
-    weights, scales, packed, storage = fmt.encoder_weights(ckpt, names, markers)
+        raise CheckpointError(f"{where}: inconsistent {fmt.WHAT} sizes ({e})") from None
+    if source is not None:
+        (weights, packed), scales, storage = source.weights(), {}, source.storage
+    else:
+        weights, scales, packed, storage = fmt.encoder_weights(ckpt, names, markers)
     with torch.device("meta"):
         model = Qwen3VL(cfg)
-    assign_weights(model, weights, scales, ckpt.path, fmt.WHAT, packed)
-    model.storage, model.path = storage, ckpt.path
+    assign_weights(model, weights, scales, where, fmt.WHAT, packed)
+    model.storage, model.path = storage, where
+    model.vision_note = source.note if source is not None else None  # why an edit cannot run, where it cannot
     model.eval().requires_grad_(False)
     if tokenizer is None:  # beside the weights, or the diffusers repo's processor/ (Qwen/Qwen-Image-2.1's layout)
         root = path if path.is_dir() else path.parent

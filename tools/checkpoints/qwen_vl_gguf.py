@@ -73,6 +73,9 @@ def encode(name: str, x: np.ndarray, qtype: str, seed: int) -> np.ndarray:
     """The stored form of one float32 tensor in type `qtype` (gguf's quantiser, or random k-quant blocks)."""
     if qtype == "F32":
         return x
+    if qtype not in Q.TYPES:  # a type QwenPix does not read (IQ4_NL, ...): zero blocks, for the refusals
+        block, nbytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
+        return np.zeros((*x.shape[:-1], x.shape[-1] // block * nbytes), np.uint8)
     if qtype == "F16":
         return x.astype(np.float16)
     if qtype in G.QUANTISABLE:
