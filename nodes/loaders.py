@@ -34,10 +34,11 @@ def compute_dtype_input() -> tuple:
 
 def load_file(name: str, value: str, folder: str, repo_part: str, kind: str, fix: str, loader):
     """`loader(path)` of input `name`'s file `value` from ComfyUI's `folder` (`repo_part` of a diffusers repo), held
-    in host.MODELS under `kind`; a missing or unreadable file is an error naming the input, with `fix`."""
+    in host.MODELS under `kind` (with the files it loads with: a GGUF text encoder's mmproj, so a changed one
+    reloads); a missing or unreadable file is an error naming the input, with `fix`."""
     with host.input_problem(name, value, fix):
         path = host.model_path(folder, value, repo_part)
-        return host.MODELS.get(kind, path, lambda: loader(path))
+        return host.MODELS.get(kind, path, lambda: loader(path), host.companions(folder, path))
 
 
 class QwenPixDiTLoader:

@@ -103,7 +103,10 @@ class QwenPix21TextEncoderLoader:
     RETURN_TYPES = (ENCODER21,)
     OUTPUT_TOOLTIPS = ("Qwen3-VL-8B with its tokenizer, for Qwen-Image-2.1 Encode.",)
     FUNCTION = "load"
-    DESCRIPTION = "Loads the Qwen3-VL-8B condition encoder of Qwen-Image-2.1 (bf16, int8_convrot, w4a8, diffusers)."
+    DESCRIPTION = (
+        "Loads the Qwen3-VL-8B condition encoder of Qwen-Image-2.1 (bf16, int8_convrot, w4a8, diffusers, or llama.cpp "
+        "GGUF with its mmproj vision file next to it)."
+    )
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -111,7 +114,10 @@ class QwenPix21TextEncoderLoader:
             "required": {
                 "text_encoder_name": (
                     host.model_names("text_encoders", "text_encoder"),
-                    {"tooltip": "A Qwen3-VL file from models/text_encoders (e.g. qwen_3_vl_8b_bf16)."},
+                    {
+                        "tooltip": "A Qwen3-VL file from models/text_encoders (e.g. qwen_3_vl_8b_bf16, or "
+                        "Qwen3-VL-8B-Instruct-Q8_0.gguf with its mmproj-F16.gguf beside it for pictures)."
+                    },
                 ),
             }
         }
