@@ -5,12 +5,16 @@ Layouts read:
   `diffusion_pytorch_model.safetensors`, or a repo folder holding `vae/`), and single files with those names;
 * Comfy-Org's `vae/qwen_image_2.1_vae_bf16.safetensors`: ComfyUI's Wan 2.2-style module names (`encoder.conv1`,
   `encoder.downsamples.I.downsamples.J.residual.N`, `middle`, `head`, top-level `conv1` / `conv2`) with 5-D
-  "causal 3D" conv weights one frame deep ([out, in, 1, k, k]). Verified against ComfyUI's own code: the file is the
-  state dict of `comfy.ldm.wan.vae2_2.WanVAE` built with dim 96, dec_dim 144, z_dim 64, dim_mult [1, 2, 4, 8, 8],
-  num_res_blocks 2, temperal_downsample [False, True, True, True], image_channels 4, patch_size 1,
-  temporal_kernel 1 (Comfy-Org/ComfyUI `comfy/ldm/wan/vae2_2.py` @ 32671a6740a8 has those parameters; the module
-  names are ComfyUI 0.3.75's too, which `tests/test_vae21.py` builds and compares). `COMFY_RULES` renames them to
-  the diffusers names, depth-1 conv weights are read as 2D.
+  "causal 3D" conv weights one frame deep ([out, in, 1, k, k]): the state dict of ComfyUI's
+  `comfy.ldm.wan.vae2_2.WanVAE` with dim 96, dec_dim 144, z_dim 64, dim_mult [1, 2, 4, 8, 8], num_res_blocks 2,
+  temperal_downsample [False, True, True, True], image_channels 4, patch_size 1, temporal_kernel 1. Checked: that
+  module and its image_channels / patch_size / temporal_kernel arguments (Comfy-Org/ComfyUI `comfy/ldm/wan/vae2_2.py`
+  @ 32671a6740a8, `vae.py` @ dcbf1c1db50a), and its names for these stages (ComfyUI 0.3.75's WanVAE, built in
+  `tests/test_vae21.py`). Reported, not checked (the newer `comfy/sd.py` with its Qwen-Image-2.1 branch is not in the
+  code index): those constructor arguments as that branch passes them, the Wan 2.2 key
+  `decoder.upsamples.0.upsamples.0.residual.2.weight` in the real file, and `encoder.conv1.weight` [96, 4, 1, 3, 3]
+  there (third-party code that loads the real file). `COMFY_RULES` renames to the diffusers names; depth-1 conv
+  weights are read as 2D, deeper ones refused.
 Either may sit under `vae.` / `first_stage_model.`.
 `layout(cfg)` lists every tensor of a diffusers-named file with its shape: the 2D image network's tensors (residual
 and output norm gains [C, 1, 1, 1], attention norm gains [C, 1, 1]) plus the temporal `time_conv` 1x1 convs of the
