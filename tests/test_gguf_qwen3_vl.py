@@ -227,3 +227,22 @@ def test_inconsistent_files_and_unread_types_are_named(ref, files, tmp_path):
     with pytest.raises(CheckpointError, match=r"iq.gguf: tensor 'blk.0.ffn_up.weight' is stored as IQ4_NL, which "
                                               r"QwenPix does not read \(supported: F32, F16, BF16, Q4_0"):  # fmt: skip
         load(iq, mmproj=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_on_cuda_a_packed_gguf_encoder_equals_its_cpu_self(files):
+    """The blocks move as they are and are dequantised on the device (the token rows too)."""
+    text, _ = files["Q4_K"]
+    cpu = load(text).model
+    gpu = load(text).model.to("cuda")
+    assert gpu.model.embed_tokens.weight.is_cuda and gpu.model.embed_tokens.weight.dtype == torch.uint8
+    pv, grids, ids = images_and_row()
+    expected = features(cpu, pv, grids, ids)
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # the patch embedding's conv in float32, as on the CPU
+    try:
+        got = features(gpu, pv.cuda(), grids, ids.cuda())
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+    for a, b in zip([got[0], *got[1], got[2]], [expected[0], *expected[1], expected[2]], strict=True):
+        assert (a.cpu() - b).abs().max() <= 1e-4
