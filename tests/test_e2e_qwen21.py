@@ -35,11 +35,11 @@ def write_models21(models_dir, tmp, names=(DIT, V1_DIT, TE, VAE), dit_dtype=torc
     models folder; returns the core pipeline on the same files."""
     dit_name, v1_name, te_name, vae_name = names
     te = WQ.reference_model(seed=0)
-    WQ.write_single(models_dir / "text_encoders" / te_name, te)
+    WQ.write_single(models_dir / "text_encoders" / te_name, te, layout="comfy")  # Comfy-Org's names, as the VAE's
     cfg = WD.tiny_config(text_dim=te.config.text_config.hidden_size)
     WD.write_comfy(models_dir / "diffusion_models" / dit_name, cfg, dtype=dit_dtype)
     WD1.write_comfy(models_dir / "diffusion_models" / v1_name, WD1.tiny_config())
-    shutil.copyfile(WV.write_vae21(tmp, "single"), models_dir / "vae" / vae_name)
+    shutil.copyfile(WV.write_vae21(tmp, "comfy"), models_dir / "vae" / vae_name)
     dit = load_dit21(models_dir / "diffusion_models" / dit_name)
     encoder = load_qwen3_vl(models_dir / "text_encoders" / te_name, tokenizer=TOKENIZER)
     return QwenImage21Pipeline(dit, load_vae21(models_dir / "vae" / vae_name), encoder)

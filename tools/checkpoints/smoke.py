@@ -67,10 +67,10 @@ def _add_marker(path: Path) -> None:
 def write_text_encoder(path: Path) -> None:
     if is_qwen21(path.name):
         model = qwen3_vl.reference_model(seed=0)
-        if "int8_convrot" in path.name.lower():
-            qwen3_vl.write_quantised(path, model, "int8_convrot")
+        if "int8_convrot" in path.name.lower():  # Comfy-Org's names: model.*, model.visual.*, lm_head
+            qwen3_vl.write_quantised(path, model, "int8_convrot", layout="comfy")
         else:
-            qwen3_vl.write_single(path, model)
+            qwen3_vl.write_single(path, model, layout="comfy")
         return
     sd = qwen_vl.legacy_state_dict(qwen_vl.reference_model(seed=0))
     sd = {k: v for k, v in sd.items() if not k.startswith("lm_head.")}  # never used for conditioning
@@ -82,7 +82,7 @@ def write_text_encoder(path: Path) -> None:
 
 def write_vae(path: Path) -> None:
     if is_qwen21(path.name):
-        vae21.write_vae21(path.parent / ".smoke-vae21", "single").rename(path)
+        vae21.write_vae21(path.parent / ".smoke-vae21", "comfy").rename(path)  # Comfy-Org's (ComfyUI) names
         return
     channels = 4 if "layered" in path.name.lower() else 3  # qwen_image_layered_vae: the RGBA VAE
     vae.write_vae(path.parent / ".smoke-vae", "comfy", base_dim=16, image_channels=channels).rename(path)
