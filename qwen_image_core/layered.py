@@ -118,11 +118,10 @@ def prepare_image(image, resolution: int = 640, alpha: torch.Tensor | None = Non
 
 def layered_sigmas(steps: int, cond_latent_hw: tuple[int, int]) -> torch.Tensor:
     """The reference's schedule [steps + 1]: mu from the input image's token count (2x2 patches). One step
-    is [1, 0]: the terminal stretch divides by 1 - sigma_last = 0 there (the reference returns NaN)."""
+    is [1, 0] (`sampling.stretch_to_terminal`; the reference returns NaN there)."""
     h, w = cond_latent_hw
     mu = (sampling.image_seq_len(h, w) / MU_BASE_TOKENS) ** 0.5
-    terminal = sampling.SHIFT_TERMINAL if steps > 1 else None
-    return sampling.sigmas_diffusers(steps, 0, terminal=terminal, mu=mu)
+    return sampling.sigmas_diffusers(steps, 0, mu=mu)
 
 
 def layered_noise(batch: int, layers: int, height: int, width: int, seed: int) -> torch.Tensor:

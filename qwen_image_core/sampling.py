@@ -52,8 +52,13 @@ def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
 
 
 def stretch_to_terminal(sigmas: torch.Tensor, terminal: float) -> torch.Tensor:
-    """Rescale 1 - sigma so that the last sigma becomes `terminal` (diffusers' shift_terminal)."""
+    """Rescale 1 - sigma so that the last sigma becomes `terminal` (diffusers' shift_terminal).
+
+    A schedule whose last sigma is 1 (one step: linspace(1, 1/1, 1)) has nothing to rescale: diffusers divides by
+    zero there and samples NaN; it is returned as it is, so one step goes from 1 straight to 0."""
     one_minus = 1 - sigmas
+    if float(one_minus[-1]) == 0.0:
+        return sigmas
     return 1 - one_minus * ((1 - terminal) / one_minus[-1])
 
 

@@ -223,6 +223,9 @@ def test_turbo_schedule_and_steps(models):
     pipe = QwenImage21Pipeline(models["dit"], models["vae"], models["encoder"])
     with pytest.raises(ValueError, match="turbo schedule has 8 steps"):
         pipe.generate("a cat", width=64, height=64, steps=4, cfg_scale=1.0, schedule="turbo")
+    assert make_sigmas("dynamic", 1, 1024, 1024).tolist() == [1.0, 0.0]  # one step: 1 -> 0, not NaN
+    one = pipe.generate("a cat", width=64, height=64, steps=1, cfg_scale=1.0)
+    assert bool(torch.isfinite(one).all())
 
 
 # -- pixel-exact edits, by construction

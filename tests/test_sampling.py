@@ -58,6 +58,15 @@ def test_official_schedule_known_values():
     assert S.sigmas_diffusers(8, 6889)[:4].tolist() == pytest.approx([1.0, 0.923934, 0.835336, 0.730829], abs=1e-6)
 
 
+def test_one_step_schedule_goes_from_one_to_zero():
+    """One step: the terminal stretch has nothing to rescale (diffusers divides by zero and samples NaN)."""
+    ref = diffusers_sigmas(1, 4096).sigmas
+    assert bool(ref[:-1].isnan().all())  # the reference's own one-step schedule
+    for seq_len in (256, 4096, 6889):
+        assert S.sigmas_diffusers(1, seq_len).tolist() == [1.0, 0.0]
+    assert S.sigmas_diffusers(2, 4096).tolist() == pytest.approx([1.0, 0.02, 0.0], abs=1e-7)
+
+
 @pytest.mark.parametrize("steps", [1, 4, 7, 8, 20, 50])
 @pytest.mark.parametrize("shift", [3.0, 3.1, 3.5, 1.15])
 def test_comfy_schedule_equals_aura_flow_simple(steps, shift):
