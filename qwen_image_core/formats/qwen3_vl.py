@@ -6,8 +6,9 @@ Canonical names are ComfyUI's module names: `model.*` (language model, `Llama2_`
 `pos_embed`, `blocks.N.{norm1,norm2,attn.qkv,attn.proj,mlp.linear_fc1,mlp.linear_fc2}`, `merger.*`,
 `deepstack_merger_list.N.{norm,linear_fc1,linear_fc2}`), checked in Comfy-Org/ComfyUI
 `comfy/text_encoders/qwen_image21.py` @ 19d1def1f425 (its encoder subclasses qwen3vl.py's `Qwen3VLClipModel`,
-model_type qwen3vl_8b), comfyanonymous/ComfyUI `comfy/text_encoders/qwen3vl.py` @ 21f3a1cad132 and `qwen35.py` @ 0b43910a8a8a;
-they equal transformers' names with its `model.language_model.` / `model.visual.` prefixes shortened. Names seen:
+model_type qwen3vl_8b), comfyanonymous/ComfyUI `comfy/text_encoders/qwen3vl.py` @ 21f3a1cad132 and `qwen35.py`
+@ 0b43910a8a8a; they equal transformers' names with its `model.language_model.` / `model.visual.` prefixes
+shortened. Names seen:
 * Comfy-Org's files (`qwen3vl_8b_{bf16,int8_convrot,w4a8}`): the language model as `model.*`, the vision tower as
   `model.visual.*`, the generation head as a top-level `lm_head.*` (quantised in int8_convrot), which ComfyUI's
   loader renames (`model.language_model.` -> `model.`, `model.visual.` -> `visual.`, `lm_head.` -> `model.lm_head.`)
