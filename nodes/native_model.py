@@ -11,6 +11,8 @@ honour is reported with `notices.warn`, never dropped silently.
 
 from __future__ import annotations
 
+import dataclasses
+
 import comfy.conds
 import comfy.ldm.modules.attention
 import comfy.model_base
@@ -21,7 +23,7 @@ import comfy.supported_models
 import torch
 from torch import nn
 
-from ..qwen_image_core import compiled, matmul
+from ..qwen_image_core import compiled, matmul, modulation
 from ..qwen_image_core.mmdit import MMDiT
 from ..qwen_image_core.offload_plan import DiTWorkload, plan_dit, sampling_bytes
 from . import host, notices, run_modulation
@@ -257,13 +259,20 @@ def dit_model(dit: MMDiT, dtype: torch.dtype, positions: str = "official", matmu
         model = QwenPixModel(dit, dtype, device=comfy.model_management.unet_offload_device())
 
         def plan_for(card, budget, max_resident):
-            return plan_dit(dit, budget, card, model.last_workload, 0, max_resident, activation_bytes=0)
+            run = model.qwenpix_placement.run  # a run_modulation.HostRun: its modulation weights stay on the host
+            if run is None:
+                return plan_dit(dit, budget, card, model.last_workload, 0, max_resident, activation_bytes=0)
+            wl = dataclasses.replace(model.last_workload, batch=run.rows, cfg=False)  # the forwards' rows
+            return plan_dit(dit, budget, card, wl, 0, max_resident, activation_bytes=0, modulation=True,
+                            steps=run.steps)  # fmt: skip
 
-        base = placed_patcher(model, model.diffusion_model, model.diffusion_model.transformer_blocks, plan_for)
-        base.add_wrapper_with_key(  # the run's AdaLN modulation precomputed where the sampler allows it
-            comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, run_modulation.WRAPPER_KEY,
-            run_modulation.sampler_sample_wrapper,
-        )  # fmt: skip
+        host = [m for _, m in modulation.modulation_layers(dit)] if not modulation.supported(dit) else []
+        base = placed_patcher(model, model.diffusion_model, model.diffusion_model.transformer_blocks, plan_for,
+                              host_modules=host)  # fmt: skip
+        for kind, wrapper in ((comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, run_modulation.outer_sample_wrapper),
+                              (comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE,
+                               run_modulation.sampler_sample_wrapper)):  # fmt: skip
+            base.add_wrapper_with_key(kind, run_modulation.WRAPPER_KEY, wrapper)  # the run's modulation precomputed
         dit.native_patcher = base
     m = base.clone()
     if dtype != base.model.get_dtype():

@@ -79,11 +79,18 @@ SEAM = DeviceSeam()  # the host seam's one instance
 class Placement:
     """Where one model's blocks live for a device budget, shared by every clone of its patcher.
 
-    plan_for(card, budget bytes, max_resident) -> Plan.
+    plan_for(card, budget bytes, max_resident) -> Plan. `host_modules`: modules a run may leave on the host (the
+    DiT's modulation layers when the run precomputes them): `next_run` is what the next load is for (set by the
+    run's OUTER_SAMPLE wrapper, `run_modulation.outer_sample_wrapper`; None: they are placed as the rest),
+    `run` what the placed plan was made for (plan_for reads it; kept when ComfyUI only shrinks or grows the plan).
     """
 
-    def __init__(self, module: nn.Module, blocks: Sequence[nn.Module], plan_for: Callable[..., Plan]):
+    def __init__(self, module: nn.Module, blocks: Sequence[nn.Module], plan_for: Callable[..., Plan],
+                 host_modules: Sequence[nn.Module] = ()):  # fmt: skip
         self.module, self.blocks, self.plan_for = module, blocks, plan_for
+        self.host_modules = tuple(host_modules)
+        self.next_run = None
+        self.run = None
         self.offloaded: Offloaded | None = None
         self.last_plan = ""
 
@@ -112,7 +119,9 @@ class Placement:
         if device is None or torch.device(device).type == "cpu":
             return 0
         if self.offloaded is None:
-            self.offloaded = Offloaded(self.module, self.blocks, None, SEAM.transfer(torch.device(device)))
+            transfer = SEAM.transfer(torch.device(device))
+            self.offloaded = Offloaded(self.module, self.blocks, None, transfer, tail=self.host_modules)
+        self.offloaded.skip = self.host_modules if self.run is not None else ()
         card, limit = SEAM.card(torch.device(device)), 1 << 62 if budget is None else max(0, int(budget))
 
         def planner(free, mr):
@@ -288,6 +297,7 @@ class QwenPixPatcher(comfy.model_patcher.ModelPatcher):
             else:
                 lora_bytes = self._install(self.patches)
             max_resident = 0 if mm.vram_state == mm.VRAMState.NO_VRAM else None
+            self.placement.run = self.placement.next_run  # a load is for the run that asked (None: any use)
             room = None if budget is None else max(0, budget - lora_bytes)  # the factors live there too
             held = self.placement.place(device_to, room, max_resident)
             self._factors_to_compute_device()
@@ -375,10 +385,12 @@ class QwenPixPatcher(comfy.model_patcher.ModelPatcher):
 
 
 def placed_patcher(model: nn.Module, placed: nn.Module, blocks: Sequence[nn.Module], plan_for: Callable[..., Plan],
-                   load_device=None, offload_device=None, patcher_class=None) -> QwenPixPatcher:  # fmt: skip
+                   load_device=None, offload_device=None, patcher_class=None,
+                   host_modules: Sequence[nn.Module] = ()) -> QwenPixPatcher:  # fmt: skip
     """A QwenPixPatcher (or `patcher_class`, a subclass) for `model` (a ComfyUI BaseModel, or a holder module)
-    whose module `placed` (the one ComfyUI calls; its `blocks` planned by `plan_for`) is placed on the device."""
-    model.qwenpix_placement = Placement(placed, blocks, plan_for)
+    whose module `placed` (the one ComfyUI calls; its `blocks` planned by `plan_for`) is placed on the device;
+    `host_modules`: see `Placement`."""
+    model.qwenpix_placement = Placement(placed, blocks, plan_for, host_modules)
     patcher = (patcher_class or QwenPixPatcher)(
         model,
         load_device=mm.get_torch_device() if load_device is None else load_device,

@@ -21,21 +21,33 @@ the step is taken from the run itself:
 Per call (not precomputed) also: Qwen-Image-Layered (`modulation.supported`), a native matmul mode, weight hooks
 on the conditioning (per-entry weights), `double_block` replacements (they may change the block's `vec`), and the
 whole diffusion model compiled by TorchCompileModel (the loader's per-block compile keeps the table).
+
+The device bytes. `outer_sample_wrapper` (an OUTER_SAMPLE wrapper: it runs before ComfyUI loads the model) makes
+the same decision for the run and, where it precomputes, asks the load for a plan without the modulation weights
+(`patcher.Placement.next_run`: `plan_dit(modulation=True)`, the table's bytes counted instead, the weights left
+on the host and read once per run for the table), so their bytes hold more resident blocks under ComfyUI's
+budget. A run that computes per call gets them on the device as before; the same loaded model switches between
+the two kinds, moving only the difference (one host copy of streamed blocks serves both). Should a forward still
+compute per call while they are on the host, the executor copies each layer to the device for that call.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
+from dataclasses import dataclass
 
 import comfy.k_diffusion.sampling as kd
+import comfy.patcher_extension
 import comfy.samplers
 import torch
 
 from ..qwen_image_core import modulation
 
 KEY = "qwenpix_modulation"  # transformer_options entry holding the run's RunModulation
+POLICY = "qwenpix_modulation_policy"  # transformer_options entry: the run's decision ("" or why per call)
 WRAPPER_KEY = "qwenpix_modulation"
+COMPILE_KEY = "torch.compile"  # TorchCompileModel's APPLY_MODEL wrapper (comfy_api.torch_helpers)
 # k-diffusion samplers (0.3.75) whose model evaluations between the callbacks of steps i - 1 and i are all at
 # sigmas[i] (checked in their code; heun: its second evaluation, at sigmas[i + 1], follows step i's callback)
 SCHEDULE_SAMPLERS = frozenset(
@@ -84,8 +96,18 @@ class RunModulation:
             )
 
 
-def why_per_call(sampler, guider, diffusion_model) -> str:
-    """'' when this run can take the precomputed modulation, else the reason it is computed per call."""
+@dataclass(frozen=True)
+class HostRun:
+    """A run whose modulation is precomputed, as the placement plans it: `steps` table entries for forwards of
+    up to `rows` rows (`plan_dit(modulation=True)` counts the table's bytes from these)."""
+
+    steps: int
+    rows: int
+
+
+def why_per_call(sampler, guider, diffusion_model, matmul: str | None = None) -> str:
+    """'' when this run can take the precomputed modulation, else the reason it is computed per call. matmul: the
+    run's matmul mode where the MODEL's object patches are not applied yet (before the load)."""
     if not isinstance(sampler, comfy.samplers.KSAMPLER) or sampler.sampler_function not in SCHEDULE_SAMPLERS:
         return "the sampler evaluates the model between the schedule's sigmas"
     if sampler.extra_options.get("s_churn", 0.0):
@@ -95,18 +117,48 @@ def why_per_call(sampler, guider, diffusion_model) -> str:
     why = modulation.supported(diffusion_model.core)
     if why:
         return why
-    if getattr(diffusion_model, "matmul", "off") != "off":
+    if (matmul or getattr(diffusion_model, "matmul", "off")) != "off":
         return "a native matmul mode computes the modulation layers with its own kernels"
     conds = getattr(guider, "conds", None) or {}
     if any(c.get("hooks") for entries in conds.values() for c in entries):
         return "weight hooks on the conditioning change the weights per entry"
+    options = (getattr(guider, "model_options", None) or {}).get("transformer_options", {})
+    if options.get("patches_replace", {}).get("dit"):
+        return "a double_block replacement may change the blocks' timestep input"
+    if options.get("wrappers", {}).get(comfy.patcher_extension.WrappersMP.APPLY_MODEL, {}).get(COMPILE_KEY):
+        return "TorchCompileModel compiles the whole diffusion model (a table entry per step would recompile)"
     return ""
 
 
+def outer_sample_wrapper(executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
+    """OUTER_SAMPLE wrapper (before ComfyUI loads the model): the run's decision, and where it precomputes, a
+    load that leaves the modulation weights on the host (`patcher.Placement.next_run`)."""
+    guider = executor.class_obj
+    patcher = guider.model_patcher
+    matmul = patcher.object_patches.get("diffusion_model.matmul")
+    why = why_per_call(sampler, guider, patcher.model.diffusion_model, matmul) or (
+        "" if len(sigmas) > 1 else "no steps"
+    )
+    guider.model_options.setdefault("transformer_options", {})[POLICY] = why
+    placement = getattr(patcher.model, "qwenpix_placement", None)
+    hosts = not why and placement is not None and bool(getattr(placement, "host_modules", ()))
+    if hosts:  # forwards of up to every conditioning entry batched (cond + uncond, ConditioningCombine entries)
+        entries = sum(len(c) for c in (guider.conds or {}).values()) or 1
+        placement.next_run = HostRun(len(sigmas) - 1, noise.shape[0] * entries)
+    try:
+        return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
+    finally:
+        if hosts:
+            placement.next_run = None
+
+
 def sampler_sample_wrapper(executor, guider, sigmas, extra_args, callback, *args, **kwargs):
-    """SAMPLER_SAMPLE wrapper: the run's modulation precomputed where the sampler stays on the schedule."""
-    why = why_per_call(executor.class_obj, guider, guider.inner_model.diffusion_model)
+    """SAMPLER_SAMPLE wrapper: the run's modulation precomputed where the sampler stays on the schedule (the
+    OUTER_SAMPLE wrapper's decision, made before the load; this one's own where that did not run)."""
     options = extra_args.get("model_options", {}).get("transformer_options")
+    why = (options or {}).get(POLICY)
+    if why is None:
+        why = why_per_call(executor.class_obj, guider, guider.inner_model.diffusion_model)
     if why or options is None or len(sigmas) < 2:
         logging.debug("QwenPix: AdaLN modulation per call (%s)", why or "no steps")
         return executor(guider, sigmas, extra_args, callback, *args, **kwargs)

@@ -11,8 +11,10 @@ blocks stay resident) and `BlockStreamer(skip=modulation_layers(model))` leaves 
 Which entry applies must be known on the host (finding it on the device would wait for the device): the core
 sampler (`pipeline.sample`) knows its step index. ComfyUI's samplers pass the current sigma only as a device tensor;
 the bridged native MODEL follows the steps through the sampler's callback instead, for the samplers that evaluate
-only the schedule's sigmas, and computes per call for the others (nodes/run_modulation.py). There the weights stay
-placed as before (a sampler with midpoints still needs them every call): the reads are saved, not the device bytes.
+only the schedule's sigmas, and computes per call for the others (nodes/run_modulation.py). There the run's
+decision is made before ComfyUI loads the model, so a precomputing run's plan is `plan_dit(modulation=True)` too
+(the weights on the host, their device bytes holding more blocks), while a run with midpoints gets them on the
+device as the rest; the same loaded model switches between the two, moving only the difference.
 """
 
 from __future__ import annotations

@@ -44,6 +44,7 @@ class Stats:
     bytes_moved: int = 0  # host -> device bytes of streaming copies
     load_bytes: int = 0  # bytes placed on the device at attach
     host_bytes: int = 0  # host (pinned) memory holding the streamed blocks
+    fetched_bytes: int = 0  # bytes of skipped modules copied to the device because a forward ran them
     copies: Counter = field(default_factory=Counter)  # block index -> streaming copies
 
 
@@ -59,15 +60,30 @@ def _tensors(module: nn.Module) -> list[torch.Tensor]:
 
 
 class _Packed:
-    """A streamed block: its tensors packed at ALIGN offsets into host memory, with views for host and slots."""
+    """A streamed block: its tensors packed at ALIGN offsets into host memory, with views for host and slots.
+    `skip`: ids of tensors left out (left on the host); `last`: ids of tensors packed after all the others, so
+    that the copy without them is a prefix of this one (`without`)."""
 
-    def __init__(self, block: nn.Module, skip: frozenset[int] = frozenset()):
-        self.tensors = [t for t in _tensors(block) if id(t) not in skip]  # `skip`: ids of tensors left on the host
+    def __init__(self, block: nn.Module, skip: frozenset[int] = frozenset(), last: frozenset[int] = frozenset()):
+        tensors = [t for t in _tensors(block) if id(t) not in skip]
+        self.tensors = [t for t in tensors if id(t) not in last] + [t for t in tensors if id(t) in last]
         self.offsets, off = [], 0
         for t in self.tensors:
             self.offsets.append(off)
             off += -(-t.numel() * t.element_size() // ALIGN) * ALIGN
         self.nbytes = off
+
+    def without(self, skip: frozenset[int]) -> _Packed:
+        """This filled copy less the tensors whose ids are in `skip`, which must be its last ones: a view of its
+        first bytes (no second host copy)."""
+        n = sum(1 for t in self.tensors if id(t) not in skip)
+        if any(id(t) in skip for t in self.tensors[:n]):
+            raise ValueError("the tensors left out must be the last ones packed")
+        part = object.__new__(_Packed)
+        part.tensors, part.offsets = self.tensors[:n], self.offsets[:n]
+        part.nbytes = self.offsets[n] if n < len(self.tensors) else self.nbytes
+        part.host, part.host_views = self.host[: part.nbytes], self.host_views[:n]
+        return part
 
     def fill(self, host: torch.Tensor) -> None:
         """Copy the block's current tensors into `host` (uint8, nbytes long), once."""
@@ -104,11 +120,16 @@ def pack_host(packed: Sequence[_Packed], transfer: Transfer) -> list[torch.Tenso
 
 class HostCopies:
     """Packed host copies of a model's streamed blocks, made once and kept across attach / detach (so a
-    component offloaded between jobs is not re-pinned each time); `release()` frees them."""
+    component offloaded between jobs is not re-pinned each time); `release()` frees them.
 
-    def __init__(self):
+    `tail`: modules some plans leave on the host (`BlockStreamer(skip=...)`, e.g. the modulation layers of a run
+    that precomputes them) and others stream with their block: their tensors are packed last, so one host copy
+    serves both kinds of plan (the copy without them is a prefix of the whole one)."""
+
+    def __init__(self, tail: Sequence[nn.Module] = ()):
         self.packed: dict[tuple[int, frozenset[int]], _Packed] = {}  # (block, skipped tensor ids) -> its copy
         self.slabs: list[torch.Tensor] = []
+        self.tail = frozenset(id(t) for m in tail for t in _tensors(m))
 
     @property
     def nbytes(self) -> int:
@@ -118,9 +139,13 @@ class HostCopies:
             skip: frozenset[int] = frozenset()) -> dict[int, _Packed]:  # fmt: skip
         """The packed copies of blocks[i] for i in indices (without the tensors whose ids are in `skip`), packing
         (into new slabs) those not yet held."""
-        new = {(i, skip): _Packed(blocks[i], skip) for i in indices if (i, skip) not in self.packed}
+        base = frozenset() if skip and skip <= self.tail else skip  # a tail-only skip: a prefix of the whole copy
+        new = {(i, base): _Packed(blocks[i], base, self.tail) for i in indices if (i, base) not in self.packed}
         self.slabs += pack_host(list(new.values()), transfer)
         self.packed.update(new)
+        for i in indices:
+            if (i, skip) not in self.packed:
+                self.packed[i, skip] = self.packed[i, base].without(skip)
         return {i: self.packed[i, skip] for i in indices}
 
     def release(self, transfer: Transfer) -> None:
@@ -137,7 +162,9 @@ class BlockStreamer:
     context manager, or `attach()` / `detach()`; detaching restores the original host tensors. `host`:
     packed host copies to reuse and keep (default: made at attach, dropped at detach). `skip`: modules whose
     tensors stay where they are, neither placed nor streamed (the modulation layers once precomputed, see
-    `modulation.py`: the plan must be made without them, `plan_dit(modulation=True)`).
+    `modulation.py`: the plan must be made without them, `plan_dit(modulation=True)`). A skipped module that
+    runs all the same (a forward that computes its modulation per call) gets its tensors copied to the device
+    for that call and given back after it (`Stats.fetched_bytes`): slower, never wrong.
     """
 
     def __init__(self, model: nn.Module, blocks: Sequence[nn.Module], plan: Plan, transfer: Transfer,
@@ -151,7 +178,9 @@ class BlockStreamer:
         self.root = model if root is None else root
         self.host, self._own_host = host or HostCopies(), host is None
         self.stats = Stats()
+        self.skipped = tuple(skip)
         self._skip = frozenset(id(t) for m in skip for t in _tensors(m))
+        self._fetched: dict[int, list] = {}  # id(skipped module) -> [(tensor, host data, device copy)] while it runs
         self._q = {b: q for q, b in enumerate(plan.streamed)}  # block index -> position among streamed
         self._attached = False
 
@@ -194,8 +223,27 @@ class BlockStreamer:
         for i, b in enumerate(self.blocks):  # bind before any other pre-hook; release even if forward raises
             self._hooks.append(b.register_forward_pre_hook(self._pre_block(i), prepend=True))
             self._hooks.append(b.register_forward_hook(self._post_block(i), always_call=True))
+        for m in self.skipped:
+            self._hooks.append(m.register_forward_pre_hook(self._fetch, prepend=True))
+            self._hooks.append(m.register_forward_hook(self._give_back, always_call=True))
         self._attached = True
         return self
+
+    def _fetch(self, module, args) -> None:
+        """A skipped module runs after all: its host tensors copied to the device for this call."""
+        moved = []
+        for x in _tensors(module):
+            if id(x) in self._skip and not self.transfer.on_device(x):
+                dev = self.transfer.to_device(x.data)
+                moved.append((x, x.data, dev))
+                x.data = dev
+                self.stats.fetched_bytes += dev.numel() * dev.element_size()
+        self._fetched[id(module)] = moved
+
+    def _give_back(self, module, args, output) -> None:
+        for x, data, dev in self._fetched.pop(id(module), ()):
+            x.data = data
+            self.transfer.free(dev)
 
     def _place(self, streamed: set[int], reuse: dict) -> None:
         """The resident copies, the packed host copies and the staging ring (attach's part that can fail)."""

@@ -30,12 +30,12 @@ class Offloaded:
 
     def __init__(self, model: nn.Module, blocks: Sequence[nn.Module], planner: Planner, transfer: Transfer,
                  root: nn.Module | None = None, errors: tuple[type[BaseException], ...] = OOM_ERRORS,
-                 skip: Sequence[nn.Module] = ()):  # fmt: skip
+                 skip: Sequence[nn.Module] = (), tail: Sequence[nn.Module] = ()):  # fmt: skip
         self.model, self.blocks, self.planner, self.transfer, self.root = model, blocks, planner, transfer, root
         self.skip = skip  # modules left on the host (BlockStreamer's `skip`; the planner must leave them out)
         self.errors = errors
         self.streamer: BlockStreamer | None = None
-        self.host = HostCopies()
+        self.host = HostCopies(tail)  # tail: modules `skip` may name in some plans and not in others
         self.message = ""  # the last re-planning message (for the UI)
         self.placed_bytes = 0  # bytes moved to the device by attaches and re-plans so far (counted, for tests)
 
@@ -48,11 +48,12 @@ class Offloaded:
         return self
 
     def replan(self, max_resident: int | None = None) -> Plan:
-        """Plan again (the planner's budget or workload changed) and move only the difference: tensors
+        """Plan again (the planner's budget or workload changed, or `skip`) and move only the difference: tensors
         resident in both plans keep their device copies, so growing or shrinking is not a full re-upload."""
         plan = self.planner(self.transfer.free_memory(), max_resident)
         old = self.streamer.plan if self.attached else None
-        if old is not None and (old.streamed, old.buffers, old.staging_bytes) == (
+        same_skip = old is not None and [id(m) for m in self.streamer.skipped] == [id(m) for m in self.skip]
+        if same_skip and (old.streamed, old.buffers, old.staging_bytes) == (
             plan.streamed,
             plan.buffers,
             plan.staging_bytes,
