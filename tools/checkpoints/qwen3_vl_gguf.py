@@ -24,7 +24,7 @@ import torch
 
 from tools.checkpoints import gguf as G
 from tools.checkpoints.qwen3_vl import legacy_state_dict
-from tools.checkpoints.qwen_vl_gguf import _add, _metadata, stored_bytes
+from tools.checkpoints.qwen_vl_gguf import _add, _metadata, stored_bytes, text_metadata, write_language_model
 
 __all__ = ["reference_weights", "stored_bytes", "text_names", "vision_parts", "write_mmproj", "write_text"]
 
@@ -68,29 +68,13 @@ def write_text(
     """The language model of `model` (transformers' Qwen3-VL, see tools.checkpoints.qwen3_vl) as llama.cpp's
     `<arch>` GGUF of file type `qtype`. `metadata`: keys to change (a value) or drop (None) after the real ones."""
     sd, t = legacy_state_dict(model), model.config.text_config
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(str(path), arch=arch)
-    rope = t.rope_parameters
     real = {
-        "general.name": name, f"{arch}.context_length": t.max_position_embeddings,
-        f"{arch}.embedding_length": t.hidden_size, f"{arch}.block_count": t.num_hidden_layers,
-        f"{arch}.feed_forward_length": t.intermediate_size, f"{arch}.attention.head_count": t.num_attention_heads,
-        f"{arch}.attention.head_count_kv": t.num_key_value_heads, f"{arch}.attention.key_length": t.head_dim,
-        f"{arch}.attention.value_length": t.head_dim, f"{arch}.rope.freq_base": rope["rope_theta"],
-        f"{arch}.attention.layer_norm_rms_epsilon": t.rms_norm_eps,
-        f"{arch}.rope.dimension_sections": [*rope["mrope_section"], 0],
+        **text_metadata(arch, name, t), f"{arch}.attention.key_length": t.head_dim,
+        f"{arch}.attention.value_length": t.head_dim,
         f"{arch}.n_deepstack_layers": len(model.config.vision_config.deepstack_visual_indexes),
-        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "qwen2",
     }  # fmt: skip
-    _metadata(writer, {**real, **metadata})
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    writer.add_file_type(gguf.LlamaFileType[G.FILE_TYPES[qtype]])
-    for key, legacy in text_names(sd).items():
-        if lm_head or not legacy.startswith("lm_head."):
-            _add(writer, key, sd[legacy], qtype, types, seed)
-    G.finish(writer)
-    return path
+    return write_language_model(path, sd, text_names(sd), arch, real, qtype, types=types, lm_head=lm_head, seed=seed,
+                                metadata=metadata)  # fmt: skip
 
 
 def write_mmproj(

@@ -89,18 +89,10 @@ def _add(writer, name: str, t: torch.Tensor, qtype: str, types: Mapping[str, str
     writer.add_tensor(name, encode(name, x, kind, seed), raw_dtype=gguf.GGMLQuantizationType[kind])
 
 
-def write_text(
-    path, model, qtype: str = "Q8_0", seed: int = 0, *, types: Mapping[str, str] = {}, lm_head: bool = True,
-    arch: str = "qwen2vl", name: str = "Qwen2.5 VL 7B Instruct", metadata: Mapping[str, object] = {},
-) -> Path:  # fmt: skip
-    """The language model of `model` (transformers' Qwen2.5-VL, see tools.checkpoints.qwen_vl) as llama.cpp's
-    `<arch>` GGUF of file type `qtype`. `metadata`: keys to change (a value) or drop (None) after the real ones."""
-    sd, t = legacy_state_dict(model), model.config.text_config
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(str(path), arch=arch)
+def text_metadata(arch: str, name: str, t) -> dict[str, object]:
+    """The `<arch>.*` metadata llama.cpp's converter writes for a Qwen-VL language model of config `t`."""
     rope = t.rope_parameters
-    real = {
+    return {
         "general.name": name, f"{arch}.context_length": t.max_position_embeddings,
         f"{arch}.embedding_length": t.hidden_size, f"{arch}.block_count": t.num_hidden_layers,
         f"{arch}.feed_forward_length": t.intermediate_size, f"{arch}.attention.head_count": t.num_attention_heads,
@@ -109,14 +101,37 @@ def write_text(
         f"{arch}.rope.dimension_sections": [*rope["mrope_section"], 0],
         "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "qwen2",
     }  # fmt: skip
+
+
+def write_language_model(
+    path, sd: Mapping[str, torch.Tensor], names: Mapping[str, str], arch: str, real: Mapping[str, object],
+    qtype: str, *, types: Mapping[str, str], lm_head: bool, seed: int, metadata: Mapping[str, object],
+) -> Path:  # fmt: skip
+    """A language-model GGUF: metadata `real` updated by `metadata` (None drops a key), then the tensors
+    {GGUF name: state-dict name} of `names` (lm_head only if asked) in file type `qtype`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(str(path), arch=arch)
     _metadata(writer, {**real, **metadata})
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_file_type(gguf.LlamaFileType[G.FILE_TYPES[qtype]])
-    for key, legacy in text_names(sd).items():
+    for key, legacy in names.items():
         if lm_head or not legacy.startswith("lm_head."):
             _add(writer, key, sd[legacy], qtype, types, seed)
     G.finish(writer)
     return path
+
+
+def write_text(
+    path, model, qtype: str = "Q8_0", seed: int = 0, *, types: Mapping[str, str] = {}, lm_head: bool = True,
+    arch: str = "qwen2vl", name: str = "Qwen2.5 VL 7B Instruct", metadata: Mapping[str, object] = {},
+) -> Path:  # fmt: skip
+    """The language model of `model` (transformers' Qwen2.5-VL, see tools.checkpoints.qwen_vl) as llama.cpp's
+    `<arch>` GGUF of file type `qtype`. `metadata`: keys to change (a value) or drop (None) after the real ones."""
+    sd = legacy_state_dict(model)
+    real = text_metadata(arch, name, model.config.text_config)
+    return write_language_model(path, sd, text_names(sd), arch, real, qtype, types=types, lm_head=lm_head, seed=seed,
+                                metadata=metadata)  # fmt: skip
 
 
 def write_mmproj(
