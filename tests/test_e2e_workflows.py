@@ -40,6 +40,7 @@ EXPECTED_SIZE = {
     "qwen_image_21_turbo_t2i": (1024, 1024),
     "qwen_image_21_edit_3_references": (384, 256),  # image1's own size (references padded, cropped back)
     "qwen_image_21_background_removal": (384, 256),  # the picture's own size, RGBA
+    "qwen_image_21_masked_edit": (384, 256),  # the 2.1 edit of the crop stitched back into the example input
 }
 # examples whose result carries an alpha channel (saved as an RGBA PNG)
 RGBA = ("qwen_image_21_background_removal", "qwen_image_layered")  # examples that save RGBA PNGs
@@ -48,7 +49,7 @@ RGBA = ("qwen_image_21_background_removal", "qwen_image_layered")  # examples th
 EXPECTED_IMAGES = {"qwen_image_layered": 2}
 # examples that repaint only Load Image's mask (1 - alpha) of this input: outside it the result is the input
 MASKED_INPUT = ROOT / "workflows" / "inputs" / "qwenpix_example_masked.png"
-MASKED = ("qwen_image_controlnet_inpaint", "qwen_image_edit_masked_crop_stitch")
+MASKED = ("qwen_image_controlnet_inpaint", "qwen_image_edit_masked_crop_stitch", "qwen_image_21_masked_edit")
 SMOKE_LAYERS = 1
 
 

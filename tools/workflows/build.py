@@ -312,5 +312,8 @@ def write_thumbnail(path: Path, title: str, graph: dict) -> None:
             lines[-1] = f"{lines[-1]} {word}".strip()
         d.multiline_text((36, 152), "\n".join(lines[:6]), fill=(40, 40, 40), font=font, spacing=6)
     d.text((20, 24), "QwenPix", fill=(255, 214, 120), font=ImageFont.load_default(size=22))
-    d.text((20, 60), title, fill=(255, 255, 255), font=ImageFont.load_default(size=30 if len(title) < 30 else 24))
+    size = 30  # the largest size at which the title fits the card's width (never below 18)
+    while size > 18 and d.textlength(title, font=ImageFont.load_default(size=size)) > w - 40:
+        size -= 1
+    d.text((20, 60), title, fill=(255, 255, 255), font=ImageFont.load_default(size=size))
     img.save(path, quality=88)

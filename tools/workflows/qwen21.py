@@ -1,14 +1,15 @@
 """The Qwen-Image-2.1 example workflows (issue 17), described as data in tools/workflows/build.py's format.
 
-Four graphs on the 2.1 nodes (`nodes/qwen21.py`): text-to-image (the base checkpoint, dynamic shift, true CFG 4),
+Five graphs on the 2.1 nodes (`nodes/qwen21.py`): text-to-image (the base checkpoint, dynamic shift, true CFG 4),
 an edit with 3 references (`<image1>` .. `<image3>`, the output sized to image1, references padded not
-resampled), the Turbo checkpoint's 8 published sigmas at CFG 1, and background removal (an RGBA result: the
-decoded alpha joined back onto the picture and saved as a PNG with alpha).
+resampled), the Turbo checkpoint's 8 published sigmas at CFG 1, background removal (an RGBA result: the
+decoded alpha joined back onto the picture and saved as a PNG with alpha), and a masked edit (the pack's Crop To
+Mask / Stitch Into Original around the 2.1 nodes: only the masked pixels change).
 """
 
 from __future__ import annotations
 
-from tools.workflows.build import POSITIVE
+from tools.workflows.build import MASKED_IMAGE, POSITIVE
 
 REPO = "https://huggingface.co/Comfy-Org/Qwen-Image-2.1/resolve/main"  # no split_files/ prefix in this repo
 DIT, TURBO = "qwen_image_2.1_int8_convrot.safetensors", "qwen_image_2.1_turbo_int8_convrot.safetensors"
@@ -26,10 +27,12 @@ TITLES = {
     "qwen_image_21_edit_3_references": "Qwen-Image-2.1 Edit with 3 Reference Images",
     "qwen_image_21_turbo_t2i": "Qwen-Image-2.1 Turbo Text to Image (8 steps)",
     "qwen_image_21_background_removal": "Qwen-Image-2.1 Remove Background (RGBA PNG)",
+    "qwen_image_21_masked_edit": "Qwen-Image-2.1 Masked Edit (crop and stitch)",
 }
 T2I_PROMPT = "A cosy reading corner by a rainy window, warm lamp light, a cat asleep on a knitted blanket."
 EDIT_PROMPT = "Place the house of <image1> in the landscape of <image3>, painted in the style of <image2>."
 REMOVE_PROMPT = "Remove the background, and output a PNG image"  # the official template's prompt
+MASKED_PROMPT = "Turn the masked object in <image1> into a bronze statue."
 USAGE = """\
 Qwen-Image-2.1 runs on the QwenPix 2.1 nodes; the Qwen-Image-2.1 Sampler samples exactly as the reference does.
 ComfyUI's samplers work too: the loader's `model` output, Encode's `positive` / `negative` into KSampler (put
@@ -74,6 +77,22 @@ def _graph(dit: str, prompt: str, images: int, steps: int, cfg: float, schedule:
     return g
 
 
+def _masked_edit() -> dict:
+    """Crop To Mask cuts Load Image's mask (1 - alpha, plus 32 px) out at ~1 MP, the 2.1 nodes edit that crop (the
+    result has its size), Stitch Into Original pastes only the masked pixels back onto the original."""
+    base = _graph(DIT, MASKED_PROMPT, 0, 40, 4.0, "dynamic", False, "masked_edit")
+    g = _loaders(DIT)
+    g["img"] = ("LoadImage", {"image": MASKED_IMAGE})
+    g["crop"] = ("QwenPixMaskCrop", {"image": ("img", 0), "mask": ("img", 1), "padding": 32, "megapixels": 1.0})
+    kind, inputs, ui = base["encode"]
+    g["encode"] = (kind, {**inputs, "image1": ("crop", 0)}, ui)
+    g["sampler"], g["decode"] = base["sampler"], base["decode"]
+    g["stitch"] = ("QwenPixMaskStitch", {"edited": ("decode", 0), "crop": ("crop", 2), "original": ("img", 0),
+                                         "mask": ("img", 1)})  # fmt: skip
+    g["save"] = ("SaveImage", {"images": ("stitch", 0), "filename_prefix": "QwenPix/qwen21/masked_edit"})
+    return g
+
+
 # name -> what the note says about that example, before the shared usage text
 NOTES = {
     "qwen_image_21_t2i": "Text to image with the base checkpoint: 1024x1024, 40 steps, dynamic shift, true CFG 4.",
@@ -88,6 +107,12 @@ NOTES = {
     "qwen_image_21_background_removal": (
         "Background removal: the official prompt with `rgba` on; Decode's alpha MASK is joined back onto the "
         "picture and Save Image writes a PNG with alpha (25 steps, CFG 1)."
+    ),
+    "qwen_image_21_masked_edit": (
+        "Masked edit: paint the mask in the Mask Editor (Load Image's alpha). Qwen-Image Crop To Mask cuts the "
+        "masked area (plus 32 px) out at ~1 MP, the 2.1 nodes edit it as `<image1>` (the result has the crop's "
+        "size), Qwen-Image Stitch Into Original pastes only the masked pixels back: everything outside the mask "
+        "keeps its exact pixels. 40 steps, true CFG 4."
     ),
 }
 
@@ -106,5 +131,6 @@ def graphs() -> dict[str, tuple[str, dict]]:
         "qwen_image_21_edit_3_references": _graph(DIT, EDIT_PROMPT, 3, 40, 4.0, "dynamic", False, "edit"),
         "qwen_image_21_turbo_t2i": _graph(TURBO, T2I_PROMPT, 0, 8, 1.0, "turbo", False, "turbo"),
         "qwen_image_21_background_removal": _graph(DIT, REMOVE_PROMPT, 1, 25, 1.0, "dynamic", True, "rgba"),
+        "qwen_image_21_masked_edit": _masked_edit(),
     }
     return {name: (note_text(name), g) for name, g in built.items()}
