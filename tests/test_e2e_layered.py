@@ -63,8 +63,14 @@ def graph(dit=LAYERED_DIT, vae=RGBA_VAE, layers=1, cfg=1.0, steps=1):
     }
 
 
+def runs(total: int) -> list[tuple[int, int]]:
+    return [(i, total) for i in range(1, total + 1)]
+
+
 def test_layers_saved_as_rgba_pngs_keep_the_decoded_alpha(layered_models, client):
-    prompt = graph(layers=2)
+    """Every layer saved as an RGBA PNG equal to the decoded layers; the sampler and decode report ComfyUI
+    progress as v1's nodes do (VAE stages, steps)."""
+    prompt = graph(layers=2, steps=2)
     prompt["save"] = node("SaveImage", images=["decode", 0], filename_prefix="layered/e2e")
     prompt["dump"] = node("QwenPixTestDumpImage", images=["decode", 0], name="layered_layers")
     prompt["mask_img"] = node("MaskToImage", mask=["decode", 1])
@@ -73,6 +79,15 @@ def test_layers_saved_as_rgba_pngs_keep_the_decoded_alpha(layered_models, client
     res = client.run(prompt, timeout=300)
     assert res.status == "success", (res.error() or {}).get("exception_message")
     assert "Qwen-Image-Layered" in str(res.outputs["dit"]["qwenpix_plan"])  # the loader says what drives it
+    progress = {
+        n: [(e["data"]["value"], e["data"]["max"]) for e in res.events if e.get("type") == "progress"
+            and e["data"].get("node") == n] for n in ("sample", "decode")
+    }  # fmt: skip
+    sample, decode = progress["sample"], progress["decode"]
+    stages = sample[0][1]  # the picture's VAE encode, per encoder stage, then the sampler's steps (2 here)
+    assert stages >= 2 and sample == runs(stages) + runs(2), sample
+    stages = decode[0][1]  # per decoder stage: the layers, then the composite
+    assert stages >= 2 and decode == runs(stages) * 2, decode
     out = layered_models.output_dir
     layers = np.load(out / "layered_layers.npy")
     assert layers.shape == (2, 512, 768, 4)  # 96x64 -> about 640^2 at 3:2, sides multiples of 32
