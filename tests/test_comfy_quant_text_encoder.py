@@ -55,7 +55,13 @@ def test_quantised_text_encoder_matches_transformers_on_kitchen_weights(tmp_path
     expected = oracle_hidden(oracle, ids, torch.ones_like(ids), pv, grids)
     assert (ours_hidden(model, ids, pv, grids) - expected).abs().max() <= 1e-5
     rows = torch.tensor([[3, 151000, 7]])
-    assert torch.equal(table(rows, torch.float32), weights["model.embed_tokens.weight"][rows])
+    got, want = table(rows, torch.float32), weights["model.embed_tokens.weight"][rows]
+    if embedding == "float8_e4m3fn":
+        assert torch.equal(got, want)
+    else:  # the ConvRot un-rotation of 3 rows is a 3-row matmul: BLAS may round it unlike the whole table's
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()  # float32 rounding (measured 5.9e-7 here)
+        full = table.quant.dequantize(table.weight, {n: getattr(table, n) for n in table.quant.extras}, torch.float32)
+        assert torch.equal(full, weights["model.embed_tokens.weight"])  # the whole table: kitchen's bits
 
 
 def test_an_unknown_format_in_a_text_encoder_names_itself(tmp_path, ref):
