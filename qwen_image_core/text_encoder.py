@@ -5,7 +5,9 @@ meta-built model filled by assignment, and finds the tokenizer. `TextEncoder.enc
 in the chosen template, runs the vision tower on the images and the language model on the tokens, and
 returns the final-normed last hidden state without the template prefix, zero-padded, with a bool mask —
 the same numbers as diffusers' `encode_prompt`. Results are kept in a small LRU cache keyed by prompt,
-images, template, settings and the weights' identity, so re-queuing a prompt does not re-run the model.
+images, template, settings and the weights' identity, so re-queuing a prompt does not re-run the model; the
+vision tower's features of the last pictures are kept too (`VISION_CACHE`), so the negative prompt of an edit
+(a second node with the same pictures) does not run the vision tower again.
 """
 
 from __future__ import annotations
@@ -58,6 +60,9 @@ def _weights_id(path: Path, extra: Sequence[Path] = ()) -> str:
     return "|".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
 
 
+VISION_CACHE = 2  # picture sets whose vision features are kept (an edit's prompt and negative prompt share one)
+
+
 class TextEncoder:
     """A loaded Qwen2.5-VL encoder with its tokenizer and an embedding cache."""
 
@@ -68,6 +73,7 @@ class TextEncoder:
         self.source = source  # the file or folder, for messages
         self.cache_size = cache_size
         self._cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._vision: OrderedDict[tuple, tuple[torch.Tensor, list]] = OrderedDict()  # -> (features, grids)
 
     @property
     def has_vision(self) -> bool:
@@ -75,6 +81,7 @@ class TextEncoder:
 
     def clear_cache(self) -> None:
         self._cache.clear()
+        self._vision.clear()
 
     def encode(
         self,
@@ -118,7 +125,16 @@ class TextEncoder:
         todo = list(dict.fromkeys(k for k in keys if k not in self._cache))
         if todo:
             rows = self._run(
-                [k[0] for k in todo], images, template, limit, dtype, device, min_pixels, max_pixels, check
+                [k[0] for k in todo],
+                images,
+                template,
+                limit,
+                dtype,
+                device,
+                min_pixels,
+                max_pixels,
+                check,
+                vision_key=(image_key, *settings[2:]),
             )
             for k, r in zip(todo, rows, strict=True):
                 self._cache[k] = r
@@ -137,6 +153,22 @@ class TextEncoder:
             mask[i, : r.shape[0]] = True
         return embeds, mask
 
+    def _vision_features(self, images, dtype, device, min_pixels, max_pixels, check, key) -> tuple[torch.Tensor, list]:
+        """The vision tower's merged features [M, hidden] and grids of `images`, from the last VISION_CACHE picture
+        sets when `key` (pictures, dtype, device, pixel limits, weights) was seen."""
+        if key is not None and key in self._vision:
+            self._vision.move_to_end(key)
+            return self._vision[key]
+        pix = [vision_patches(im, min_pixels, max_pixels) for im in images]
+        grids = [g for _, g in pix]
+        patches = torch.cat([p for p, _ in pix]).to(device=device, dtype=dtype)
+        out = self.model.encode_images(patches, grids, check), grids  # [M, hidden]
+        if key is not None:
+            self._vision[key] = out
+            while len(self._vision) > VISION_CACHE:
+                self._vision.popitem(last=False)
+        return out
+
     @staticmethod
     def _limit(template: str, requested: int | None) -> int | None:
         cap = TEMPLATES[template].max_tokens
@@ -151,16 +183,13 @@ class TextEncoder:
 
     @torch.inference_mode()
     def _run(
-        self, prompts, images, template, limit, dtype, device, min_pixels, max_pixels, check=None
+        self, prompts, images, template, limit, dtype, device, min_pixels, max_pixels, check=None, vision_key=None
     ) -> list[torch.Tensor]:
         """Encode prompts not in the cache: one batched pass; returns each prompt's kept rows [T_i, hidden]."""
         drop = TEMPLATES[template].drop
         feats, grids = None, []
         if images:
-            pix = [vision_patches(im, min_pixels, max_pixels) for im in images]
-            grids = [g for _, g in pix]
-            patches = torch.cat([p for p, _ in pix]).to(device=device, dtype=dtype)
-            feats = self.model.encode_images(patches, grids, check)  # [M, hidden]
+            feats, grids = self._vision_features(images, dtype, device, min_pixels, max_pixels, check, vision_key)
         counts = [t * h * w // self.model.visual.cfg.merge_size**2 for t, h, w in grids] if images else []
 
         rows = []

@@ -154,6 +154,27 @@ def test_cache_skips_the_model(te):
     assert len(te._cache) == 2
 
 
+def test_the_negative_prompt_of_an_edit_reuses_the_vision_features(te):
+    """A second prompt on the same pictures (an edit's negative, another node) runs the language model only; its
+    embeddings equal those of both prompts encoded together and each alone from an empty cache."""
+    te.clear_cache()
+    pictures = [noise(64, 64, 2), noise(48, 80, 3)]
+    vision = []
+    hook = te.model.visual.register_forward_hook(lambda *a: vision.append(1))
+    try:
+        pos = te.encode("put the cat of Picture 2 in Picture 1", images=pictures, template="edit_plus")
+        neg = te.encode(" ", images=pictures, template="edit_plus")
+        assert len(vision) == 1  # the negative's pictures came from the vision cache
+        te.encode(" ", images=pictures[:1], template="edit_plus")  # other pictures: the tower runs
+        assert len(vision) == 2
+    finally:
+        hook.remove()
+    for text, got in (("put the cat of Picture 2 in Picture 1", pos), (" ", neg)):
+        te.clear_cache()
+        alone = te.encode(text, images=pictures, template="edit_plus")
+        assert torch.equal(alone[0], got[0]) and torch.equal(alone[1], got[1])
+
+
 def test_bf16_compute_runs_close_to_fp32(te):
     """The compute dtype comes from the call (bf16 on GPUs); weights stay as stored."""
     image = [noise(80, 120, 3)]
