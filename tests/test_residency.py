@@ -47,7 +47,6 @@ BUDGET = 8 * MiB  # the fake GPU
 INFERENCE = 256 << 10  # comfy.model_management.minimum_inference_memory()
 RESERVE = 64 << 10  # EXTRA_RESERVED_VRAM (--reserve-vram)
 PROMPT = 1 * MiB  # a prompt's memory_required
-CARD = offload_plan.Card("fake GPU", BUDGET, 1.0, 1.0)
 LAYERS = 6
 
 
@@ -84,7 +83,7 @@ class FakeGPU:
         return self.transfers[-1]
 
     def card(self, device):
-        return CARD
+        return offload_plan.Card("fake GPU", self.budget, 1.0, 1.0)
 
     def held(self) -> int:
         native = sum(n.loaded_size() for n in self.natives if n.model.device == GPU)
@@ -104,10 +103,10 @@ class FakeGPU:
         return m
 
 
-@pytest.fixture
-def gpu(monkeypatch):
-    """ComfyUI on a fake GPU of BUDGET bytes, with an empty loaded-model list (NORMAL_VRAM)."""
-    fake = FakeGPU(BUDGET)
+def fake_gpu(monkeypatch, budget: int) -> FakeGPU:
+    """ComfyUI on a fake GPU of `budget` bytes, with an empty loaded-model list (NORMAL_VRAM); the text encoders'
+    device too. Other test modules' fixtures call it with their own budget."""
+    fake = FakeGPU(budget)
     monkeypatch.setattr(mm, "current_loaded_models", [])
     monkeypatch.setattr(mm, "vram_state", mm.VRAMState.NORMAL_VRAM)
     monkeypatch.setattr(mm, "get_torch_device", lambda: GPU)
@@ -119,6 +118,12 @@ def gpu(monkeypatch):
     monkeypatch.setattr(mm, "soft_empty_cache", lambda force=False: None)
     monkeypatch.setattr(patcher, "SEAM", patcher.DeviceSeam(fake.transfer, fake.card))
     return fake
+
+
+@pytest.fixture
+def gpu(monkeypatch):
+    """ComfyUI on a fake GPU of BUDGET bytes."""
+    return fake_gpu(monkeypatch, BUDGET)
 
 
 @pytest.fixture(scope="module")

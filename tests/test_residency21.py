@@ -14,7 +14,7 @@ import importlib
 
 import pytest
 import torch
-from test_residency import GPU, INFERENCE, RESERVE, FakeGPU, block_bytes, loaded, nbytes, state
+from test_residency import GPU, INFERENCE, RESERVE, block_bytes, fake_gpu, loaded, nbytes, state
 from transformers import Qwen2Tokenizer
 
 from oracles import TOKENIZER
@@ -57,23 +57,6 @@ def tiny_qwen3_vl() -> torch.nn.Module:
 @pytest.fixture(scope="module")
 def model():
     return tiny_qwen3_vl()
-
-
-def fake_gpu(monkeypatch, budget: int) -> FakeGPU:
-    """ComfyUI on a fake GPU of `budget` bytes (as test_residency's `gpu` fixture)."""
-    fake = FakeGPU(budget)
-    fake.card = lambda device: offload_plan.Card("fake GPU", budget, 1.0, 1.0)
-    monkeypatch.setattr(mm, "current_loaded_models", [])
-    monkeypatch.setattr(mm, "vram_state", mm.VRAMState.NORMAL_VRAM)
-    monkeypatch.setattr(mm, "get_torch_device", lambda: GPU)
-    monkeypatch.setattr(mm, "text_encoder_device", lambda: GPU)
-    monkeypatch.setattr(mm, "get_free_memory", fake.free)
-    monkeypatch.setattr(mm, "get_total_memory", fake.total)
-    monkeypatch.setattr(mm, "minimum_inference_memory", lambda: INFERENCE)
-    monkeypatch.setattr(mm, "EXTRA_RESERVED_VRAM", RESERVE)
-    monkeypatch.setattr(mm, "soft_empty_cache", lambda force=False: None)
-    monkeypatch.setattr(patcher, "SEAM", patcher.DeviceSeam(fake.transfer, fake.card))
-    return fake
 
 
 def activations(model, tokens: int = TOKENS) -> int:

@@ -19,7 +19,7 @@ import importlib
 import pytest
 import torch
 from test_modulation_precompute import Reads
-from test_residency import GPU, INFERENCE, RESERVE, FakeGPU, loaded, nbytes, state
+from test_residency import GPU, fake_gpu, loaded, nbytes, state
 
 from tools.checkpoints import dit as W
 from tools.comfy_paths import import_comfy_for_oracle, import_pack
@@ -48,18 +48,8 @@ CPU = torch.device("cpu")
 
 @pytest.fixture
 def gpu(monkeypatch):
-    """ComfyUI on a fake GPU of BUDGET bytes (test_residency's, with this module's budget)."""
-    fake = FakeGPU(BUDGET)
-    monkeypatch.setattr(mm, "current_loaded_models", [])
-    monkeypatch.setattr(mm, "vram_state", mm.VRAMState.NORMAL_VRAM)
-    monkeypatch.setattr(mm, "get_torch_device", lambda: GPU)
-    monkeypatch.setattr(mm, "get_free_memory", fake.free)
-    monkeypatch.setattr(mm, "get_total_memory", fake.total)
-    monkeypatch.setattr(mm, "minimum_inference_memory", lambda: INFERENCE)
-    monkeypatch.setattr(mm, "EXTRA_RESERVED_VRAM", RESERVE)
-    monkeypatch.setattr(mm, "soft_empty_cache", lambda force=False: None)
-    monkeypatch.setattr(patcher, "SEAM", patcher.DeviceSeam(fake.transfer, fake.card))
-    return fake
+    """ComfyUI on test_residency's fake GPU, with this module's budget."""
+    return fake_gpu(monkeypatch, BUDGET)
 
 
 @pytest.fixture(scope="module")
