@@ -60,7 +60,8 @@ def _weights_id(path: Path, extra: Sequence[Path] = ()) -> str:
     return "|".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
 
 
-VISION_CACHE = 2  # picture sets whose vision features are kept (an edit's prompt and negative prompt share one)
+VISION_CACHE = 2  # picture sets whose vision features are kept (an edit's prompt and negative prompt share one;
+# none when the encoder's cache_size is 0)
 
 
 class TextEncoder:
@@ -163,9 +164,10 @@ class TextEncoder:
         grids = [g for _, g in pix]
         patches = torch.cat([p for p, _ in pix]).to(device=device, dtype=dtype)
         out = self.model.encode_images(patches, grids, check), grids  # [M, hidden]
-        if key is not None:
+        keep = min(VISION_CACHE, self.cache_size)  # cache_size 0: no caching at all
+        if key is not None and keep:
             self._vision[key] = out
-            while len(self._vision) > VISION_CACHE:
+            while len(self._vision) > keep:
                 self._vision.popitem(last=False)
         return out
 
