@@ -155,17 +155,7 @@ def deepstack_blocks(f: gguf.GGUFFile, depth: int) -> tuple[int, ...]:
 
 def vision_layout(f: gguf.GGUFFile, text_width: int) -> tuple[dict, dict]:
     """The vision tower's plan and its Vision3Config sizes from an mmproj file, checked against the text width."""
-    if f.architecture != VISION_ARCH:
-        raise CheckpointError(
-            f"{f.path}: not a vision projector (mmproj) file; it holds {V1._other(f.architecture)[0]}"
-        )
-    if f.metadata.get("clip.has_vision_encoder") is False:
-        raise CheckpointError(f"{f.path}: this mmproj file has no vision encoder (clip.has_vision_encoder)")
-    kind = f.metadata.get("clip.vision.projector_type", f.metadata.get("clip.projector_type"))
-    if kind is not None and kind not in PROJECTORS:
-        what = OTHER_PROJECTORS.get(kind, f"projector {kind!r}")
-        raise CheckpointError(f"{f.path}: this mmproj file is the vision tower of {what} (clip.projector_type), "
-                              f"not {WHAT}'s")  # fmt: skip
+    V1.check_mmproj(f, PROJECTORS, OTHER_PROJECTORS, WHAT)
     sizes, keys = _sizes(f, VISION_METADATA)
     depth = _blocks(f, "v.blk.")
     _check(f, sizes, keys, VISION_WITNESSES, ("v.blk.", depth), "depth")
@@ -175,11 +165,7 @@ def vision_layout(f: gguf.GGUFFile, text_width: int) -> tuple[dict, dict]:
     plan = _plan(f, VISION_GLOBAL | deepstack, VISION_LAYER, VISION_JOINED, {}, "v.blk.", "visual.blocks.",
                  layers=sizes.get("depth"), what=f"{WHAT} mmproj")  # fmt: skip
     sizes["deepstack_layers"] = blocks
-    out = plan["visual.merger.linear_fc2.weight"].shape()[0]
-    if out != text_width:
-        key = keys.get("out_hidden_size", "mm.2.weight")
-        raise CheckpointError(f"{f.path}: this vision tower projects to {out} channels ({key}), the language model "
-                              f"is {text_width} wide: it belongs to another model size")  # fmt: skip
+    V1.check_projection(f, plan["visual.merger.linear_fc2.weight"].shape()[0], text_width, keys)
     side, patch = math.isqrt(f.shape("v.position_embd.weight")[0]), f.shape("v.patch_embd.weight")[2]
     image = f.metadata.get(IMAGE_SIZE)
     if image is not None and image != side * patch:

@@ -256,26 +256,36 @@ def text_layout(f: gguf.GGUFFile) -> tuple[dict[str, Source], dict]:
     return plan, sizes
 
 
-def vision_layout(f: gguf.GGUFFile, text_width: int) -> tuple[dict[str, Source], dict]:
-    """The vision tower's plan and its VisionConfig sizes from an mmproj file, checked against the text width."""
+def check_mmproj(f: gguf.GGUFFile, projectors, other_projectors: Mapping[str, str], what: str) -> None:
+    """Raise unless `f` is an mmproj file with a vision encoder whose projector type (if stated) is one of
+    `projectors` (`what`: the model it must belong to)."""
     if f.architecture != VISION_ARCH:
         raise CheckpointError(f"{f.path}: not a vision projector (mmproj) file; it holds {_other(f.architecture)[0]}")
     if f.metadata.get("clip.has_vision_encoder") is False:
         raise CheckpointError(f"{f.path}: this mmproj file has no vision encoder (clip.has_vision_encoder)")
     kind = f.metadata.get("clip.vision.projector_type", f.metadata.get("clip.projector_type"))
-    if kind is not None and kind not in PROJECTORS:
-        what = OTHER_PROJECTORS.get(kind, f"projector {kind!r}")
-        raise CheckpointError(f"{f.path}: this mmproj file is the vision tower of {what} (clip.projector_type), "
-                              "not Qwen2.5-VL's")  # fmt: skip
-    sizes, keys = _sizes(f, VISION_METADATA)
-    _check(f, sizes, keys, VISION_WITNESSES, ("v.blk.", _blocks(f, "v.blk.")), "depth")
-    plan = _plan(f, VISION_GLOBAL, VISION_LAYER, VISION_JOINED, VISION_JOINED_LAYER, "v.blk.", "visual.blocks.",
-                 layers=sizes.get("depth"))  # fmt: skip
-    out = plan["visual.merger.mlp.2.weight"].shape()[0]
+    if kind is not None and kind not in projectors:
+        other = other_projectors.get(kind, f"projector {kind!r}")
+        raise CheckpointError(f"{f.path}: this mmproj file is the vision tower of {other} (clip.projector_type), "
+                              f"not {what}'s")  # fmt: skip
+
+
+def check_projection(f: gguf.GGUFFile, out: int, text_width: int, keys: Mapping[str, str]) -> None:
+    """Raise unless the vision tower's `out` channels are the language model's width."""
     if out != text_width:
         key = keys.get("out_hidden_size", "mm.2.weight")
         raise CheckpointError(f"{f.path}: this vision tower projects to {out} channels ({key}), the language model "
                               f"is {text_width} wide: it belongs to another model size")  # fmt: skip
+
+
+def vision_layout(f: gguf.GGUFFile, text_width: int) -> tuple[dict[str, Source], dict]:
+    """The vision tower's plan and its VisionConfig sizes from an mmproj file, checked against the text width."""
+    check_mmproj(f, PROJECTORS, OTHER_PROJECTORS, "Qwen2.5-VL")
+    sizes, keys = _sizes(f, VISION_METADATA)
+    _check(f, sizes, keys, VISION_WITNESSES, ("v.blk.", _blocks(f, "v.blk.")), "depth")
+    plan = _plan(f, VISION_GLOBAL, VISION_LAYER, VISION_JOINED, VISION_JOINED_LAYER, "v.blk.", "visual.blocks.",
+                 layers=sizes.get("depth"))  # fmt: skip
+    check_projection(f, plan["visual.merger.mlp.2.weight"].shape()[0], text_width, keys)
     depth, pattern = _blocks(f, "v.blk."), f.metadata.get(WA_PATTERN)
     if pattern is not None and "full_attention_blocks" not in sizes:
         pattern = _value("depth", pattern, f"{f.path}: metadata {WA_PATTERN}")
