@@ -179,20 +179,35 @@ def detect(keys, path) -> tuple[str, str]:
     )
 
 
-_WAN_RULES = [(re.compile(p), s) for p, s in (
-    (r"^encoder\.downsamples\.(\d+)\.", r"encoder.down_blocks.\1."),
+MIDDLE_RULES = tuple((re.compile(p), s) for p, s in (  # Wan's middle Sequential -> diffusers' mid_block
     (r"^(encoder|decoder)\.middle\.0\.", r"\1.mid_block.resnets.0."),
     (r"^(encoder|decoder)\.middle\.1\.", r"\1.mid_block.attentions.0."),
     (r"^(encoder|decoder)\.middle\.2\.", r"\1.mid_block.resnets.1."),
-)]  # fmt: skip
+))  # fmt: skip
+_WAN_RULES = ((re.compile(r"^encoder\.downsamples\.(\d+)\."), r"encoder.down_blocks.\1."), *MIDDLE_RULES)
 _WAN_DECODER_BLOCK = re.compile(r"^decoder\.upsamples\.(\d+)\.")
+
+
+def top_level_to_diffusers(key: str) -> str | None:
+    """A Wan/ComfyUI top-level key (quant convs, conv_in, head) in diffusers naming, or None for any other key."""
+    for d, wan in TOP_LEVEL.items():
+        if key.startswith(wan + "."):
+            return d + key[len(wan) :]
+    return None
+
+
+def residual_to_diffusers(key: str) -> str:
+    """Wan's residual Sequential indices (and shortcut) in `key` as diffusers' attribute names."""
+    for d, wan in RESIDUAL_PARTS.items():
+        key = key.replace(f".{wan}.", f".{d}.")
+    return key
 
 
 def wan_to_diffusers(key: str, num_res_blocks: int = 2) -> str:
     """One Wan/ComfyUI key in diffusers naming (the decoder's flat block index needs num_res_blocks)."""
-    for d, wan in TOP_LEVEL.items():
-        if key.startswith(wan + "."):
-            return d + key[len(wan) :]
+    top = top_level_to_diffusers(key)
+    if top is not None:
+        return top
     for pattern, sub in _WAN_RULES:
         key = pattern.sub(sub, key)
     m = _WAN_DECODER_BLOCK.match(key)
@@ -200,9 +215,7 @@ def wan_to_diffusers(key: str, num_res_blocks: int = 2) -> str:
         stage, j = divmod(int(m.group(1)), num_res_blocks + 2)
         block = "upsamplers.0" if j == num_res_blocks + 1 else f"resnets.{j}"
         key = f"decoder.up_blocks.{stage}.{block}." + key[m.end() :]
-    for d, wan in RESIDUAL_PARTS.items():
-        key = key.replace(f".{wan}.", f".{d}.")
-    return key
+    return residual_to_diffusers(key)
 
 
 def infer_config(shapes: Mapping[str, tuple[int, ...]], path, **overrides) -> VAEConfig:

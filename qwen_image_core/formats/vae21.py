@@ -13,7 +13,7 @@ Layouts read:
   `tests/test_vae21.py`). Reported, not checked (the newer `comfy/sd.py` with its Qwen-Image-2.1 branch is not in the
   code index): those constructor arguments as that branch passes them, the Wan 2.2 key
   `decoder.upsamples.0.upsamples.0.residual.2.weight` in the real file, and `encoder.conv1.weight` [96, 4, 1, 3, 3]
-  there (third-party code that loads the real file). `COMFY_RULES` renames to the diffusers names; depth-1 conv
+  there (third-party code that loads the real file). `comfy_to_diffusers` renames to the diffusers names; depth-1 conv
   weights are read as 2D, deeper ones refused.
 Either may sit under `vae.` / `first_stage_model.`.
 `layout(cfg)` lists every tensor of a diffusers-named file with its shape: the 2D image network's tensors (residual
@@ -38,7 +38,16 @@ import torch
 from ..checkpoint import CheckpointError, open_checkpoint
 from ..qwen21.vae import ImageVAE21, VAE21Config
 from .common import assign_weights, describe_mismatch
-from .vae import DIFFUSERS_MARKER, PREFIXES, WAN22_MARKER, WAN_MARKER, image_weights
+from .vae import (
+    DIFFUSERS_MARKER,
+    MIDDLE_RULES,
+    PREFIXES,
+    WAN22_MARKER,
+    WAN_MARKER,
+    image_weights,
+    residual_to_diffusers,
+    top_level_to_diffusers,
+)
 
 WHAT = "Qwen-Image-2.1 VAE"
 MARKER = "encoder.down_blocks.0.resnets.0.conv1.weight"  # residual down blocks: the 2.1 (Wan 2.2-style) VAE
@@ -48,37 +57,28 @@ CLASS_NAME = "AutoencoderKLQwenImage21"  # diffusers config.json `_class_name`
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-# ComfyUI (Wan 2.2-style) name -> diffusers name: every rule applied in turn. The residual blocks of a stage come
-# first in ComfyUI's `downsamples` / `upsamples` Sequentials, with the same index as diffusers' `resnets`; the stage's
-# Resample (`resample.1`, `time_conv`) is its last entry. The shortcuts (AvgDown3D / DupUp3D) hold no tensors.
-COMFY_RULES = tuple((re.compile(p), s) for p, s in (
-    (r"^conv1\.", "quant_conv."),
-    (r"^conv2\.", "post_quant_conv."),
-    (r"^(encoder|decoder)\.conv1\.", r"\1.conv_in."),
-    (r"^(encoder|decoder)\.middle\.0\.", r"\1.mid_block.resnets.0."),
-    (r"^(encoder|decoder)\.middle\.1\.", r"\1.mid_block.attentions.0."),
-    (r"^(encoder|decoder)\.middle\.2\.", r"\1.mid_block.resnets.1."),
-    (r"^(encoder|decoder)\.head\.0\.", r"\1.norm_out."),
-    (r"^(encoder|decoder)\.head\.2\.", r"\1.conv_out."),
+# ComfyUI (Wan 2.2-style) name -> diffusers name: the top level, middle and residual parts as v1's Wan names
+# (`formats.vae`), and these stage rules. The residual blocks of a stage come first in ComfyUI's nested
+# `downsamples` / `upsamples` Sequentials, with the same index as diffusers' `resnets`; the stage's Resample
+# (`resample.1`, `time_conv`) is its last entry. The shortcuts (AvgDown3D / DupUp3D) hold no tensors.
+STAGE_RULES = tuple((re.compile(p), s) for p, s in (
     (r"^encoder\.downsamples\.(\d+)\.downsamples\.\d+\.(resample|time_conv)\.",
      r"encoder.down_blocks.\1.downsampler.\2."),
     (r"^encoder\.downsamples\.(\d+)\.downsamples\.(\d+)\.", r"encoder.down_blocks.\1.resnets.\2."),
     (r"^decoder\.upsamples\.(\d+)\.upsamples\.\d+\.(resample|time_conv)\.",
      r"decoder.up_blocks.\1.upsampler.\2."),
     (r"^decoder\.upsamples\.(\d+)\.upsamples\.(\d+)\.", r"decoder.up_blocks.\1.resnets.\2."),
-    (r"\.residual\.0\.", ".norm1."),
-    (r"\.residual\.2\.", ".conv1."),
-    (r"\.residual\.3\.", ".norm2."),
-    (r"\.residual\.6\.", ".conv2."),
-    (r"\.shortcut\.", ".conv_shortcut."),
 ))  # fmt: skip
 
 
 def comfy_to_diffusers(key: str) -> str:
     """One ComfyUI-named 2.1 VAE key (prefix removed) in diffusers naming."""
-    for pattern, sub in COMFY_RULES:
+    top = top_level_to_diffusers(key)
+    if top is not None:
+        return top
+    for pattern, sub in (*MIDDLE_RULES, *STAGE_RULES):
         key = pattern.sub(sub, key)
-    return key
+    return residual_to_diffusers(key)
 
 
 def layout(cfg: VAE21Config) -> dict[str, tuple[int, ...]]:

@@ -5,7 +5,7 @@
 * "single": one `qwen_image_2.1_vae_bf16.safetensors` with the same (diffusers) names;
 * "comfy": one `qwen_image_2.1_vae_bf16.safetensors` as Comfy-Org ships it: ComfyUI's Wan 2.2-style names
   (`comfy.ldm.wan.vae2_2.WanVAE`) with one-frame-deep 5-D conv weights (`comfy_state_dict`; written here from the
-  diffusers names independently of the reader's `formats.vae21.COMFY_RULES`).
+  diffusers names independently of the reader's `formats.vae21.comfy_to_diffusers`).
 
 Every tensor of `formats.vae21.layout` is random (the unused `time_conv` weights too); weights are scaled to keep
 activations near unit size. `diffusers_config(cfg)` is the config.json, also the oracle's constructor arguments.
