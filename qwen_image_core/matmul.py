@@ -7,8 +7,9 @@ changes the numbers by the activation's quantisation (about 2^-4 relative per el
 
 - "fp8": layers whose weight is float8_e4m3fn (plain, scaled, or comfy_quant float8_e4m3fn) with a scale per
   tensor or per row. The activation is quantised per token (row): a = amax|x_row| / 448, x_q = e4m3(x / a).
-  `torch._scaled_mm(x_q, W^T, a, w_scale)` (float32 accumulation) on CUDA with SM >= 8.9 and on the CPU (PyTorch's
-  reference kernel); elsewhere the twin: the same quantised operands in float32, (x_q W^T) * a * w_scale.
+  `torch._scaled_mm(x_q, W^T, a, w_scale, bias)` (float32 accumulation, the bias in the epilogue) on CUDA with
+  SM >= 8.9 in bf16 and on the CPU (PyTorch's reference kernel); elsewhere the twin: the same quantised operands
+  in float32, (x_q W^T) * a * w_scale + bias, rounded once.
 - "int8": comfy_quant int8_tensorwise layers (per-tensor or per-row scale, ConvRot included). The activation is
   rotated per ConvRot group (x H), quantised per row (a = amax / 127, round half to even, clamp to [-128, 127]),
   multiplied by `torch._int_mm` (int32, exact; CUDA and CPU) and rescaled by a * w_scale in float32, as
@@ -45,9 +46,17 @@ Kernel = Callable[[Linear, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
 def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (e4m3 [M, K], float32 scale [M, 1]) with x ~ x_q * scale, scale = amax|row| / 448."""
-    scale = (x.abs().amax(dim=-1, keepdim=True).float() / FP8_MAX).clamp(min=MIN_SCALE)
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+    """x [M, K] -> (e4m3 [M, K], float32 scale [M, 1]) with x ~ x_q * scale, scale = amax|row| / 448.
+
+    e4m3(clamp(float32(x) / scale, +-448)) in two passes over x: the row maxima of |x| (one reduction, no |x|
+    copy), then x / scale (promoted to float32 inside the kernel, no float32 copy of x first) and the cast. The
+    clamp is implied: |x| / scale <= 448 (1 + 2^-23) (scale is amax / 448 rounded, or MIN_SCALE > amax / 448),
+    which the cast rounds to 448 (e4m3fn's largest value; only >= 464 would round past it). Eager GPU traffic
+    2 + 6 + 5 = 13 bytes per bf16 element instead of 35 (bench/bench_step.py); the same bits, NaN and inf rows
+    included (tests/test_matmul_seam.py)."""
+    amax = torch.linalg.vector_norm(x, ord=float("inf"), dim=-1, keepdim=True)  # max |x| per row, exact
+    scale = (amax.float() / FP8_MAX).clamp(min=MIN_SCALE)
+    return torch.div(x, scale).to(torch.float8_e4m3fn), scale
 
 
 def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,22 +78,32 @@ def rotate(x: torch.Tensor, group: int) -> torch.Tensor:
 
 
 def fp8_capable(device: torch.device) -> bool:
-    """Whether `torch._scaled_mm` runs float8 on this device (CUDA SM >= 8.9, or PyTorch's CPU kernel)."""
+    """Whether `torch._scaled_mm` runs float8 on this device (CUDA SM >= 8.9, PyTorch's CPU kernel, or the meta
+    device: shapes only, traced as on CUDA)."""
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         return (major, minor) >= (8, 9)
-    return device.type == "cpu" and hasattr(torch, "_scaled_mm")
+    return device.type in ("cpu", "meta") and hasattr(torch, "_scaled_mm")
 
 
 def fp8_mm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, dtype: torch.dtype,
-           native: bool = True) -> torch.Tensor:  # fmt: skip
-    """(xq [M, K] e4m3 * xs [M, 1]) (wq [N, K] e4m3 * ws [] or [N])^T in `dtype`: `torch._scaled_mm`, or with
-    native=False the float32 twin (the same operands and scales, float32 products and sums)."""
+           native: bool = True, bias: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """(xq [M, K] e4m3 * xs [M, 1]) (wq [N, K] e4m3 * ws [] or [N])^T + bias [N] in `dtype`, the bias added in
+    float32 before the one rounding: `torch._scaled_mm` (the bias in its epilogue: no separate pass over the
+    output), or with native=False the float32 twin (the same operands, scales and bias, float32 products and
+    sums). CUDA's row-wise kernels write bf16 only: other dtypes there take the twin (`native_dtype`)."""
     ws = ws.reshape(1, -1) if ws.numel() > 1 else ws.reshape(1, 1)
     if native:
         wsr = ws.expand(1, wq.shape[0]).contiguous()  # row-wise scaling wants both scales per row / column
-        return torch._scaled_mm(xq, wq.t(), scale_a=xs.contiguous(), scale_b=wsr, out_dtype=dtype)
-    return ((xq.float() @ wq.float().t()) * (xs * ws)).to(dtype)
+        b = None if bias is None else bias.to(dtype)
+        return torch._scaled_mm(xq, wq.t(), scale_a=xs.contiguous(), scale_b=wsr, bias=b, out_dtype=dtype)
+    y = (xq.float() @ wq.float().t()) * (xs * ws)
+    return (y if bias is None else y + bias.float()).to(dtype)
+
+
+def native_dtype(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `torch._scaled_mm` writes `dtype` on `device` with row-wise scales (CUDA: bf16 only)."""
+    return device.type != "cuda" or dtype == torch.bfloat16
 
 
 def int8_mm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -128,8 +147,8 @@ def fp8_kernel(layer: Linear, x: torch.Tensor, bias: torch.Tensor | None) -> tor
     wq, ws = _fp8_parts(layer)
     x2 = x.reshape(-1, x.shape[-1])
     xq, xs = quantize_rows_fp8(x2)
-    y = fp8_mm(xq, xs, wq, ws.to(x.device), x.dtype, native=fp8_capable(x.device))
-    y = y if bias is None else y + bias
+    native = fp8_capable(x.device) and native_dtype(x.device, x.dtype)
+    y = fp8_mm(xq, xs, wq, ws.to(x.device), x.dtype, native=native, bias=bias)
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 

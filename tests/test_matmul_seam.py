@@ -125,3 +125,47 @@ def test_plain_fp8_file_is_covered(tmp_path):
     dit = load_dit(D.write_fp8(tmp_path / "fp8.safetensors", cfg))
     assert len(MM.covered(dit, "fp8")) == sum(isinstance(m, Linear) for m in dit.modules())
     assert MM.covered(dit, "int8") == []
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_fp8_activation_quantiser_equals_the_plain_formula_bit_for_bit(dtype):
+    """quantize_rows_fp8 (two passes, the clamp implied) = e4m3(clamp(float32(x) / (amax / 448), +-448)): rows of
+    every magnitude, all-zero, NaN and inf rows, rows whose maximum repeats; and, as amax, every positive finite
+    bf16 / fp16 value (the element that meets the clamp)."""
+
+    def plain(x):
+        scale = (x.abs().amax(dim=-1, keepdim=True).float() / MM.FP8_MAX).clamp(min=MM.MIN_SCALE)
+        return (x.float() / scale).clamp(-MM.FP8_MAX, MM.FP8_MAX).to(torch.float8_e4m3fn), scale
+
+    g = torch.Generator().manual_seed(5)
+    span = 4 if dtype == torch.float16 else 35
+    x = (torch.randn(96, 512, generator=g) * torch.logspace(-span, span, 96)[:, None]).to(dtype)
+    x[3], x[5, 7], x[6, 8], x[7, 9] = 0, float("nan"), float("inf"), -float("inf")
+    x[9] = x[9, 0]
+    x[10] = torch.where(torch.rand(512, generator=g) > 0.5, x[10, 0], -x[10, 0])
+    rows = [x]
+    if dtype != torch.float32:
+        top = 0x7F80 if dtype == torch.bfloat16 else 0x7C00
+        rows.append(torch.arange(1, top, dtype=torch.int32).to(torch.int16).view(dtype)[:, None].repeat(1, 2))
+    for t in rows:
+        (q, s), (q_ref, s_ref) = MM.quantize_rows_fp8(t), plain(t)
+        assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+        assert torch.allclose(s, s_ref, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fp8_bias_is_added_before_the_one_rounding_natively_and_in_the_twin(dtype):
+    layer = fp8_layer(per_row=True)
+    x = torch.randn(7, 64, generator=torch.Generator().manual_seed(6)).to(dtype)
+    xq, xs = MM.quantize_rows_fp8(x)
+    ws, bias = layer.weight_scale.float(), layer.bias.to(dtype)
+    exact = ((xq.double() * xs.double()) @ (layer.weight.double() * ws.double().reshape(-1, 1)).t()) + bias.double()
+    native = MM.fp8_mm(xq, xs, layer.weight, ws, dtype, native=True, bias=bias)
+    twin = MM.fp8_mm(xq, xs, layer.weight, ws, dtype, native=False, bias=bias)
+    # float32 sums of exact products (their order may differ), one rounding to `dtype`
+    ulp = 2**-8 if dtype == torch.bfloat16 else 1e-6
+    assert torch.allclose(native.double(), twin.double(), rtol=ulp, atol=1e-6)
+    assert torch.allclose(twin.double(), exact, rtol=4e-3 if dtype == torch.bfloat16 else 1e-6, atol=1e-6)
+    assert MM.native_dtype(torch.device("cpu"), torch.float16)
+    cuda = torch.device("cuda")
+    assert MM.native_dtype(cuda, torch.bfloat16) and not MM.native_dtype(cuda, torch.float16)
