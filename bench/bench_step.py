@@ -118,14 +118,19 @@ def comfyui(fast_fp8: bool) -> Count | None:
     return c
 
 
-def compiled_block(cfg: MMDiTConfig, image: int, text: int, mode: str = "fp8") -> tuple[int, int]:
-    """Our block (fp8 weights, random) compiled by inductor on the CPU at `image` + `text` tokens: (fused-kernel
-    bytes, fused kernels)."""
+def fp8_block(cfg: MMDiTConfig) -> DoubleStreamBlock:
+    """A DoubleStreamBlock with random fp8 weights (bf16 elsewhere), on the CPU."""
     torch.manual_seed(0)
     block = DoubleStreamBlock(cfg).to(torch.bfloat16)
     for m in block.modules():
         if isinstance(m, Linear):
             m.weight.data = (m.weight.data.float() * 0.02).to(torch.float8_e4m3fn)
+    return block
+
+
+def compiled_block(cfg: MMDiTConfig, image: int, text: int, mode: str = "fp8") -> tuple[int, int]:
+    """Our block compiled by inductor on the CPU at `image` + `text` tokens: (fused-kernel bytes, fused kernels)."""
+    block = fp8_block(cfg)
     img, txt, temb, pe, mod = inputs(cfg, "cpu", image, text)
     with matmul.using(block, mode):
         return compiled_bytes(block.forward, img, txt, temb, pe, None, None, mod=mod)
