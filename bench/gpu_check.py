@@ -18,6 +18,8 @@ Phases (each skipped once the time budget is spent; every error is recorded, nev
   9 matmul             fp8 (_scaled_mm) and int8 (_int_mm) seams at the MLP shape: ms and error vs dequantised
  10 compile streamed   per-block compile (compiled.using) with 2 of 3 blocks streaming: equal, no recompiles
  11 norm and RoPE      QK-RMSNorm in bf16 (norms "compute") vs the float32 path, RoPE reading bf16: equal bits, ms
+ 12 step model         bench_step.py's per-component model with this device's measured rates vs the measured block:
+                       default, fp8 matmul, fp8 matmul compiled (run third: it tests the 4090 prediction)
 Writes gpu_check.json (every number and verdict) and gpu_check.txt (a summary) to --out.
 """
 
@@ -38,6 +40,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import gpu_check_common as common  # noqa: E402
 import gpu_check_executor as executor  # noqa: E402
 import gpu_check_kernels as kernels  # noqa: E402
+import gpu_check_model as model  # noqa: E402
 import gpu_check_seams as seams  # noqa: E402
 
 Check = common.Check
@@ -46,6 +49,7 @@ PHASES = [  # (name, function, seconds needed on a GPU)
     ("0_environment", kernels.environment, 5),
     ("1_attention", kernels.attention_kernels, 30),
     ("2_one_block", kernels.one_block, 45),
+    ("12_step_model", lambda c, e: model.step_model(c, e, common), 90),
     ("3_casts_and_syncs", kernels.casts_and_syncs, 40),
     ("4_executor_stress", executor.executor_stress, 90),
     ("5_overlap", executor.overlap, 180),
