@@ -273,9 +273,13 @@ class ComfyClient:
         return self
 
     def _listen(self) -> None:
+        import websocket  # noqa: PLC0415
+
         while self._ws is not None:
             try:
                 msg = self._ws.recv()
+            except websocket.WebSocketTimeoutException:  # a quiet server (a long load or step): keep listening
+                continue
             except Exception:  # closed
                 return
             if not msg:  # connection closed
