@@ -31,12 +31,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from step_count import Count, compiled_bytes, counting  # noqa: E402
+from step_count import Count, compiled_bytes, count_our_block, counting  # noqa: E402
 
 from qwen_image_core import matmul  # noqa: E402
 from qwen_image_core.mmdit import DoubleStreamBlock, MMDiTConfig  # noqa: E402
 from qwen_image_core.ops import Linear  # noqa: E402
-from tools.checkpoints import dit as W  # noqa: E402
 from tools.comfy_paths import import_comfy_for_oracle  # noqa: E402
 
 ROWS, IMAGE, TEXT, BLOCKS, STEPS = 2, 6889, 256, 60, 20  # 1328^2, CFG: (1328 / 16)^2 image tokens, 256-token prompt
@@ -59,14 +58,14 @@ ANCHORS = {  # ComfyUI's measured seconds per step at 1328^2, CFG, 20 steps (anc
 }
 
 
-def seconds(c: Count, rates: dict = RATES) -> dict[str, float]:
-    """Modelled seconds of one step (60 blocks) by component."""
-    s = {k: BLOCKS * v / rates[k] for k, v in c.gemm.items()}
-    return {**s, "attention": BLOCKS * c.attention / rates["attention"], "memory": BLOCKS * c.memory / rates["memory"]}
+def seconds(c: Count, rates: dict = RATES, blocks: int = BLOCKS) -> dict[str, float]:
+    """Modelled seconds of `blocks` blocks (a step: 60) by component."""
+    s = {k: blocks * v / rates[k] for k, v in c.gemm.items()}
+    return {**s, "attention": blocks * c.attention / rates["attention"], "memory": blocks * c.memory / rates["memory"]}
 
 
-def step_s(c: Count, rates: dict = RATES) -> float:
-    return sum(seconds(c, rates).values())
+def step_s(c: Count, rates: dict = RATES, blocks: int = BLOCKS) -> float:
+    return sum(seconds(c, rates, blocks).values())
 
 
 def inputs(cfg: MMDiTConfig, device: str = "meta", image: int = IMAGE, text: int = TEXT):
@@ -81,13 +80,7 @@ def inputs(cfg: MMDiTConfig, device: str = "meta", image: int = IMAGE, text: int
 def ours(mode: str = "off") -> Count:
     """Our DoubleStreamBlock with fp8 weights, eager: the default path (weights upcast per layer) or a matmul mode;
     the modulation precomputed for the run as the pipelines and the bridge do."""
-    model = W.meta_model("fp8")
-    block = model.transformer_blocks[0]
-    img, txt, temb, pe, mod = inputs(model.config)
-    c = Count()
-    with matmul.using(block, mode), counting(c):
-        block(img, txt, temb, pe, None, None, mod=mod)
-    return c
+    return count_our_block(MMDiTConfig(), IMAGE, TEXT, mode, ROWS)
 
 
 def comfyui(fast_fp8: bool) -> Count | None:

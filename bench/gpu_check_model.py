@@ -19,11 +19,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from step_count import Count, counting  # noqa: E402
+from bench_step import step_s  # noqa: E402
+from step_count import count_our_block  # noqa: E402
 
 from qwen_image_core import matmul as MM  # noqa: E402
-from qwen_image_core.mmdit import DoubleStreamBlock  # noqa: E402
-from qwen_image_core.ops import Linear  # noqa: E402
 
 
 def measured_rates(c, cfg, tokens: int, dt: torch.dtype) -> dict[str, float]:
@@ -48,31 +47,6 @@ def measured_rates(c, cfg, tokens: int, dt: torch.dtype) -> dict[str, float]:
     return rates
 
 
-def block_count(cfg, image: int, text: int, mode: str) -> Count:
-    """Our block counted on the meta device at this shape (modulation precomputed, as a run does)."""
-    with torch.device("meta"):
-        block = DoubleStreamBlock(cfg).to(torch.bfloat16)
-    for m in block.modules():
-        if isinstance(m, Linear):
-            m.weight.data = m.weight.data.to(torch.float8_e4m3fn)
-    args = [torch.empty(2, n, cfg.hidden, dtype=torch.bfloat16, device="meta") for n in (image, text)]
-    temb = torch.empty(2, cfg.hidden, dtype=torch.bfloat16, device="meta")
-    pe = torch.empty(image + text, cfg.head_dim // 2, 2, 2, device="meta")
-    mod = (torch.empty(2, 6 * cfg.hidden, dtype=torch.bfloat16, device="meta"),) * 2
-    count = Count()
-    with MM.using(block, mode), counting(count):
-        block(*args, temb, pe, None, None, mod=mod)
-    return count
-
-
-def modelled_s(count: Count, rates: dict[str, float]) -> float:
-    return (
-        sum(v / rates[k] for k, v in count.gemm.items())
-        + count.attention / rates["attention"]
-        + (count.memory / rates["memory"])
-    )
-
-
 def step_model(c, e: dict, h) -> None:
     """The three configurations' block time, measured and modelled with this device's rates."""
     cfg = h.config(c, 1)
@@ -93,10 +67,10 @@ def step_model(c, e: dict, h) -> None:
             with MM.using(block, mode):
                 fn = torch.compile(block.forward, backend=backend, dynamic=False) if compiled else block.forward
                 ms = 1e3 * c.timed(lambda fn=fn: fn(img, txt, temb, pe, None, None, mod=mod))
-            count = block_count(cfg, image, text, mode)
+            count = count_our_block(cfg, image, text, mode)
             if compiled:  # the compiled model: the fused kernels' traffic is known only from bench_step (CPU codegen)
                 count.memory = count.operands
-            rows[name] = (ms, 1e3 * modelled_s(count, rates))
+            rows[name] = (ms, 1e3 * step_s(count, rates, blocks=1))
             e[f"{name}_ms_measured"], e[f"{name}_ms_modelled"] = round(ms, 3), round(rows[name][1], 3)
     if c.cuda:
         for name, (ms, model) in rows.items():

@@ -102,6 +102,28 @@ def counting(count: Count):
         yield
 
 
+def count_our_block(cfg, image: int, text: int, mode: str = "off", rows: int = 2) -> Count:
+    """Our DoubleStreamBlock with fp8 weights counted on the meta device at `rows` x (`image` + `text`) tokens, in a
+    matmul mode ("off": weights upcast per layer); the modulation precomputed, as a run does (modulation.py)."""
+    from qwen_image_core import matmul  # noqa: PLC0415
+    from qwen_image_core.mmdit import DoubleStreamBlock  # noqa: PLC0415
+    from qwen_image_core.ops import Linear  # noqa: PLC0415
+
+    with torch.device("meta"):
+        block = DoubleStreamBlock(cfg).to(torch.bfloat16)
+    for m in block.modules():
+        if isinstance(m, Linear):
+            m.weight.data = m.weight.data.to(torch.float8_e4m3fn)
+    img, txt = (torch.empty(rows, n, cfg.hidden, dtype=torch.bfloat16, device="meta") for n in (image, text))
+    temb = torch.empty(rows, cfg.hidden, dtype=torch.bfloat16, device="meta")
+    pe = torch.empty(image + text, cfg.head_dim // 2, 2, 2, device="meta")
+    mod = (torch.empty(rows, 6 * cfg.hidden, dtype=torch.bfloat16, device="meta"),) * 2
+    count = Count()
+    with matmul.using(block, mode), counting(count):
+        block(img, txt, temb, pe, None, None, mod=mod)
+    return count
+
+
 # -- compiled: inductor's fused kernels, read from its CPU wrapper code ------------------------------------------
 
 ARG = re.compile(r"assert_size_stride\((arg\d+_\d+), \(([\d, ]*)\)")

@@ -25,6 +25,7 @@ from step_count import Count, counting  # noqa: E402
 from qwen_image_core import matmul as MM  # noqa: E402
 from qwen_image_core.costs import DiTWorkload, dit_block_flops  # noqa: E402
 from qwen_image_core.mmdit import MMDiTConfig  # noqa: E402
+from tools.checkpoints.dit import meta_model  # noqa: E402
 
 WL = DiTWorkload(1328, 1328, cfg=True, text_tokens=B.TEXT)
 
@@ -46,7 +47,7 @@ def test_our_block_counts_the_analytic_flops_and_fp8_gemms_as_fp8():
     assert default.attention == attention == fp8.attention
     assert default.extern == fp8.extern == 12 + 1  # 12 linear layers, one attention call
     # the upcast path casts each fp8 weight to bf16 (read 1, write 2 bytes per parameter), the fp8 path does not
-    block = B.W.meta_model("fp8").transformer_blocks[0]
+    block = meta_model("fp8").transformer_blocks[0]
     weights = sum(m.weight.numel() for n, m in block.named_modules() if isinstance(m, MM.Linear) and "_mod" not in n)
     assert default.by_op["_to_copy"] >= 3 * weights * 0.99
 
