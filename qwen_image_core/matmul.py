@@ -91,7 +91,9 @@ def fp8_mm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tenso
     """(xq [M, K] e4m3 * xs [M, 1]) (wq [N, K] e4m3 * ws [] or [N])^T + bias [N] in `dtype`, the bias added in
     float32 before the one rounding: `torch._scaled_mm` (the bias in its epilogue: no separate pass over the
     output), or with native=False the float32 twin (the same operands, scales and bias, float32 products and
-    sums). CUDA's row-wise kernels write bf16 only: other dtypes there take the twin (`native_dtype`)."""
+    sums). On CUDA the row-wise kernels write bf16 (fp16 only in recent PyTorch, float32 only through cuBLAS on
+    SM 9.0: "Only bf16 ... high precision output types are supported for row-wise scaling"): other dtypes take the
+    twin there (`native_dtype`)."""
     ws = ws.reshape(1, -1) if ws.numel() > 1 else ws.reshape(1, 1)
     if native:
         wsr = ws.expand(1, wq.shape[0]).contiguous()  # row-wise scaling wants both scales per row / column
@@ -102,7 +104,8 @@ def fp8_mm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tenso
 
 
 def native_dtype(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether `torch._scaled_mm` writes `dtype` on `device` with row-wise scales (CUDA: bf16 only)."""
+    """Whether `torch._scaled_mm` writes `dtype` on `device` with row-wise scales in every PyTorch we support
+    (CUDA: bf16)."""
     return device.type != "cuda" or dtype == torch.bfloat16
 
 
