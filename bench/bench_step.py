@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from step_count import Count, compiled_bytes, count_our_block, counting  # noqa: E402
+from step_count import Count, block_inputs, compiled_bytes, count_our_block, counting  # noqa: E402
 
 from qwen_image_core import matmul  # noqa: E402
 from qwen_image_core.mmdit import DoubleStreamBlock, MMDiTConfig  # noqa: E402
@@ -69,12 +69,8 @@ def step_s(c: Count, rates: dict = RATES, blocks: int = BLOCKS) -> float:
 
 
 def inputs(cfg: MMDiTConfig, device: str = "meta", image: int = IMAGE, text: int = TEXT):
-    """img [R, N, D], txt [R, L, D], temb [R, D] (bf16), RoPE table [N + L, hd/2, 2, 2], precomputed modulation."""
-    e = torch.empty if device == "meta" else torch.randn
-    img, txt = e(ROWS, image, cfg.hidden, device=device), e(ROWS, text, cfg.hidden, device=device)
-    temb, pe = e(ROWS, cfg.hidden, device=device), e(image + text, cfg.head_dim // 2, 2, 2, device=device)
-    mod = (e(ROWS, 6 * cfg.hidden, device=device).bfloat16(),) * 2  # computed once per run (modulation.py)
-    return img.bfloat16(), txt.bfloat16(), temb.bfloat16(), pe, mod
+    """step_count.block_inputs at the bench's sizes (2 rows)."""
+    return block_inputs(cfg, device, image, text, ROWS)
 
 
 def ours(mode: str = "off") -> Count:

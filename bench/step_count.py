@@ -19,7 +19,7 @@ import math
 import re
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -102,22 +102,25 @@ def counting(count: Count):
         yield
 
 
+def block_inputs(cfg, device="meta", image: int = 6889, text: int = 256, rows: int = 2):
+    """A block's inputs at `rows` x (`image` + `text`) tokens: img [R, N, D], txt [R, L, D], temb [R, D] (bf16), the
+    RoPE table [N + L, hd/2, 2, 2] and the precomputed modulation (computed once per run: modulation.py); empty on
+    the meta device, random elsewhere."""
+    e = torch.empty if str(device) == "meta" else torch.randn
+    img, txt = e(rows, image, cfg.hidden, device=device), e(rows, text, cfg.hidden, device=device)
+    temb, pe = e(rows, cfg.hidden, device=device), e(image + text, cfg.head_dim // 2, 2, 2, device=device)
+    mod = (e(rows, 6 * cfg.hidden, device=device).bfloat16(),) * 2
+    return img.bfloat16(), txt.bfloat16(), temb.bfloat16(), pe, mod
+
+
 def count_our_block(cfg, image: int, text: int, mode: str = "off", rows: int = 2) -> Count:
     """Our DoubleStreamBlock with fp8 weights counted on the meta device at `rows` x (`image` + `text`) tokens, in a
-    matmul mode ("off": weights upcast per layer); the modulation precomputed, as a run does (modulation.py)."""
+    matmul mode ("off": weights upcast per layer); the modulation precomputed, as a run does."""
     from qwen_image_core import matmul  # noqa: PLC0415
-    from qwen_image_core.mmdit import DoubleStreamBlock  # noqa: PLC0415
-    from qwen_image_core.ops import Linear  # noqa: PLC0415
+    from tools.checkpoints.dit import meta_model  # noqa: PLC0415
 
-    with torch.device("meta"):
-        block = DoubleStreamBlock(cfg).to(torch.bfloat16)
-    for m in block.modules():
-        if isinstance(m, Linear):
-            m.weight.data = m.weight.data.to(torch.float8_e4m3fn)
-    img, txt = (torch.empty(rows, n, cfg.hidden, dtype=torch.bfloat16, device="meta") for n in (image, text))
-    temb = torch.empty(rows, cfg.hidden, dtype=torch.bfloat16, device="meta")
-    pe = torch.empty(image + text, cfg.head_dim // 2, 2, 2, device="meta")
-    mod = (torch.empty(rows, 6 * cfg.hidden, dtype=torch.bfloat16, device="meta"),) * 2
+    block = meta_model("fp8", replace(cfg, num_layers=1)).transformer_blocks[0]
+    img, txt, temb, pe, mod = block_inputs(cfg, "meta", image, text, rows)
     count = Count()
     with matmul.using(block, mode), counting(count):
         block(img, txt, temb, pe, None, None, mod=mod)
